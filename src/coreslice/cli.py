@@ -1,0 +1,145 @@
+"""The coreslice command line: thin argparse front end over the domain modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import CoresliceError, UsageError
+from .host.sysfs import parse_cpu_list
+from .units import format_size, parse_memory
+
+BOOT_HELP = """\
+Boot a Linux kernel on parked CPUs and free RAM of this host, with no hypervisor.
+
+The host must have been booted with few CPUs and little memory (e.g. 'maxcpus=1 mem=6G'), so that
+the CPUs named by --cpus are present but offline and the --memory range is RAM above the host's
+mem= limit.  coreslice writes the kernel, initrd, a zero page, ACPI tables (RSDP, XSDT, FADT,
+MADT, MCFG, DSDT), page tables and a real-mode trampoline into physical memory through /dev/mem,
+reads everything back, and wakes the first CPU with INIT-SIPI-SIPI.  Every check runs before the
+first write: on bad input it exits 2 with one line saying what is wrong, and changes nothing.
+"""
+
+BOOT_EPILOG = """\
+examples:
+  coreslice boot --kernel vmlinuz --initrd initrd.img --cpus 1-2 --memory 1G@0x40000000 --console io:0x2f8
+  coreslice boot ... --dry-run out/          # write plan.json and every segment, touch nothing
+exit status: 0 booted (or dry run written), 1 failed while acting on the machine, 2 bad input
+"""
+
+
+def _cpu_list(text: str) -> list[int]:
+    try:
+        cpus = parse_cpu_list(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a CPU list; write e.g. 1-2,5") from None
+    if not cpus:
+        raise argparse.ArgumentTypeError("empty CPU list")
+    return cpus
+
+
+def _add_boot(sub) -> None:
+    p = sub.add_parser("boot", help="boot a kernel as a slice on parked CPUs and free RAM",
+                       description=BOOT_HELP, epilog=BOOT_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernel", required=True, type=Path, metavar="PATH", help="x86-64 bzImage (e.g. /boot/vmlinuz-*)")
+    p.add_argument("--initrd", type=Path, metavar="PATH", help="initramfs for the slice")
+    p.add_argument("--cmdline", default="", metavar="STR",
+                   help="kernel parameters appended after coreslice's own (console, noapic, tsc, pci=off ...)")
+    p.add_argument("--cpus", required=True, type=_cpu_list, metavar="LIST",
+                   help="host logical CPUs as in /sys/devices/system/cpu (e.g. 1-2,5); present, offline, not the boot CPU. "
+                        "The first one is woken; the slice kernel starts the others")
+    p.add_argument("--memory", required=True, metavar="SIZE@BASE",
+                   help="physical RAM for the slice, e.g. 1G@0x40000000: page aligned, RAM in the firmware map, "
+                        "above the host's mem= limit")
+    p.add_argument("--console", required=True, metavar="io:PORT|PCI-ADDR",
+                   help="the slice's serial console: a legacy 16550 port (io:0x2f8) or a PCI UART (0000:00:03.0), "
+                        "which is unbound from its host driver")
+    p.add_argument("--tsc-khz", type=int, metavar="KHZ",
+                   help="TSC frequency passed to the slice (default: the host's calibration from its kernel log)")
+    p.add_argument("--earlyprintk", action="store_true", help="also print early boot messages on the console")
+    p.add_argument("--dry-run", type=Path, metavar="DIR",
+                   help="do everything except touching the machine: write plan.json, dsdt.asl and one file per "
+                        "segment (physical address in the name) into DIR")
+    p.add_argument("--host-root", type=Path, default=Path("/"), metavar="DIR",
+                   help="read the host from a captured tree of its /sys, /proc and /dev/kmsg instead of the live "
+                        "host (only with --dry-run; for tests and planning on another machine)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the plan and phase timings")
+    p.set_defaults(func=_cmd_boot)
+
+
+def _cmd_boot(args) -> int:
+    from .host.snapshot import discover
+    from .launch import Machine, boot, stderr_progress
+    from .machine.pci import FakePci
+    from .machine.physmem import FakeMemory
+    from .machine.lapic import FakeApic
+    from .spec import BootSpec
+
+    size, base = parse_memory(args.memory)
+    if base is None:
+        raise UsageError(f"--memory {args.memory} has no base; write SIZE@BASE, e.g. {format_size(size)}@0x40000000")
+    spec = BootSpec(kernel=args.kernel, initrd=args.initrd, cpus=args.cpus, mem_size=size, mem_base=base,
+                    console=args.console, cmdline=args.cmdline, tsc_khz=args.tsc_khz,
+                    earlyprintk=args.earlyprintk)
+    live = args.host_root.resolve() == Path("/")
+    if not live and args.dry_run is None:
+        raise UsageError("--host-root describes another machine: it only goes with --dry-run")
+    machine = None if live else Machine(mem=FakeMemory(), pci=FakePci(), apic=lambda m: FakeApic(m))
+    host = discover(args.host_root)
+    progress = (lambda _m: None) if args.json else stderr_progress
+    result = boot(spec, host=host, machine=machine, dry_run=args.dry_run, progress=progress)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        p = result.plan
+        what = f"dry run written to {result.dry_run_dir}" if result.dry_run_dir else "slice started"
+        print(f"{what}: CPUs {','.join(map(str, p.cpus))} (APIC IDs {','.join(map(str, p.apic_ids))}), "
+              f"{format_size(p.mem_size)}@0x{p.mem_base:x}, console 0x{p.console.port:x}, "
+              f"{result.image.total_bytes >> 20} MiB in {sum(result.phases.values()):.2f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coreslice",
+        description="Split one x86 machine into slices: dedicated cores, a physical memory range and "
+                    "devices, each running its own Linux kernel directly on the hardware.")
+    parser.add_argument("--version", action="version", version=f"coreslice {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_boot(sub)
+    try:
+        from .testbed import cli as testbed_cli
+    except ImportError:  # pragma: no cover - the testbed package is part of the tree
+        testbed_cli = None
+    if testbed_cli is not None:
+        testbed_cli.register(sub)
+    try:
+        from . import demo
+        demo.register(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CoresliceError as e:
+        msg = str(e).replace("\n", " ")
+        print(f"coreslice: error: {msg}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"ok": False, "error": msg, "exit_code": e.exit_code}))
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("coreslice: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Host CPUs: logical numbers, APIC IDs and their state.
+
+A CPU that the host never brought up (``maxcpus=``) is *present* but not *online*.  Its APIC ID is
+not in /proc/cpuinfo, so it comes from the host MADT: through the ACPI processor UID that the
+kernel links under cpuN/firmware_node when it has one, otherwise by the kernel's numbering rule
+(the boot CPU is 0, the other usable MADT entries follow in table order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..acpi.tables import Madt
+from .sysfs import parse_cpu_list, read_text
+
+
+@dataclass(frozen=True)
+class HostCpu:
+    cpu: int
+    apic_id: int | None
+    online: bool
+    boot: bool
+
+    def to_json(self) -> dict:
+        return {"cpu": self.cpu, "apic_id": self.apic_id, "online": self.online, "boot": self.boot}
+
+
+def parse_cpuinfo_apic_ids(text: str) -> dict[int, int]:
+    """processor -> apicid for the online CPUs."""
+    out: dict[int, int] = {}
+    proc = None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "processor":
+            proc = int(value)
+        elif key == "apicid" and proc is not None:
+            out[proc] = int(value)
+    return out
+
+
+def read_cpus(root: Path, madt: Madt | None) -> list[HostCpu]:
+    present = parse_cpu_list(read_text(root, "sys/devices/system/cpu/present", "0") or "0")
+    online = set(parse_cpu_list(read_text(root, "sys/devices/system/cpu/online", "0") or "0"))
+    online_ids = parse_cpuinfo_apic_ids(read_text(root, "proc/cpuinfo", "") or "")
+
+    usable = [e for e in (madt.processors if madt else []) if e.enabled or e.online_capable]
+    by_uid = {e.uid: e.apic_id for e in usable}
+    boot_apic = online_ids.get(0)
+    order = [e.apic_id for e in usable if e.apic_id != boot_apic]
+    if boot_apic is not None:
+        order.insert(0, boot_apic)
+
+    cpus = []
+    for n in present:
+        apic = online_ids.get(n)
+        if apic is None:
+            uid = read_text(root, f"sys/devices/system/cpu/cpu{n}/firmware_node/uid")
+            if uid is not None and uid.isdigit() and int(uid) in by_uid:
+                apic = by_uid[int(uid)]
+            elif n < len(order):
+                apic = order[n]
+        cpus.append(HostCpu(cpu=n, apic_id=apic, online=n in online, boot=n == 0))
+    return cpus

@@ -1,0 +1,77 @@
+"""One read-only snapshot of everything the planner needs to know about the host."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..acpi.tables import Madt, McfgAllocation, parse_madt, parse_mcfg
+from . import consoles, cpus, memory, platform
+from .sysfs import read_bytes, read_text
+
+
+@dataclass
+class Host:
+    root: Path
+    boot_id: str
+    cmdline: str
+    cpus: list[cpus.HostCpu]
+    firmware_map: list[memory.Range]
+    iomem: list[memory.Range]
+    madt: Madt | None
+    mcfg: list[McfgAllocation]
+    serial_ports: list[consoles.SerialPort]
+    tsc_khz: int | None
+    apic_mode: str | None
+    apic_mode_source: str
+    kernel_log: list[str] = field(repr=False, default_factory=list)
+
+    @property
+    def live(self) -> bool:
+        return self.root == Path("/")
+
+    @property
+    def boot_cpu(self) -> cpus.HostCpu | None:
+        return next((c for c in self.cpus if c.boot), None)
+
+    def firmware_ram(self) -> list[memory.Range]:
+        return memory.merge(self.firmware_map, "System RAM")
+
+    def host_ram(self) -> list[memory.Range]:
+        return memory.merge(self.iomem, "System RAM")
+
+    def to_json(self) -> dict:
+        return {
+            "boot_id": self.boot_id,
+            "cmdline": self.cmdline,
+            "cpus": [c.to_json() for c in self.cpus],
+            "firmware_map": [r.to_json() for r in self.firmware_map],
+            "host_ram": [r.to_json() for r in self.host_ram()],
+            "tsc_khz": self.tsc_khz,
+            "apic_mode": self.apic_mode,
+            "apic_mode_source": self.apic_mode_source,
+        }
+
+
+def discover(root: Path | str = "/") -> Host:
+    root = Path(root)
+    raw_madt = read_bytes(root, "sys/firmware/acpi/tables/APIC")
+    raw_mcfg = read_bytes(root, "sys/firmware/acpi/tables/MCFG")
+    madt = parse_madt(raw_madt) if raw_madt else None
+    log = platform.read_kernel_log(root)
+    mode, source = platform.read_apic_mode(root, log)
+    return Host(
+        root=root,
+        boot_id=platform.read_boot_id(root),
+        cmdline=read_text(root, "proc/cmdline", "") or "",
+        cpus=cpus.read_cpus(root, madt),
+        firmware_map=memory.read_firmware_map(root),
+        iomem=memory.read_iomem(root),
+        madt=madt,
+        mcfg=parse_mcfg(raw_mcfg) if raw_mcfg else [],
+        serial_ports=consoles.read_serial_ports(root),
+        tsc_khz=platform.tsc_khz_from_log(log),
+        apic_mode=mode,
+        apic_mode_source=source,
+        kernel_log=log,
+    )

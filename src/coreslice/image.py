@@ -1,0 +1,102 @@
+"""Plan -> boot image: the (physical address, contents) segments to write, and nothing else.
+
+Pure: no I/O except that file-backed segments (kernel, initrd) are described by path, offset and
+length, and only read when written, chunk by chunk, so memory use does not grow with their size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .acpi.dsdt import build_dsdt
+from .acpi.tables import AcpiBlob, McfgAllocation, build_slice_tables
+from .boot import lowmem
+from .boot.pagetables import build_identity_page_tables
+from .boot.trampoline import build_trampoline
+from .boot.zeropage import build_zero_page
+
+CHUNK = 4 << 20
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    addr: int
+    size: int
+    data: bytes | None = None         # in-memory contents, or
+    path: Path | None = None          # a file region
+    offset: int = 0
+
+    def chunks(self, chunk: int = CHUNK) -> Iterator[tuple[int, bytes]]:
+        """(physical address, bytes) pieces of at most `chunk` bytes."""
+        if self.data is not None:
+            for pos in range(0, self.size, chunk):
+                yield self.addr + pos, self.data[pos:pos + chunk]
+            return
+        assert self.path is not None
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            pos = 0
+            while pos < self.size:
+                buf = f.read(min(chunk, self.size - pos))
+                if not buf:
+                    raise IOError(f"{self.path} shrank while being written (at byte {self.offset + pos})")
+                yield self.addr + pos, buf
+                pos += len(buf)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "addr": self.addr, "size": self.size,
+                "source": str(self.path) if self.path else "generated"}
+
+
+@dataclass(frozen=True)
+class BootImage:
+    segments: list[Segment]
+    sipi_vector: int
+    acpi_tables: dict[str, int]
+    dsdt_asl: str
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.size for s in self.segments)
+
+
+def build_acpi(base: int, apic_ids: Sequence[int], host_bsp_apic_id: int,
+               mcfg: Sequence[McfgAllocation]) -> AcpiBlob:
+    dsdt = build_dsdt(list(range(len(apic_ids))))
+    blob = build_slice_tables(base, apic_ids=apic_ids, host_bsp_apic_id=host_bsp_apic_id,
+                              dsdt_aml=dsdt.aml, mcfg_allocations=mcfg)
+    return blob
+
+
+def build_image(plan) -> BootImage:
+    """Every segment the plan needs, in write order; the trampoline page goes last."""
+    acpi = build_acpi(plan.acpi_addr, plan.apic_ids, plan.host_bsp_apic_id, plan.mcfg)
+    dsdt = build_dsdt(list(range(len(plan.apic_ids))))
+    zero_page = build_zero_page(
+        plan.kernel, load_addr=plan.load_addr, cmdline_addr=plan.cmdline_addr,
+        initrd_addr=plan.initrd_addr, initrd_size=plan.initrd_size,
+        rsdp_addr=acpi.rsdp_addr, e820=plan.e820)
+    tables = build_identity_page_tables(plan.page_tables_addr, plan.page_table_ranges)
+    tramp = bytearray(build_trampoline(plan.slot, cr3=plan.page_tables_addr, entry=plan.entry,
+                                       boot_params=plan.zero_page_addr))
+    tramp = tramp.ljust(0x1000, b"\0")
+    record = lowmem.SlotRecord(plan.boot_id, tuple(plan.apic_ids), plan.mem_base, plan.mem_size).encode()
+    off = lowmem.RECORD_OFFSET
+    tramp[off:off + len(record)] = record
+    cmdline = plan.cmdline.encode() + b"\0"
+
+    segs = [Segment("kernel", plan.load_addr, plan.kernel.kernel_size,
+                    path=plan.kernel.path, offset=plan.kernel.kernel_offset)]
+    if plan.initrd_size:
+        segs.append(Segment("initrd", plan.initrd_addr, plan.initrd_size, path=plan.initrd))
+    segs += [
+        Segment("zero_page", plan.zero_page_addr, len(zero_page), zero_page),
+        Segment("cmdline", plan.cmdline_addr, len(cmdline), cmdline),
+        Segment("acpi", plan.acpi_addr, len(acpi.data), acpi.data),
+        Segment("page_tables", plan.page_tables_addr, len(tables), tables),
+        Segment("trampoline", plan.slot, len(tramp), bytes(tramp)),
+    ]
+    return BootImage(segs, plan.sipi_vector, acpi.tables, dsdt.asl)

@@ -1,0 +1,323 @@
+"""Resolve a BootSpec against the host into a Plan, checking everything first.
+
+A plan is what will be done, with every address decided: no check may happen after it, because
+launching starts writing.  Each failure is a UsageError with one line that names the resource,
+the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .boot import lowmem
+from .boot.bzimage import BzImage, ENTRY_64_OFFSET, parse_bzimage
+from .boot.pagetables import page_tables_size
+from .boot.zeropage import E820Entry, E820Type, ZERO_PAGE_SIZE
+from .errors import UsageError
+from .image import build_acpi
+from .host import consoles
+from .host.snapshot import Host
+from .host.sysfs import format_cpu_list
+from .spec import BootSpec
+from .units import format_size
+
+PAGE = 0x1000
+MIB = 1 << 20
+# Room the slice kernel needs beyond its own image and initrd before it can reach user space.
+RUN_HEADROOM = 64 * MIB
+# Loader-owned data at the top of the slice's range: zero page, command line, ACPI tables.
+DATA_ALIGN = 64 * 1024
+
+
+def align_up(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+def align_down(x: int, a: int) -> int:
+    return x // a * a
+
+
+@dataclass
+class Console:
+    port: int
+    pci_address: str | None = None
+    pci_driver: str | None = None
+
+    def to_json(self) -> dict:
+        return {"port": self.port, "pci_address": self.pci_address, "pci_driver": self.pci_driver}
+
+
+@dataclass
+class Plan:
+    kernel: BzImage
+    initrd: Path | None
+    initrd_size: int
+    cpus: list[int]
+    apic_ids: list[int]
+    host_bsp_apic_id: int
+    apic_mode: str
+    mem_base: int
+    mem_size: int
+    slot: int
+    console: Console
+    cmdline: str
+    tsc_khz: int
+    boot_id: str
+    # layout
+    load_addr: int
+    initrd_addr: int
+    data_addr: int
+    zero_page_addr: int
+    cmdline_addr: int
+    acpi_addr: int
+    page_tables_addr: int
+    page_table_ranges: list[tuple[int, int]]
+    e820: list[E820Entry]
+    mcfg: list
+    reuse_slot: bool = False
+
+    @property
+    def entry(self) -> int:
+        return self.load_addr + ENTRY_64_OFFSET
+
+    @property
+    def sipi_vector(self) -> int:
+        return self.slot >> 12
+
+    def to_json(self) -> dict:
+        return {
+            "kernel": self.kernel.to_json(),
+            "initrd": {"path": str(self.initrd) if self.initrd else None, "size": self.initrd_size},
+            "cpus": [{"cpu": c, "apic_id": a} for c, a in zip(self.cpus, self.apic_ids)],
+            "host_bsp_apic_id": self.host_bsp_apic_id,
+            "apic_mode": self.apic_mode,
+            "memory": {"base": self.mem_base, "size": self.mem_size},
+            "console": self.console.to_json(),
+            "cmdline": self.cmdline,
+            "tsc_khz": self.tsc_khz,
+            "low_slot": {"base": self.slot, "sipi_vector": self.sipi_vector, "reused": self.reuse_slot},
+            "layout": {
+                "load_addr": self.load_addr, "entry": self.entry, "initrd_addr": self.initrd_addr,
+                "data_addr": self.data_addr, "zero_page": self.zero_page_addr,
+                "cmdline": self.cmdline_addr, "acpi": self.acpi_addr,
+                "page_tables": self.page_tables_addr,
+            },
+            "e820": [e.to_json() for e in self.e820],
+        }
+
+
+def slice_cmdline(console_port: int, tsc_khz: int, user: str, earlyprintk: bool) -> str:
+    """The parameters a stock kernel needs to live in a slice (DESIGN.md §3), then the user's."""
+    params = [
+        f"console=uart,io,0x{console_port:x},115200n8",
+        "noapic",               # never program the IOAPIC, which the host owns
+        "no_ipi_broadcast=1",   # "all but self" IPIs would reach the host's CPUs too
+        f"tsc_early_khz={tsc_khz}",  # no PIT/HPET/PM timer to calibrate against
+        "tsc=reliable",
+        "no5lvl",
+        "pci=off",              # no PCI function assigned yet: don't scan the host's buses
+    ]
+    if earlyprintk:
+        params.append(f"earlyprintk=serial,0x{console_port:x},115200")
+    if user.strip():
+        params.append(user.strip())
+    return " ".join(params)
+
+
+SlotReader = Callable[[int], "lowmem.SlotRecord | None"]
+
+
+def _check_root(host: Host) -> None:
+    if host.live and os.geteuid() != 0:
+        raise UsageError("coreslice boot must run as root (it writes physical memory and wakes CPUs); use sudo")
+
+
+def _check_cpus(spec: BootSpec, host: Host) -> tuple[list[int], list[int], int]:
+    if not spec.cpus:
+        raise UsageError("no CPUs given; pass --cpus LIST (offline host CPUs, e.g. 1-2)")
+    seen = set()
+    by_num = {c.cpu: c for c in host.cpus}
+    present = format_cpu_list(list(by_num))
+    bsp = host.boot_cpu
+    if bsp is None or bsp.apic_id is None:
+        raise UsageError("cannot find the host's boot CPU and its APIC ID in /proc/cpuinfo")
+    apic_ids = []
+    for n in spec.cpus:
+        if n in seen:
+            raise UsageError(f"CPU {n} is listed twice in --cpus; list each CPU once")
+        seen.add(n)
+        cpu = by_num.get(n)
+        if cpu is None:
+            raise UsageError(f"CPU {n} is not present on this host (present: {present}); choose from those")
+        if cpu.boot:
+            raise UsageError(f"CPU {n} is the host's boot CPU; choose CPUs the host left offline")
+        if cpu.online:
+            raise UsageError(f"CPU {n} is online in the host; boot the host with maxcpus= so it stays parked, "
+                             f"or choose an offline CPU")
+        if cpu.apic_id is None:
+            raise UsageError(f"CPU {n} has no APIC ID in the host MADT; cannot address it")
+        apic_ids.append(cpu.apic_id)
+    return list(spec.cpus), apic_ids, bsp.apic_id
+
+
+def _check_memory(spec: BootSpec, host: Host) -> None:
+    base, size = spec.mem_base, spec.mem_size
+    end = base + size
+    rng = f"{format_size(size)}@0x{base:x}"
+    if base % PAGE or size % PAGE or size == 0:
+        raise UsageError(f"memory {rng} is not page aligned; use a base and size that are multiples of 4K (e.g. 1G@0x40000000)")
+    if not any(r.contains(base, end) for r in host.firmware_ram()):
+        ram = ", ".join(f"0x{r.start:x}-0x{r.end - 1:x}" for r in host.firmware_ram())
+        raise UsageError(f"memory {rng} is not all RAM in the firmware map (RAM: {ram}); choose a range inside one of those")
+    for r in host.host_ram():
+        if r.overlaps(base, end):
+            raise UsageError(f"memory {rng} overlaps the host's System RAM 0x{r.start:x}-0x{r.end - 1:x}; "
+                             f"choose memory above the host's mem= limit")
+
+
+def _check_console(spec: BootSpec, host: Host) -> Console:
+    text = spec.console.strip()
+    if text.lower().startswith("io:"):
+        try:
+            port = int(text[3:], 0)
+        except ValueError:
+            raise UsageError(f"console '{text}' is not an I/O port; write io:0x2f8") from None
+        match = [p for p in host.serial_ports if p.port == port]
+        if not match or all(p.type == 0 for p in match):
+            have = ", ".join(f"{p.tty}=0x{p.port:x}" for p in host.serial_ports if p.type) or "none"
+            raise UsageError(f"console io:0x{port:x}: no UART at that port (host UARTs: {have}); pass a port from that list")
+        if any(p.in_use_as_console for p in match):
+            raise UsageError(f"console io:0x{port:x} is the host's own console ({match[0].tty}); choose another UART")
+        return Console(port)
+    addr = consoles.normalize_pci_address(text)
+    if addr is None:
+        raise UsageError(f"console '{text}' is neither io:PORT nor a PCI address; write io:0x2f8 or 0000:00:03.0")
+    fn = consoles.read_pci_function(host.root, addr)
+    if fn is None:
+        raise UsageError(f"console {addr}: no such PCI function; see /sys/bus/pci/devices for what exists")
+    if not fn.is_uart:
+        raise UsageError(f"console {addr}: class 0x{fn.class_code:06x} is not a serial controller (0x0700xx); pass a PCI UART")
+    if not fn.io_bars:
+        raise UsageError(f"console {addr}: the UART has no I/O BAR (memory-mapped UARTs are not supported); choose a UART with an I/O port")
+    port = fn.io_bars[0][0]
+    ttys = set(consoles.pci_console_ttys(host.root, addr))
+    if any(p.in_use_as_console and (p.tty in ttys or p.port == port) for p in host.serial_ports):
+        raise UsageError(f"console {addr} is the host's own console; choose another UART")
+    return Console(port, addr, fn.driver)
+
+
+def _choose_slot(spec_apic_ids: list[int], base: int, size: int, host: Host, read_slot: SlotReader) -> tuple[int, bool]:
+    ram = host.firmware_ram()
+    free = None
+    for slot in lowmem.SLOT_BASES:
+        if not any(r.contains(slot, slot + lowmem.SLOT_SIZE) for r in ram):
+            continue
+        rec = read_slot(slot)
+        if rec is None or rec.boot_id != host.boot_id:
+            free = slot if free is None else free
+            continue
+        same_cpus = set(rec.apic_ids) == set(spec_apic_ids)
+        shares_cpu = set(rec.apic_ids) & set(spec_apic_ids)
+        shares_mem = rec.mem_base < base + size and base < rec.mem_base + rec.mem_size
+        if same_cpus and rec.mem_base == base and rec.mem_size == size:
+            return slot, True  # relaunch of the same slice: reuse its slot
+        if shares_cpu or shares_mem:
+            what = f"APIC IDs {sorted(shares_cpu)}" if shares_cpu else \
+                f"memory 0x{rec.mem_base:x}+{format_size(rec.mem_size)}"
+            raise UsageError(f"{what} belong to the slice started from low-memory slot 0x{slot:x} "
+                             f"(APIC IDs {list(rec.apic_ids)}, memory 0x{rec.mem_base:x}+{format_size(rec.mem_size)}); "
+                             "relaunch it with exactly its CPUs and memory, or choose other resources")
+    if free is None:
+        raise UsageError(f"no free low-memory slot for a trampoline ({len(lowmem.SLOT_BASES)} slots between "
+                         f"0x{lowmem.SLOT_BASES[0]:x} and 0x{lowmem.SLOT_BASES[-1] + lowmem.SLOT_SIZE:x} are taken "
+                         "or not RAM); relaunch an existing slice instead")
+    return free, False
+
+
+def make_plan(spec: BootSpec, host: Host, read_slot: SlotReader) -> Plan:
+    """Check the spec against the host and decide every address.  Raises UsageError."""
+    _check_root(host)
+    kernel = parse_bzimage(spec.kernel)
+
+    initrd_size = 0
+    if spec.initrd is not None:
+        try:
+            if not spec.initrd.is_file():
+                raise FileNotFoundError
+            initrd_size = spec.initrd.stat().st_size
+        except OSError:
+            raise UsageError(f"initrd {spec.initrd}: no such file; pass --initrd with an existing file") from None
+
+    cpus, apic_ids, bsp_apic = _check_cpus(spec, host)
+    if host.apic_mode is None:
+        raise UsageError("cannot tell whether the host runs x2APIC or xAPIC; run 'modprobe msr' and retry")
+    if host.apic_mode == "xapic" and max(apic_ids) > 0xFE:
+        raise UsageError(f"APIC ID {max(apic_ids)} needs x2APIC but the host runs xAPIC; enable x2APIC on the host")
+    _check_memory(spec, host)
+    console = _check_console(spec, host)
+
+    tsc_khz = spec.tsc_khz or host.tsc_khz
+    if not tsc_khz:
+        raise UsageError("the host's TSC frequency is not in its kernel log; pass --tsc-khz (e.g. from 'dmesg | grep tsc')")
+
+    cmdline = slice_cmdline(console.port, tsc_khz, spec.cmdline, spec.earlyprintk)
+    acpi_size = len(build_acpi(0, apic_ids, bsp_apic, host.mcfg).data)  # size does not depend on the base
+    if len(cmdline) + 1 > kernel.cmdline_size:
+        raise UsageError(f"command line is {len(cmdline)} bytes, the kernel accepts {kernel.cmdline_size - 1}; shorten --cmdline")
+
+    # Layout of the slice's range: kernel at the bottom, initrd under the loader data at the top.
+    base, size = spec.mem_base, spec.mem_size
+    top = base + size
+    cmdline_bytes = align_up(len(cmdline) + 1, PAGE)
+    data_size = align_up(ZERO_PAGE_SIZE + cmdline_bytes + align_up(acpi_size, PAGE), DATA_ALIGN)
+    data_addr = align_down(top - data_size, DATA_ALIGN)
+    align = max(kernel.kernel_alignment, 2 * MIB)
+    load_addr = align_up(base, align)
+    kernel_end = load_addr + max(kernel.init_size, kernel.kernel_size)
+    initrd_addr = align_down(data_addr - initrd_size, PAGE) if initrd_size else data_addr
+    kernel_need = (load_addr - base) + (kernel_end - load_addr) + data_size + RUN_HEADROOM
+    if kernel_need > size:
+        raise UsageError(
+            f"memory {format_size(size)} is too small: kernel needs {align_up(kernel_end - load_addr, MIB) >> 20} MiB, "
+            f"loader data {data_size >> 10} KiB, plus {RUN_HEADROOM >> 20} MiB to run; "
+            f"give at least {align_up(kernel_need + initrd_size, MIB) >> 20}M")
+    if initrd_size > size - kernel_need:
+        raise UsageError(f"initrd {spec.initrd} ({align_up(initrd_size, MIB) >> 20} MiB) does not fit in memory "
+                         f"{format_size(size)} beside the kernel; give at least "
+                         f"{align_up(kernel_need + initrd_size, MIB) >> 20}M or use a smaller initrd")
+    if initrd_size:
+        limit = (1 << 64) if kernel.can_load_above_4g else kernel.initrd_addr_max + 1
+        if initrd_addr + initrd_size > limit:
+            raise UsageError(f"initrd would end at 0x{initrd_addr + initrd_size:x}, above what this kernel accepts "
+                             f"(0x{kernel.initrd_addr_max:x}); place the slice's memory lower")
+        assert initrd_addr >= kernel_end
+
+    slot, reuse = _choose_slot(apic_ids, base, size, host, read_slot)
+    zero_page_addr = data_addr
+    cmdline_addr = data_addr + ZERO_PAGE_SIZE
+    acpi_addr = cmdline_addr + cmdline_bytes
+    # The 64-bit entry needs the kernel image, zero page and command line identity-mapped (boot.rst
+    # "64-bit Boot Protocol"); the trampoline's own page must stay mapped when paging turns on.
+    pt_ranges = [(slot, slot + PAGE), (load_addr, kernel_end), (data_addr, top)]
+    if page_tables_size(pt_ranges) > lowmem.PAGE_TABLES_MAX:
+        raise UsageError("page tables for this layout do not fit the low-memory slot; use a smaller range")
+
+    e820 = sorted([
+        E820Entry(slot, lowmem.LOW_RAM_OFFSET, E820Type.RESERVED),
+        E820Entry(slot + lowmem.LOW_RAM_OFFSET, lowmem.SLOT_SIZE - lowmem.LOW_RAM_OFFSET, E820Type.RAM),
+        E820Entry(base, data_addr - base, E820Type.RAM),
+        E820Entry(data_addr, top - data_addr, E820Type.RESERVED),
+    ], key=lambda e: e.addr)
+
+    return Plan(
+        kernel=kernel, initrd=spec.initrd, initrd_size=initrd_size, cpus=cpus, apic_ids=apic_ids,
+        host_bsp_apic_id=bsp_apic, apic_mode=host.apic_mode, mem_base=base, mem_size=size,
+        slot=slot, console=console, cmdline=cmdline, tsc_khz=tsc_khz, boot_id=host.boot_id,
+        load_addr=load_addr, initrd_addr=initrd_addr, data_addr=data_addr,
+        zero_page_addr=zero_page_addr, cmdline_addr=cmdline_addr, acpi_addr=acpi_addr,
+        page_tables_addr=slot + lowmem.PAGE_TABLES_OFFSET, page_table_ranges=pt_ranges,
+        e820=e820, mcfg=list(host.mcfg), reuse_slot=reuse,
+    )

@@ -1,0 +1,20 @@
+"""What a user asks for when booting a slice, before it is checked against the host."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class BootSpec:
+    kernel: Path
+    initrd: Path | None
+    cpus: list[int]
+    mem_size: int
+    mem_base: int
+    console: str
+    cmdline: str = ""
+    tsc_khz: int | None = None
+    earlyprintk: bool = False
+    extra: dict = field(default_factory=dict)

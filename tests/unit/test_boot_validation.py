@@ -1,0 +1,237 @@
+"""Every bad input is refused before the first write, with one line naming the problem and the fix.
+
+"No write" is proven with the in-memory machine: no memory write, no IPI, no device detached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from coreslice import cli, launch
+from coreslice.boot import bzimage, lowmem
+from coreslice.errors import UsageError
+from coreslice.host.snapshot import discover
+from coreslice.machine.lapic import FakeApic
+from coreslice.machine.pci import FakePci
+from coreslice.machine.physmem import FakeMemory
+from coreslice.spec import BootSpec
+
+from .hosttree import BOOT_ID, make_host_tree
+
+GIB = 1 << 30
+
+
+class Fakes:
+    def __init__(self, preset=None):
+        self.mem = FakeMemory(preset)
+        self.pci = FakePci()
+        self.apics: list[FakeApic] = []
+
+    def machine(self):
+        def apic(mode):
+            a = FakeApic(mode)
+            self.apics.append(a)
+            return a
+        return launch.Machine(mem=self.mem, pci=self.pci, apic=apic, sleep=lambda s: None)
+
+    def assert_untouched(self):
+        assert self.mem.writes == []
+        assert all(a.sent == [] for a in self.apics)
+        assert self.pci.detached == []
+
+
+@pytest.fixture
+def host_tree(tmp_path):
+    return make_host_tree(tmp_path / "host")
+
+
+@pytest.fixture
+def initrd(tmp_path):
+    p = tmp_path / "initrd.img"
+    p.write_bytes(b"\x07" * 300_000)
+    return p
+
+
+@pytest.fixture
+def spec(debian_kernel, initrd):
+    return BootSpec(kernel=debian_kernel.vmlinuz, initrd=initrd, cpus=[1, 2], mem_size=GIB // 2,
+                    mem_base=0x40000000, console="io:0x2f8", cmdline="quiet")
+
+
+def refused(spec, host_tree, match, fakes=None, host=None, **spec_changes):
+    fakes = fakes or Fakes()
+    spec = dataclasses.replace(spec, **spec_changes)
+    with pytest.raises(UsageError, match=match) as exc:
+        launch.boot(spec, host=host or discover(host_tree), machine=fakes.machine())
+    fakes.assert_untouched()
+    msg = str(exc.value)
+    assert "\n" not in msg and ";" in msg, f"one line with a fix: {msg!r}"
+    return msg
+
+
+def test_good_spec_writes_and_wakes(spec, host_tree):
+    """The baseline the refusals below differ from: the same fakes do see writes and IPIs."""
+    fakes = Fakes()
+    result = launch.boot(spec, host=discover(host_tree), machine=fakes.machine())
+    assert fakes.mem.writes and fakes.apics[0].sent
+    names = [s.name for s in result.image.segments]
+    assert names[-1] == "trampoline" and names[0] == "kernel"
+    # INIT to both CPUs (assert + deassert in xAPIC mode), then two SIPIs to the first one only.
+    cmds = fakes.apics[0].sent
+    assert [a for a, c in cmds if c >> 8 & 7 == 0b101] == [1, 2, 1, 2]
+    sipis = [(a, c) for a, c in cmds if c >> 8 & 7 == 0b110]
+    assert sipis == [(1, 0x600 | result.plan.sipi_vector)] * 2
+    # What was written reads back: kernel bytes at the load address.
+    k = result.plan.kernel
+    with open(k.path, "rb") as f:
+        f.seek(k.kernel_offset)
+        assert fakes.mem.read(result.plan.load_addr, 4096) == f.read(4096)
+
+
+def test_not_root(spec, host_tree, monkeypatch):
+    host = discover(host_tree)
+    host.root = Path("/")  # pretend it is the live host
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    refused(spec, host_tree, "must run as root", host=host)
+
+
+def test_kernel_missing(spec, host_tree, tmp_path):
+    refused(spec, host_tree, "no such file", kernel=tmp_path / "vmlinuz-nope")
+
+
+def test_kernel_not_bzimage(spec, host_tree, tmp_path):
+    p = tmp_path / "elf"
+    p.write_bytes(b"\x7fELF" + bytes(4096))
+    refused(spec, host_tree, "not a bzImage", kernel=p)
+
+
+def test_kernel_truncated(spec, host_tree, tmp_path, debian_kernel):
+    p = tmp_path / "short"
+    p.write_bytes(debian_kernel.vmlinuz.read_bytes()[:1 << 20])
+    refused(spec, host_tree, "truncated", kernel=p)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("relocatable_kernel", 0, "not relocatable"),
+    ("xloadflags", 0, "no 64-bit entry"),
+    ("version", 0x020A, "too old"),
+])
+def test_kernel_header_refusals(spec, host_tree, tmp_path, debian_kernel, field, value, match):
+    raw = bytearray(debian_kernel.vmlinuz.read_bytes())
+    bzimage.set_field(raw, field, value)
+    p = tmp_path / "k"
+    p.write_bytes(bytes(raw))
+    refused(spec, host_tree, match, kernel=p)
+
+
+def test_initrd_missing(spec, host_tree, tmp_path):
+    refused(spec, host_tree, "initrd .* no such file", initrd=tmp_path / "nope.img")
+
+
+def test_initrd_too_large(spec, host_tree, tmp_path):
+    big = tmp_path / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(600 << 20)  # sparse: 600 MiB into a 512 MiB slice
+    refused(spec, host_tree, "does not fit", initrd=big)
+
+
+def test_cmdline_too_long(spec, host_tree):
+    refused(spec, host_tree, "command line is .* bytes", cmdline="x" * 3000)
+
+
+@pytest.mark.parametrize("cpus, match", [
+    ([0, 1], "CPU 0 is the host's boot CPU"),
+    ([1, 1], "CPU 1 is listed twice"),
+    ([1, 9], "CPU 9 is not present"),
+    ([], "no CPUs"),
+])
+def test_bad_cpus(spec, host_tree, cpus, match):
+    refused(spec, host_tree, match, cpus=cpus)
+
+
+def test_online_cpu(spec, tmp_path):
+    tree = make_host_tree(tmp_path / "h2", online="0-1")
+    refused(spec, tree, "CPU 1 is online in the host", cpus=[1, 2])
+
+
+@pytest.mark.parametrize("size, base, match", [
+    (GIB // 2, 0x40000800, "not page aligned"),
+    (GIB // 2 + 0x10, 0x40000000, "not page aligned"),
+    (GIB, 0x70000000, "not all RAM in the firmware map"),       # runs into the 0x7ffdf000 hole
+    (GIB // 2, 0x280000000, "not all RAM in the firmware map"),  # past the end of RAM
+    (GIB // 2, 0x30000000, "overlaps the host's System RAM"),
+    (32 << 20, 0x40000000, "too small"),
+])
+def test_bad_memory(spec, host_tree, size, base, match):
+    refused(spec, host_tree, match, mem_size=size, mem_base=base)
+
+
+@pytest.mark.parametrize("console, match", [
+    ("io:0x2e0", "no UART at that port"),
+    ("io:0x3f8", "host's own console"),
+    ("io:zz", "not an I/O port"),
+    ("0000:00:02.0", "not a serial controller"),
+    ("0000:00:1f.7", "no such PCI function"),
+    ("com2", "neither io:PORT nor a PCI address"),
+])
+def test_bad_console(spec, host_tree, console, match):
+    refused(spec, host_tree, match, console=console)
+
+
+def test_pci_console_accepted(spec, host_tree):
+    fakes = Fakes()
+    result = launch.boot(dataclasses.replace(spec, console="00:03.0"), host=discover(host_tree),
+                         machine=fakes.machine())
+    assert result.plan.console.port == 0xC000
+    assert fakes.pci.detached == ["0000:00:03.0"]
+    assert "console=uart,io,0xc000,115200n8" in result.plan.cmdline
+
+
+def test_tsc_unknown(spec, tmp_path):
+    tree = make_host_tree(tmp_path / "h3", tsc=False)
+    refused(spec, tree, "TSC frequency", tsc_khz=None)
+
+
+def test_cpu_held_by_running_slice(spec, host_tree):
+    """A slot record from this host boot that names our CPUs but other memory is a conflict."""
+    rec = lowmem.SlotRecord(BOOT_ID, (2, 3), 0x100000000, GIB)
+    fakes = Fakes({lowmem.record_address(lowmem.SLOT_BASES[0]): rec.encode()})
+    refused(spec, host_tree, r"APIC IDs \[2\] belong to the slice", fakes=fakes)
+
+
+def test_relaunch_reuses_slot_and_stale_records_are_free(spec, host_tree):
+    same = lowmem.SlotRecord(BOOT_ID, (1, 2), spec.mem_base, spec.mem_size)
+    stale = lowmem.SlotRecord("0" * 36, (1, 2, 3), 0x100000000, GIB)
+    s0, s1 = lowmem.SLOT_BASES[:2]
+    fakes = Fakes({lowmem.record_address(s0): stale.encode(), lowmem.record_address(s1): same.encode()})
+    result = launch.boot(spec, host=discover(host_tree), machine=fakes.machine())
+    assert result.plan.slot == s1 and result.plan.reuse_slot
+
+
+def test_cli_exit_2_one_line_no_write(tmp_path, host_tree, debian_kernel, capsys):
+    rc = cli.main(["boot", "--kernel", str(debian_kernel.vmlinuz), "--cpus", "0-1", "--memory",
+                   "512M@0x40000000", "--console", "io:0x2f8", "--host-root", str(host_tree),
+                   "--dry-run", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("\n") == 1 and "boot CPU" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_dry_run_writes_plan_and_segments(tmp_path, host_tree, debian_kernel, initrd, capsys):
+    import json
+    out = tmp_path / "out"
+    rc = cli.main(["boot", "--kernel", str(debian_kernel.vmlinuz), "--initrd", str(initrd), "--cpus", "1-2",
+                   "--memory", "512M@0x40000000", "--console", "io:0x2f8", "--host-root", str(host_tree),
+                   "--dry-run", str(out), "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    files = sorted(p.name for p in out.iterdir())
+    assert "plan.json" in files and "dsdt.asl" in files
+    for seg in doc["segments"]:
+        match = [f for f in files if f.endswith(f"-{seg['name']}@0x{seg['addr']:x}.bin")]
+        assert len(match) == 1 and (out / match[0]).stat().st_size == seg["size"]
+    assert (out / next(f for f in files if "-initrd@" in f)).read_bytes() == initrd.read_bytes()
