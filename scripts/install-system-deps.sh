@@ -32,8 +32,20 @@ if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.
 fi
 
 export DEBIAN_FRONTEND=noninteractive
+base_pkgs="busybox-static cpio kmod acpica-tools ca-certificates python3 python3-venv"
+# From backports: QEMU 10 (the emulated machine; the igb/nvme SR-IOV models need it).
+bp_pkgs="qemu-system-x86 qemu-utils"
+
+missing=""
+for p in $base_pkgs $bp_pkgs; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"
+done
+qemu_major=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null | sed -E 's/^[0-9]+://; s/\..*//')
+if [ -z "$missing" ] && [ "${qemu_major:-0}" -ge 10 ]; then
+    echo "install-system-deps: all system packages present"
+    exit 0
+fi
+
 apt-get update -q
-apt-get install -y -q --no-install-recommends \
-    busybox-static cpio kmod acpica-tools ca-certificates
-apt-get install -y -q --no-install-recommends -t bookworm-backports \
-    qemu-system-x86 qemu-utils
+apt-get install -y -q --no-install-recommends $base_pkgs
+apt-get install -y -q --no-install-recommends -t bookworm-backports $bp_pkgs

@@ -1,0 +1,3 @@
+"""ACPI for slices: table layouts that parse the host's tables and build the slice's (tables),
+an AML encoder with ASL rendering (aml), the slice's DSDT (dsdt), and acpica-tools checks (acpica).
+"""
