@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, demo
+from .testbed import cli as testbed_cli
 from .errors import CoresliceError, UsageError
 from .host.sysfs import parse_cpu_list
 from .units import format_size, parse_memory
@@ -111,17 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"coreslice {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_boot(sub)
-    try:
-        from .testbed import cli as testbed_cli
-    except ImportError:  # pragma: no cover - the testbed package is part of the tree
-        testbed_cli = None
-    if testbed_cli is not None:
-        testbed_cli.register(sub)
-    try:
-        from . import demo
-        demo.register(sub)
-    except ImportError:
-        pass
+    testbed_cli.register(sub)
+    demo.register(sub)
     return parser
 
 

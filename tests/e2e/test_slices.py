@@ -1,0 +1,108 @@
+"""End to end: the real `coreslice boot`, inside the emulated host, boots real slices.
+
+Each test boots QEMU (q35, TCG) with a stock Debian kernel as the host (maxcpus=1 mem=1G), runs
+`coreslice boot` there for each slice, and checks what the slices report from their own user
+space against the plan that `coreslice boot --json` printed.  The testbed stops QEMU by its PID in
+a `finally`, whatever happens; console logs stay in the run directory for the post-mortem.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from coreslice.testbed.run import RunOptions, run
+
+pytestmark = pytest.mark.e2e
+
+E820_LINE = re.compile(r"BIOS-e820: \[mem 0x([0-9a-f]+)-0x([0-9a-f]+)\] (\w+)")
+
+
+def boot(tmp_run_dir, slices, **kw) -> dict:
+    result = run(RunOptions(slices=slices, workdir=tmp_run_dir, **kw))
+    assert result["host"].get("error") is None, f"host failed: {result['host']}"
+    return result
+
+
+@pytest.fixture
+def run_dir(tmp_path_factory, request):
+    # Not under /tmp: the emulated host mounts its own tmpfs there (see testbed.run).
+    from coreslice.testbed.paths import cache_dir
+    import os
+    import time
+    d = cache_dir() / "test-runs" / f"{request.node.name}-{time.strftime('%H%M%S')}-{os.getpid()}"
+    return d
+
+
+def check_matches_plan(s: dict) -> None:
+    """What the slice reports equals what coreslice planned for it."""
+    assert s["exit_code"] == 0, s["stderr"]
+    plan = s["output"]["plan"]
+    assert s["booted"], f"slice did not reach user space; console: {s['console_log']}"
+    assert s["cpus"] == len(plan["cpus"])
+    assert s["apic_ids"] == [c["apic_id"] for c in plan["cpus"]]
+    assert s["cmdline"] == plan["cmdline"]
+    # The memory map the slice kernel printed is exactly the plan's e820.
+    log = Path(s["console_log"]).read_text(errors="replace")
+    seen = [(int(a, 16), int(b, 16) + 1 - int(a, 16), t) for a, b, t in E820_LINE.findall(log)]
+    want = [(e["addr"], e["size"], {"ram": "usable"}.get(e["type"], e["type"])) for e in plan["e820"]]
+    assert seen == want
+    ram = sum(e["size"] for e in plan["e820"] if e["type"] == "ram")
+    # MemTotal is the RAM it was given minus the kernel's own image and reservations.
+    assert ram * 0.80 / 1024 < s["mem_kib"] <= ram / 1024
+
+
+def test_one_slice_with_two_cpus(run_dir):
+    r = boot(run_dir, ["--cpus 1-2 --memory 512M@0x40000000"])
+    assert r["host"]["apic_mode"] == "xapic"
+    (s,) = r["slices"]
+    check_matches_plan(s)
+    assert s["apic_ids"] == [1, 2]
+    plan = s["output"]["plan"]
+    assert plan["memory"] == {"base": 0x40000000, "size": 512 << 20}
+    # KASLR stayed on: the kernel did not run from where it was loaded.
+    assert "nokaslr" not in s["cmdline"]
+
+
+def test_two_slices_at_once_and_isolation(run_dir):
+    r = boot(run_dir, [
+        "--cpus 1-2 --memory 512M@0x40000000",
+        "--cpus 3 --memory 1G@0x100000000",
+        # CPU 2 now belongs to the first slice: refused before any write, exit 2.
+        "--cpus 2 --memory 256M@0x140000000",
+    ], host_cmds=["cat /proc/interrupts"])
+    a, b, bad = r["slices"]
+    check_matches_plan(a)
+    check_matches_plan(b)
+    assert a["apic_ids"] == [1, 2] and b["apic_ids"] == [3]
+    assert b["output"]["plan"]["memory"]["base"] == 0x100000000
+    assert a["output"]["plan"]["low_slot"]["base"] != b["output"]["plan"]["low_slot"]["base"]
+    assert bad["exit_code"] == 2 and not bad["booted"]
+    assert "belong to the slice" in bad["stderr"] and bad["stderr"].strip().count("\n") == 0
+
+    # Isolation: no IPI reached the host's CPU while the slices booted and ran.
+    before, after = r["host"]["interrupts_before"], r["host"]["interrupts_after"]
+    for row in ("CAL", "RES", "TLB"):
+        assert after[row] == before[row], f"host {row} IPIs went {before[row]} -> {after[row]}"
+    # Nothing a slice printed reached the host console.
+    host_log = Path(r["host"]["console_log"]).read_text(errors="replace")
+    assert "CORESLICE-REPORT" not in host_log
+    assert "console=uart,io" not in host_log
+    assert r["host_cmds"][0]["exit_code"] == 0 and "CAL" in r["host_cmds"][0]["output"]
+
+
+def test_x2apic_host_and_pci_uart_console(run_dir):
+    r = boot(run_dir, [
+        "--cpus 1 --memory 512M@0x40000000",
+        "--cpus 2-3 --memory 1G@0x100000000 --console 0000:00:10.0",
+    ], x2apic=True)
+    assert r["host"]["apic_mode"] == "x2apic"
+    a, b = r["slices"]
+    for s in (a, b):
+        check_matches_plan(s)
+        assert s["output"]["plan"]["apic_mode"] == "x2apic"
+    assert b["output"]["plan"]["console"]["pci_address"] == "0000:00:10.0"
+    assert b["output"]["console_detached_from"] == "serial"
+    assert b["console_log"].endswith("console-pci.log")
