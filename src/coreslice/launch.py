@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ class BootResult:
             "bytes": self.image.total_bytes,
             "phases": {k: round(v, 6) for k, v in self.phases.items()},
             "console_detached_from": self.detached_driver,
+            # ru_maxrss is in KiB on Linux: the loader's peak memory, reported for the benchmark.
+            "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         }
 
 

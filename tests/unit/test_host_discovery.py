@@ -1,0 +1,71 @@
+"""Discovery reads a host tree into plain records."""
+
+from __future__ import annotations
+
+import struct
+
+from coreslice.acpi.tables import build_madt
+from coreslice.host import cpus, memory, platform
+from coreslice.host.snapshot import discover
+from coreslice.host.sysfs import format_cpu_list, parse_cpu_list
+
+from .hosttree import BOOT_ID, make_host_tree
+
+
+def test_cpu_lists_round_trip():
+    assert parse_cpu_list("0-3,5,7-8\n") == [0, 1, 2, 3, 5, 7, 8]
+    assert format_cpu_list([8, 7, 5, 0, 1, 2, 3]) == "0-3,5,7-8"
+
+
+def test_synthetic_host(tmp_path):
+    h = discover(make_host_tree(tmp_path))
+    assert [(c.cpu, c.apic_id, c.online, c.boot) for c in h.cpus] == [
+        (0, 0, True, True), (1, 1, False, False), (2, 2, False, False), (3, 3, False, False)]
+    assert h.boot_id == BOOT_ID
+    assert h.tsc_khz == 2496012  # the refined calibration wins over the first estimate
+    assert h.apic_mode == "xapic" and h.apic_mode_source == "IA32_APIC_BASE MSR"
+    assert [(r.start, r.end) for r in h.host_ram()] == [(0x1000, 0x9FC00), (0x100000, 0x40000000)]
+    assert h.firmware_ram()[-1] == memory.Range(0x100000000, 0x280000000, "System RAM")
+    ports = {p.port: p for p in h.serial_ports}
+    assert ports[0x3F8].in_use_as_console and not ports[0x2F8].in_use_as_console
+    assert ports[0x0].type == 0
+    assert h.mcfg[0].base_address == 0xB0000000
+
+
+def test_x2apic_mode_from_msr(tmp_path):
+    assert discover(make_host_tree(tmp_path, apic_mode="x2apic")).apic_mode == "x2apic"
+
+
+def test_apic_ids_through_firmware_node_uid(tmp_path):
+    """Non-contiguous APIC IDs (as on multi-socket servers): the UID link decides, not order."""
+    root = make_host_tree(tmp_path)
+    (root / "sys/firmware/acpi/tables/APIC").write_bytes(build_madt([0x10, 0x20, 0x30], host_bsp_apic_id=0))
+    (root / "proc/cpuinfo").write_text("processor\t: 0\napicid\t\t: 0\n")
+    # build_madt lists the host BSP first (uid 0xfffffffe), then uids 0, 1, 2 for 0x10, 0x20, 0x30.
+    for n, uid in ((1, 2), (2, 0), (3, 1)):
+        node = root / f"sys/devices/system/cpu/cpu{n}/firmware_node"
+        node.mkdir(parents=True)
+        (node / "uid").write_text(f"{uid}\n")
+    h = discover(root)
+    assert {c.cpu: c.apic_id for c in h.cpus} == {0: 0, 1: 0x30, 2: 0x10, 3: 0x20}
+
+
+def test_kmsg_records_and_tsc():
+    lines = ["tsc: Detected 2995.200 MHz processor", "something else"]
+    assert platform.tsc_khz_from_log(lines) == 2995200
+    assert platform.tsc_khz_from_log(["nothing"]) is None
+
+
+def test_apic_mode_from_log():
+    assert platform.apic_mode_from_log(["APIC: Switched APIC routing to: physical x2apic"]) == "x2apic"
+    assert platform.apic_mode_from_log(["APIC: Switched APIC routing to: physical flat"]) == "xapic"
+
+
+def test_iomem_top_level_only():
+    rs = memory.parse_iomem("00001000-0009fbff : System RAM\n  00002000-00002fff : child\n")
+    assert rs == [memory.Range(0x1000, 0x9FC00, "System RAM")]
+
+
+def test_cpuinfo_apic_ids():
+    text = "processor\t: 0\napicid\t\t: 4\n\nprocessor\t: 1\napicid\t\t: 6\n"
+    assert cpus.parse_cpuinfo_apic_ids(text) == {0: 4, 1: 6}
