@@ -17,7 +17,7 @@ from .boot.pagetables import build_identity_page_tables
 from .boot.trampoline import build_trampoline
 from .boot.zeropage import build_zero_page
 
-CHUNK = 4 << 20
+CHUNK = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -36,15 +36,20 @@ class Segment:
                 yield self.addr + pos, self.data[pos:pos + chunk]
             return
         assert self.path is not None
-        with open(self.path, "rb") as f:
+        # One buffer, refilled in place: memory stays at one chunk whatever the file's size.
+        buf = bytearray(min(chunk, self.size))
+        view = memoryview(buf)
+        with open(self.path, "rb", buffering=0) as f:
             f.seek(self.offset)
             pos = 0
             while pos < self.size:
-                buf = f.read(min(chunk, self.size - pos))
-                if not buf:
+                n = f.readinto(view[:min(chunk, self.size - pos)])
+                if not n:
                     raise IOError(f"{self.path} shrank while being written (at byte {self.offset + pos})")
-                yield self.addr + pos, buf
-                pos += len(buf)
+                # The whole buffer when full (bytes == bytearray compares with memcmp; a memoryview
+                # compares element by element), a copy only for the short last chunk.
+                yield self.addr + pos, buf if n == len(buf) else bytes(view[:n])
+                pos += n
 
     def to_json(self) -> dict:
         return {"name": self.name, "addr": self.addr, "size": self.size,

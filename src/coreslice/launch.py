@@ -42,7 +42,7 @@ class Machine:
         def make_apic(mode: str) -> lapic.LocalApic:
             if mode == "x2apic":
                 return lapic.X2Apic(lapic.ensure_msr_device(0))
-            return lapic.XApic(mem)
+            return lapic.XApic(DevMem(uncached=True))
 
         return cls(mem=mem, pci=SysfsPci(), apic=make_apic)
 

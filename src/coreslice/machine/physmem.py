@@ -19,20 +19,28 @@ PAGE = 0x1000
 class PhysicalMemory(Protocol):
     def read(self, addr: int, size: int) -> bytes: ...
     def write(self, addr: int, data: bytes | memoryview) -> None: ...
-    def write_and_check(self, addr: int, data: bytes) -> bool: ...
+    def write_and_check(self, addr: int, data: bytes | bytearray) -> bool: ...
 
 
 class DevMem:
-    """mmap windows of /dev/mem.  Open lazily so that merely constructing it touches nothing."""
+    """mmap windows of /dev/mem.  Open lazily so that merely constructing it touches nothing.
 
-    def __init__(self, path: str = "/dev/mem"):
+    RAM is mapped write-back (no O_SYNC): it is ordinary memory, coherent with the CPU that will
+    read it, and an uncached mapping makes every store a bus transaction (x86 PAT gives O_SYNC
+    mappings of /dev/mem UC-).  Device registers, such as the local APIC page, need
+    ``uncached=True``.
+    """
+
+    def __init__(self, path: str = "/dev/mem", uncached: bool = False):
         self.path = path
+        self.uncached = uncached
         self._fd: int | None = None
 
     def _open(self) -> int:
         if self._fd is None:
             try:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_SYNC)
+                flags = os.O_RDWR | (os.O_SYNC if self.uncached else 0)
+                self._fd = os.open(self.path, flags)
             except OSError as e:
                 raise LaunchError(f"cannot open {self.path}: {e.strerror}; run as root on a kernel with /dev/mem") from e
         return self._fd
@@ -62,7 +70,7 @@ class DevMem:
         finally:
             m.close()
 
-    def write_and_check(self, addr: int, data: bytes) -> bool:
+    def write_and_check(self, addr: int, data: bytes | bytearray) -> bool:
         """Write, then read back through the same mapping; True when the bytes stuck."""
         m, off = self._map(addr, len(data))
         try:

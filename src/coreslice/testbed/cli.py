@@ -1,0 +1,165 @@
+"""``coreslice testbed`` command line.  ``register(subparsers)`` adds it to the main CLI;
+``python -m coreslice.testbed.cli run ...`` works on its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from coreslice.testbed.tools import set_quiet
+
+RUN_DESCRIPTION = """\
+Boot the emulated machine (QEMU q35 under TCG) with a stock Debian 6.12 host kernel on one CPU
+(maxcpus=1 mem=HOST-MEM), the build machine's root shared read-only so this working tree's
+coreslice runs inside it, and run `coreslice boot ARGS --json` there for each --slice, in order.
+--kernel, --initrd (the testbed's slice kernel and report initramfs) and a free --console
+(io:0x2f8, then io:0x3e8, then io:0x2e8; a PCI UART is also present) are added when ARGS do not
+give them.  The testbed waits until each launched slice writes its CORESLICE-REPORT line on its
+console (or --slice-timeout passes), then runs each --host-cmd in the host's shell and powers
+the host off.  Artefacts (console logs, job script, outputs, result.json) stay in the run
+directory.  Exit status 0 when every slice whose `coreslice boot` succeeded reached user space
+(and the host job completed), else 1.
+"""
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: give a positive number of seconds")
+    return v
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slice", dest="slices", action="append", default=[], metavar="BOOT ARGS",
+                   help="arguments for one `coreslice boot` run inside the host (one string, "
+                        "shell-split); repeat for more slices, booted in order")
+    p.add_argument("--host-cmd", dest="host_cmds", action="append", default=[], metavar="SHELL",
+                   help="a shell command run in the host after the slices reported; output and "
+                        "exit code are recorded; repeatable")
+    p.add_argument("--smp", type=int, default=4, metavar="N",
+                   help="CPUs of the emulated machine; the host keeps CPU 0 (default: 4)")
+    p.add_argument("--memory", default="6G", metavar="SIZE",
+                   help="RAM of the emulated machine, QEMU -m syntax (default: 6G)")
+    p.add_argument("--host-mem", default="1G", metavar="SIZE",
+                   help="RAM the host kernel uses (mem=); the rest is free for slices (default: 1G)")
+    p.add_argument("--cpu-model", default="max", metavar="MODEL",
+                   help="QEMU -cpu model, e.g. max or max,-x2apic (default: max)")
+    p.add_argument("--x2apic", action="store_true",
+                   help="run the host in x2APIC mode (adds an interrupt-remapping intel-iommu; "
+                        "host gets intel_iommu=off); default: xAPIC, no IOMMU")
+    p.add_argument("--kernel-version", default=None, metavar="VER",
+                   help="Debian kernel to use, as linux-image-amd64 package version or as release "
+                        "(6.12.95+deb12-amd64); default: newest 6.12 in bookworm-backports")
+    p.add_argument("--timeout", type=_positive_float, default=240.0, metavar="SECONDS",
+                   help="limit for the whole run, QEMU start to power-off (default: 240)")
+    p.add_argument("--slice-timeout", type=_positive_float, default=120.0, metavar="SECONDS",
+                   help="how long a launched slice may take to report from user space, counted "
+                        "from its `coreslice boot` start (default: 120)")
+    p.add_argument("--wait-each", action="store_true",
+                   help="boot each slice only after the previous one reported (or timed out); "
+                        "lets slices share a console, e.g. to relaunch on the same CPUs "
+                        "(default: boot all, then wait)")
+    p.add_argument("--workdir", type=Path, default=None, metavar="DIR",
+                   help="run directory (new or empty; not under /tmp or /run); default: "
+                        "$CORESLICE_CACHE/runs/<time>-<pid> (cache: ~/.cache/coreslice)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with host facts, slices and host commands")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so QEMU teardown (``finally``) runs."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from coreslice.testbed.run import RunOptions, main_run
+
+    set_quiet(args.quiet)
+    _exit_on_sigterm()
+    opts = RunOptions(
+        slices=args.slices, host_cmds=args.host_cmds, smp=args.smp, memory=args.memory,
+        host_mem=args.host_mem, cpu_model=args.cpu_model, x2apic=args.x2apic,
+        kernel_version=args.kernel_version, timeout=args.timeout,
+        slice_timeout=args.slice_timeout, workdir=args.workdir, wait_each=args.wait_each,
+    )
+    return main_run(opts, args.json)
+
+
+def cmd_whole(args: argparse.Namespace) -> int:
+    from coreslice.errors import CoresliceError
+    from coreslice.testbed import initramfs, kernels
+    from coreslice.testbed.paths import cache_dir
+    from coreslice.testbed.qemu import boot_whole_machine
+
+    set_quiet(args.quiet)
+    _exit_on_sigterm()
+    try:
+        k = kernels.ensure_kernel(args.kernel_version)
+        initrd = initramfs.build_slice_initramfs(k)
+        import os
+        import time
+
+        workdir = args.workdir or cache_dir() / "runs" / f"whole-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        r = boot_whole_machine(k.vmlinuz, initrd, workdir, smp=args.smp, memory=args.memory,
+                               cpu_model=args.cpu_model, timeout=args.timeout)
+    except CoresliceError as exc:
+        print(f"coreslice testbed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    out = {"seconds": r.seconds, "report": r.report, "console_log": str(r.console_log),
+           "qemu_command": r.command}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"whole machine: user space after {r.seconds} s; report {r.report}; log {r.console_log}")
+    return 0 if r.report else 1
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``testbed`` (with ``run`` and ``whole``) to a main parser's subparsers."""
+    tb = subparsers.add_parser(
+        "testbed", help="the emulated machine (QEMU) for demos and end-to-end tests",
+        description="The emulated machine: QEMU q35 under TCG booting the stock Debian kernel.",
+    )
+    sub = tb.add_subparsers(dest="testbed_command", metavar="COMMAND", required=True)
+    run = sub.add_parser("run", help="boot the emulated host and slices inside it",
+                         description=RUN_DESCRIPTION,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(run)
+    run.set_defaults(func=cmd_run)
+    whole = sub.add_parser(
+        "whole", help="boot the slice kernel + initramfs as a whole machine and time it",
+        description="Boot the testbed's slice kernel and report initramfs as a whole QEMU "
+                    "machine (console ttyS0) and time QEMU start to the CORESLICE-REPORT line: "
+                    "the baseline a slice boot is compared with.")
+    whole.add_argument("--smp", type=int, default=2, metavar="N", help="CPUs (default: 2)")
+    whole.add_argument("--memory", default="1G", metavar="SIZE", help="RAM (default: 1G)")
+    whole.add_argument("--cpu-model", default="max", metavar="MODEL", help="QEMU -cpu (default: max)")
+    whole.add_argument("--kernel-version", default=None, metavar="VER")
+    whole.add_argument("--timeout", type=_positive_float, default=180.0, metavar="SECONDS")
+    whole.add_argument("--workdir", type=Path, default=None, metavar="DIR")
+    whole.add_argument("--json", action="store_true")
+    whole.add_argument("--quiet", action="store_true")
+    whole.set_defaults(func=cmd_whole)
+    return tb
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m coreslice.testbed.cli")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    tb = register(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Standalone: allow both `... testbed run ...` and `... run ...`.
+    if argv and argv[0] != "testbed" and argv[0] not in ("-h", "--help"):
+        argv = ["testbed", *argv]
+    del tb
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

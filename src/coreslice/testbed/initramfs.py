@@ -1,0 +1,258 @@
+"""The two busybox initramfs images the testbed boots, and the slice report parser.
+
+HOST initramfs: loads the 9p modules (and ``msr``, which coreslice needs in x2APIC mode: the
+chroot's own /lib/modules has nothing for this kernel), mounts the build machine's root
+read-only over 9p (tag ``hostroot``) and the per-run directory read-write (tag ``run``,
+``cache=none`` so that files written from the outside are seen), prepares a chroot (proc, sys,
+devtmpfs, tmpfs on /tmp and /run), runs ``$RUN_DIR/job.sh`` inside it and powers off.  The run
+share holds a file ``env`` (shell assignments, at least ``RUN_DIR=``, the run directory's path
+on the build machine, where the share is bind-mounted inside the chroot so that paths are the
+same inside and outside).  Console markers (ttyS0) are lines starting ``CORESLICE-HOST``.
+
+SLICE initramfs: mounts proc/sys and writes one line to /dev/kmsg (with ``noapic`` user-space
+console output is not seen on the UART; kernel messages are)::
+
+    CORESLICE-REPORT cpus=<online cpus> mem_kib=<MemTotal kB> apic_ids=<a,b,..> cmdline=<...>
+
+then idles forever.  :func:`parse_report` parses that line (also with a printk time prefix).
+
+Images are cached in ``$CORESLICE_CACHE/initramfs/`` keyed by kernel release and a hash of the
+init script (and module list); they are written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import lzma
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from coreslice.testbed.cpio import CpioWriter, gzip_bytes
+from coreslice.testbed.kernels import Kernel
+from coreslice.testbed.paths import cache_dir
+from coreslice.testbed.tools import ToolError, progress
+
+BUSYBOX = Path("/bin/busybox")
+FORMAT_VERSION = "1"
+HOST_MODULES = ("netfs", "9pnet", "9pnet_virtio", "9p", "msr")
+
+# 9p mount options (DESIGN.md section 3).
+HOSTROOT_TAG = "hostroot"
+RUN_TAG = "run"
+HOSTROOT_OPTS = "trans=virtio,version=9p2000.L,ro,msize=1048576,cache=loose"
+RUN_OPTS = "trans=virtio,version=9p2000.L,msize=1048576,cache=none"
+
+REPORT_TAG = "CORESLICE-REPORT"
+HOST_MARK = "CORESLICE-HOST"
+
+HOST_INIT = r"""#!/bin/sh
+# coreslice testbed: emulated host init (PID 1 of the host initramfs).
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+up() { read u _ </proc/uptime; echo "$u"; }
+say() { echo "@MARK@ $* uptime=$(up)"; }
+fail() { say "FAIL $*"; sleep 1; sync; poweroff -f; }
+say "init"
+for m in @MODULES@; do
+    insmod "/lib/modules/$m.ko" || fail "insmod $m"
+done
+say "modules-loaded"
+mkdir -p /newroot /mnt/run
+mount -t 9p -o @HOSTROOT_OPTS@ @HOSTROOT_TAG@ /newroot || fail "mount 9p @HOSTROOT_TAG@"
+mount -t 9p -o @RUN_OPTS@ @RUN_TAG@ /mnt/run || fail "mount 9p @RUN_TAG@"
+[ -r /mnt/run/env ] || fail "no env file in the run share"
+. /mnt/run/env
+[ -n "$RUN_DIR" ] || fail "env does not set RUN_DIR"
+mount -t proc proc /newroot/proc || fail "mount proc in chroot"
+mount -t sysfs sysfs /newroot/sys || fail "mount sysfs in chroot"
+mount -t devtmpfs devtmpfs /newroot/dev || fail "mount devtmpfs in chroot"
+mkdir -p /newroot/dev/shm /newroot/dev/pts
+mount -t tmpfs tmpfs /newroot/dev/shm
+mount -t devpts devpts /newroot/dev/pts
+mount -t tmpfs tmpfs /newroot/tmp || fail "mount tmpfs on /tmp"
+mount -t tmpfs tmpfs /newroot/run || fail "mount tmpfs on /run"
+mount -o bind /mnt/run "/newroot$RUN_DIR" || fail "bind run share on $RUN_DIR"
+say "job-start $RUN_DIR/job.sh"
+chroot /newroot /bin/sh "$RUN_DIR/job.sh"
+rc=$?
+say "job-end rc=$rc"
+sync
+poweroff -f
+"""
+
+SLICE_INIT = r"""#!/bin/sh
+# coreslice testbed: slice init.  Reports once through /dev/kmsg, then idles.
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+cpus=$(grep -c '^processor' /proc/cpuinfo)
+mem=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
+apic=$(awk -F': *' '/^apicid/ {printf "%s%s", sep, $2; sep=","}' /proc/cpuinfo)
+read -r cmdline </proc/cmdline
+line="@TAG@ cpus=$cpus mem_kib=$mem apic_ids=$apic cmdline=$cmdline"
+echo "<2>$line" >/dev/kmsg
+echo "$line" >/dev/console
+while true; do sleep 3600; done
+"""
+
+
+def host_init_text(modules: tuple[str, ...] = HOST_MODULES) -> str:
+    return (
+        HOST_INIT.replace("@MARK@", HOST_MARK)
+        .replace("@MODULES@", " ".join(modules))
+        .replace("@HOSTROOT_OPTS@", HOSTROOT_OPTS)
+        .replace("@HOSTROOT_TAG@", HOSTROOT_TAG)
+        .replace("@RUN_OPTS@", RUN_OPTS)
+        .replace("@RUN_TAG@", RUN_TAG)
+    )
+
+
+def slice_init_text() -> str:
+    return SLICE_INIT.replace("@TAG@", REPORT_TAG)
+
+
+# --- slice report -----------------------------------------------------------------------------
+
+_REPORT_RE = re.compile(
+    re.escape(REPORT_TAG)
+    + r" cpus=(?P<cpus>\d+) mem_kib=(?P<mem>\d+) apic_ids=(?P<apic>[0-9,]*) cmdline=(?P<cmdline>.*)$"
+)
+
+
+def parse_report(line: str) -> dict | None:
+    """Parse a ``CORESLICE-REPORT`` line (anywhere in ``line``); None if there is none.
+
+    Returns ``{"cpus": int, "mem_kib": int, "apic_ids": [int, ...], "cmdline": str}``.
+    """
+    m = _REPORT_RE.search(line.rstrip("\r\n").replace("\r", ""))
+    if not m:
+        return None
+    return {
+        "cpus": int(m["cpus"]),
+        "mem_kib": int(m["mem"]),
+        "apic_ids": [int(a) for a in m["apic"].split(",") if a],
+        "cmdline": m["cmdline"].strip(),
+    }
+
+
+def find_report(text: str) -> dict | None:
+    """The first report line in a console log's text."""
+    for line in text.splitlines():
+        if REPORT_TAG in line:
+            r = parse_report(line)
+            if r is not None:
+                return r
+    return None
+
+
+# --- module resolution ------------------------------------------------------------------------
+
+
+def _stem(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    return name.split(".ko", 1)[0]
+
+
+def module_load_order(modules_dep: str, wanted: tuple[str, ...]) -> list[str]:
+    """Relative paths (from modules.dep) of ``wanted`` modules and their dependencies, in a
+    valid load order (dependencies first).  Module names match with ``-``/``_`` equivalence."""
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in modules_dep.splitlines():
+        if ":" not in line:
+            continue
+        mod, rest = line.split(":", 1)
+        mod = mod.strip()
+        deps[mod] = rest.split()
+        by_name[_stem(mod).replace("-", "_")] = mod
+    order: list[str] = []
+    for name in wanted:
+        key = name.replace("-", "_")
+        if key not in by_name:
+            raise ToolError(f"module {name} is not in modules.dep of this kernel")
+        mod = by_name[key]
+        # modules.dep lists the dependencies of a module so that the last is loaded first.
+        for p in [*reversed(deps[mod]), mod]:
+            if p not in order:
+                order.append(p)
+    return order
+
+
+def _read_module(path: Path) -> bytes:
+    raw = path.read_bytes()
+    if path.name.endswith(".xz"):
+        return lzma.decompress(raw)
+    if path.name.endswith(".gz"):
+        return gzip.decompress(raw)
+    if path.name.endswith(".zst"):
+        raise ToolError(f"{path}: zstd-compressed modules are not supported by the testbed")
+    return raw
+
+
+# --- building ---------------------------------------------------------------------------------
+
+
+def _busybox_applets() -> list[str]:
+    if not BUSYBOX.is_file():
+        raise ToolError(f"{BUSYBOX}: missing; apt-get install busybox-static")
+    proc = subprocess.run([str(BUSYBOX), "--list"], capture_output=True, text=True, check=True)
+    return sorted({a for a in proc.stdout.split() if a and "/" not in a and a != "busybox"})
+
+
+def _base_archive(init_text: str) -> CpioWriter:
+    w = CpioWriter()
+    for d in ("bin", "dev", "proc", "sys", "tmp", "run", "mnt", "newroot", "lib", "lib/modules"):
+        w.directory(d)
+    w.char_device("dev/console", 5, 1)
+    w.char_device("dev/kmsg", 1, 11)
+    w.char_device("dev/null", 1, 3, mode=0o666)
+    w.file("bin/busybox", BUSYBOX.read_bytes(), mode=0o755)
+    for applet in _busybox_applets():
+        w.symlink(f"bin/{applet}", "busybox")
+    w.file("init", init_text.encode(), mode=0o755)
+    return w
+
+
+def _cached_image(kind: str, kernel: Kernel, key_text: str, build) -> Path:
+    digest = hashlib.sha256(
+        f"{FORMAT_VERSION}\0{key_text}\0{BUSYBOX.stat().st_size}".encode()
+    ).hexdigest()[:16]
+    out_dir = cache_dir() / "initramfs"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{kind}-{kernel.release}-{digest}.cpio.gz"
+    if path.is_file():
+        return path
+    progress(f"building {kind} initramfs {path.name}")
+    data = gzip_bytes(build())
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def build_host_initramfs(kernel: Kernel, modules: tuple[str, ...] = HOST_MODULES) -> Path:
+    """The host initramfs for ``kernel`` (cached)."""
+    init_text = host_init_text(modules)
+
+    def build() -> bytes:
+        dep = (kernel.modules_dir / "modules.dep").read_text()
+        order = module_load_order(dep, modules)
+        w = _base_archive(init_text)
+        for rel in order:
+            w.file(f"lib/modules/{_stem(rel)}.ko", _read_module(kernel.modules_dir / rel))
+        return w.finish()
+
+    return _cached_image("host", kernel, init_text + "\0" + ",".join(modules), build)
+
+
+def build_slice_initramfs(kernel: Kernel) -> Path:
+    """The slice initramfs (cached).  It holds no modules; ``kernel`` only keys the cache."""
+    init_text = slice_init_text()
+    return _cached_image("slice", kernel, init_text, lambda: _base_archive(init_text).finish())

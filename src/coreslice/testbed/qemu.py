@@ -1,0 +1,400 @@
+"""One class that owns one QEMU process, and a whole-machine boot timer.
+
+Modelled on QEMU's ``python/qemu/machine/machine.py``: the command line is built in one place
+(:func:`build_command`, pure, unit-tested), the machine is launched, waited for with timeouts
+and always torn down in ``__exit__`` (SIGTERM -- QEMU's graceful quit --, then SIGKILL, both by
+the PID it started), and its console logs stay on disk for the post-mortem.
+
+The emulated machine (DESIGN.md section 3): q35 under TCG, host console on COM1 (ttyS0, 0x3f8)
+logged to a file, and free consoles for slices, each logged to its own file:
+
+==========  =================  =====  ===============================================
+name        device             irq    slice ``--console``
+==========  =================  =====  ===============================================
+com2        isa-serial 0x2f8   3      ``io:0x2f8``
+com3        isa-serial 0x3e8   4      ``io:0x3e8``
+com4        isa-serial 0x2e8   3      ``io:0x2e8``
+pci         pci-serial         INTx   PCI 16550 (class 0x0700xx, I/O BAR) at 0000:00:10.0
+==========  =================  =====  ===============================================
+
+x2APIC mode adds ``-device intel-iommu,intremap=on,eim=on``: the host kernel enables x2APIC only
+with interrupt remapping, and its command line carries ``intel_iommu=off`` but not
+``intremap=off``.  The xAPIC machine has no IOMMU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coreslice.errors import UsageError
+from coreslice.testbed.initramfs import find_report
+from coreslice.testbed.tools import ToolError, format_command, progress
+
+QEMU = "qemu-system-x86_64"
+PCI_SERIAL_SLOT = 0x10
+PCI_SERIAL_ADDRESS = f"0000:00:{PCI_SERIAL_SLOT:02x}.0"
+# (name, iobase, irq) of the ISA UARTs left for slices; COM1 (0x3f8, irq 4) is the host's.
+ISA_SLICE_UARTS: tuple[tuple[str, int, int], ...] = (
+    ("com2", 0x2F8, 3),
+    ("com3", 0x3E8, 4),
+    ("com4", 0x2E8, 3),
+)
+_SIZE_RE = re.compile(r"^[1-9][0-9]*[KMGT]?$", re.I)
+
+
+def check_size(value: str, what: str) -> str:
+    """Validate a memory size such as ``6G`` or ``1024M`` (QEMU / ``mem=`` syntax)."""
+    if not _SIZE_RE.match(value):
+        raise UsageError(f"{what} {value!r}: give a size like 512M, 1G or 6G")
+    return value.upper()
+
+
+def size_bytes(value: str) -> int:
+    value = check_size(value, "size")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if value[-1] in mult:
+        return int(value[:-1]) * mult[value[-1]]
+    return int(value) << 20  # QEMU's -m default unit is MiB
+
+
+@dataclass(frozen=True)
+class Share:
+    """A directory of the build machine exported over virtio-9p."""
+
+    tag: str
+    path: Path
+    readonly: bool = True
+
+    def arg(self) -> str:
+        # multidevs=remap: "/" spans several file systems; keep inode numbers unique.
+        s = f"local,path={self.path},mount_tag={self.tag},security_model=none,multidevs=remap"
+        return s + (",readonly=on" if self.readonly else "")
+
+
+@dataclass(frozen=True)
+class SerialPort:
+    """A UART of the emulated machine that a slice can use as its console."""
+
+    name: str
+    kind: str  # "isa" or "pci"
+    log: Path
+    iobase: int | None = None
+    irq: int | None = None
+    pci_address: str | None = None
+
+    @property
+    def console_arg(self) -> str | None:
+        """The ``coreslice boot --console`` value for ISA ports (None for the PCI UART)."""
+        return f"io:{self.iobase:#x}" if self.iobase is not None else None
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "iobase": None if self.iobase is None else f"{self.iobase:#x}",
+            "irq": self.irq,
+            "pci_address": self.pci_address,
+            "console_arg": self.console_arg,
+            "log": str(self.log),
+        }
+
+
+def slice_serial_ports(logdir: Path) -> list[SerialPort]:
+    ports = [
+        SerialPort(name, "isa", logdir / f"console-{name}.log", iobase=io, irq=irq)
+        for name, io, irq in ISA_SLICE_UARTS
+    ]
+    ports.append(SerialPort("pci", "pci", logdir / "console-pci.log", pci_address=PCI_SERIAL_ADDRESS))
+    return ports
+
+
+def host_append(host_mem: str = "1G", x2apic: bool = False, extra: Sequence[str] = ()) -> str:
+    """The emulated host's kernel command line.
+
+    ``maxcpus=1 mem=`` leave CPUs and RAM for slices; ``panic=-1`` + QEMU ``-no-reboot`` make a
+    panic end the run; ``intel_iommu=off`` (never ``intremap=off``: x2APIC needs interrupt
+    remapping) keeps DMA untranslated in x2APIC mode.
+    """
+    parts = [
+        "console=ttyS0,115200",
+        "maxcpus=1",
+        f"mem={check_size(host_mem, '--host-mem')}",
+        "panic=-1",
+        "loglevel=6",
+        "memory_corruption_check=0",
+    ]
+    if x2apic:
+        parts.append("intel_iommu=off")
+    parts.extend(extra)
+    return " ".join(parts)
+
+
+@dataclass
+class MachineConfig:
+    kernel: Path
+    append: str
+    initrd: Path | None = None
+    smp: int = 4
+    memory: str = "6G"
+    cpu_model: str = "max"
+    x2apic: bool = False  # adds the interrupt-remapping IOMMU
+    shares: tuple[Share, ...] = ()
+    slice_consoles: bool = True
+    qemu_binary: str = QEMU
+    extra_args: tuple[str, ...] = ()
+    name: str = "coreslice-host"
+
+
+@dataclass
+class _Layout:
+    console_log: Path
+    serial_ports: list[SerialPort] = field(default_factory=list)
+
+
+def build_command(config: MachineConfig, console_log: Path, serial_ports: Sequence[SerialPort]) -> list[str]:
+    """The full QEMU command line (pure function of its inputs)."""
+    if config.smp < 1:
+        raise UsageError(f"--smp {config.smp}: give at least 1 CPU")
+    cmd = [
+        config.qemu_binary,
+        "-name", config.name,
+        # Under TCG the intel-iommu's interrupt remapping needs no kernel-irqchip=split
+        # (that is a KVM requirement); plain q35 boots the host in x2APIC mode.
+        "-machine", "q35",
+        "-accel", "tcg",
+        "-cpu", config.cpu_model,
+        "-smp", str(config.smp),
+        "-m", check_size(config.memory, "--memory"),
+        "-nodefaults",
+        "-display", "none",
+        "-no-reboot",
+        "-chardev", f"file,id=con0,path={console_log}",
+        "-serial", "chardev:con0",
+    ]
+    if config.x2apic:
+        cmd += ["-device", "intel-iommu,intremap=on,eim=on"]
+    cmd += ["-kernel", str(config.kernel)]
+    if config.initrd is not None:
+        cmd += ["-initrd", str(config.initrd)]
+    cmd += ["-append", config.append]
+    for share in config.shares:
+        cmd += ["-virtfs", share.arg()]
+    for i, port in enumerate(serial_ports):
+        cid = f"slicecon{i}"
+        cmd += ["-chardev", f"file,id={cid},path={port.log}"]
+        if port.kind == "isa":
+            cmd += ["-device", f"isa-serial,chardev={cid},iobase={port.iobase:#x},irq={port.irq}"]
+        else:
+            slot = int(port.pci_address.split(":")[2].split(".")[0], 16)  # type: ignore[union-attr]
+            cmd += ["-device", f"pci-serial,chardev={cid},bus=pcie.0,addr={slot:#x}"]
+    cmd += list(config.extra_args)
+    return cmd
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """PR_SET_PDEATHSIG(SIGKILL): QEMU dies if this process dies without tearing down."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    except Exception:
+        pass
+
+
+# PIDs of QEMU processes launched by this Python process and not yet reaped; tests check it
+# is empty after each test (and kill what is left, by PID).
+LIVE_PIDS: set[int] = set()
+
+
+class QemuMachine:
+    """Owns one QEMU process.  Use as a context manager; teardown always runs."""
+
+    def __init__(self, config: MachineConfig, workdir: Path) -> None:
+        self.config = config
+        self.workdir = Path(workdir)
+        self.console_log = self.workdir / "console-host.log"
+        self.serial_ports = slice_serial_ports(self.workdir) if config.slice_consoles else []
+        self.stderr_log = self.workdir / "qemu-stderr.log"
+        self._proc: subprocess.Popen | None = None
+        self.launched_at: float | None = None  # time.monotonic()
+        self.launched_wall: float | None = None  # time.time()
+        self.exit_code: int | None = None
+
+    # -- command line -------------------------------------------------------------------------
+    def command(self) -> list[str]:
+        return build_command(self.config, self.console_log, self.serial_ports)
+
+    def command_line(self) -> str:
+        return format_command(self.command())
+
+    @property
+    def pci_serial(self) -> SerialPort | None:
+        return next((p for p in self.serial_ports if p.kind == "pci"), None)
+
+    # -- life cycle ---------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def launch(self) -> None:
+        if self._proc is not None:
+            raise RuntimeError("QemuMachine.launch: already launched")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = self.command()
+        for log in [self.console_log, *(p.log for p in self.serial_ports)]:
+            log.write_bytes(b"")
+        (self.workdir / "qemu-command.txt").write_text(format_command(cmd) + "\n")
+        progress(f"$ {format_command(cmd)}")
+        try:
+            stderr = open(self.stderr_log, "wb")
+        except OSError as exc:
+            raise ToolError(f"{self.stderr_log}: {exc}") from exc
+        try:
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        except FileNotFoundError as exc:
+            raise ToolError(
+                f"{cmd[0]}: not found; install it with scripts/install-system-deps.sh"
+            ) from exc
+        finally:
+            stderr.close()
+        LIVE_PIDS.add(self._proc.pid)
+        self.launched_at = time.monotonic()
+        self.launched_wall = time.time()
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def poll(self) -> int | None:
+        if self._proc is None:
+            return None
+        rc = self._proc.poll()
+        if rc is not None:
+            self.exit_code = rc
+            LIVE_PIDS.discard(self._proc.pid)
+        return rc
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for QEMU to exit; its exit code, or None if still running after ``timeout``."""
+        if self._proc is None:
+            return self.exit_code
+        try:
+            self.exit_code = self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        LIVE_PIDS.discard(self._proc.pid)
+        return self.exit_code
+
+    def shutdown(self, grace: float = 5.0) -> int | None:
+        """Stop QEMU if it still runs: SIGTERM (QEMU quits cleanly), then SIGKILL, by PID."""
+        proc = self._proc
+        if proc is None:
+            return self.exit_code
+        if proc.poll() is None:
+            try:
+                os.kill(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.kill(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=30)
+        self.exit_code = proc.returncode
+        LIVE_PIDS.discard(proc.pid)
+        return self.exit_code
+
+    def qemu_stderr(self) -> str:
+        try:
+            return self.stderr_log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def __enter__(self) -> "QemuMachine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+class LogFollower:
+    """Reads complete new lines from a file that another process appends to."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._offset = 0
+        self._partial = b""
+        self.lines: list[str] = []
+
+    def poll(self) -> list[str]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        if not data:
+            return []
+        self._offset += len(data)
+        data = self._partial + data
+        *complete, self._partial = data.split(b"\n")
+        new = [c.decode(errors="replace").rstrip("\r") for c in complete]
+        self.lines.extend(new)
+        return new
+
+
+@dataclass
+class WholeBoot:
+    seconds: float | None  # QEMU launch to the report line; None if it never came
+    report: dict | None
+    console_log: Path
+    command: str
+
+
+def boot_whole_machine(
+    kernel: Path,
+    initrd: Path,
+    workdir: Path,
+    *,
+    smp: int = 2,
+    memory: str = "1G",
+    cpu_model: str = "max",
+    append_extra: str = "",
+    timeout: float = 180.0,
+) -> WholeBoot:
+    """Boot ``kernel`` + ``initrd`` (the slice initramfs) as a whole QEMU machine and time it
+    from QEMU launch to the ``CORESLICE-REPORT`` line on ttyS0 (the baseline that a slice boot
+    is compared with).  QEMU is always stopped before returning."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    append = f"console=ttyS0,115200 panic=-1 {append_extra}".strip()
+    cfg = MachineConfig(
+        kernel=kernel, initrd=initrd, append=append, smp=smp, memory=memory,
+        cpu_model=cpu_model, slice_consoles=False, name="coreslice-whole",
+    )
+    with QemuMachine(cfg, workdir) as m:
+        m.launch()
+        follower = LogFollower(m.console_log)
+        deadline = m.launched_at + timeout  # type: ignore[operator]
+        while time.monotonic() < deadline:
+            for line in follower.poll():
+                report = find_report(line)
+                if report is not None:
+                    return WholeBoot(time.monotonic() - m.launched_at, report, m.console_log,
+                                     m.command_line())
+            if m.poll() is not None:
+                break
+            time.sleep(0.05)
+    return WholeBoot(None, None, m.console_log, m.command_line())

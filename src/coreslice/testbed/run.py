@@ -1,0 +1,471 @@
+"""``coreslice testbed run``: boot the emulated host, run ``coreslice boot`` for each slice inside
+it, watch the slices' consoles for their report line, run host commands, and report.
+
+Flow (outside = this process, inside = the job script in the emulated host)::
+
+    ensure kernel + initramfs ─► run dir (env, job.sh, hostcmd-*.sh) ─► QEMU launch
+      inside: job-start, python-ready, [boot-start i, coreslice boot, boot-end i rc]..., slices-launched
+      outside: watches events + console logs; when every launched slice reported (or timed
+               out) it creates <run>/continue
+      inside: interrupts after, host commands, job-end, poweroff
+    ─► result dict (printed as JSON with --json)
+
+Times are taken outside, on the wall clock, when an event or report line is first seen
+(polled every 50 ms).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import coreslice
+from coreslice.errors import CoresliceError, UsageError
+from coreslice.testbed import initramfs, interrupts, job as jobmod, kernels
+from coreslice.testbed.paths import cache_dir
+from coreslice.testbed.qemu import (
+    LogFollower,
+    MachineConfig,
+    QemuMachine,
+    Share,
+    check_size,
+    host_append,
+)
+from coreslice.testbed.tools import progress
+
+# Directories the host initramfs mounts over inside the chroot: paths below them are not the
+# build machine's inside the emulated host.
+_HIDDEN = ("/tmp", "/run", "/proc", "/sys", "/dev")
+
+
+@dataclass
+class RunOptions:
+    slices: list[str] = field(default_factory=list)
+    host_cmds: list[str] = field(default_factory=list)
+    smp: int = 4
+    memory: str = "6G"
+    host_mem: str = "1G"
+    cpu_model: str = "max"
+    x2apic: bool = False
+    kernel_version: str | None = None
+    timeout: float = 240.0
+    slice_timeout: float = 120.0
+    workdir: Path | None = None
+    host_append_extra: list[str] = field(default_factory=list)
+    # What the job runs with the host's Python for each slice (tests substitute a fake loader).
+    # Boot each slice only after the previous one reported (or timed out).
+    wait_each: bool = False
+
+
+def python_for_host() -> tuple[str, str]:
+    """(interpreter, PYTHONPATH) for running this working tree's coreslice inside the host."""
+    return os.path.realpath(sys.executable), str(Path(coreslice.__file__).resolve().parents[1])
+
+
+def check_visible(path: Path, what: str) -> None:
+    p = str(Path(path).resolve())
+    for h in _HIDDEN:
+        if p == h or p.startswith(h + "/"):
+            raise UsageError(
+                f"{what} {p} is under {h}, which the emulated host mounts over: it would not be "
+                f"visible there; use a location outside {', '.join(_HIDDEN)} "
+                "(e.g. set CORESLICE_CACHE or --workdir)"
+            )
+
+
+KEEP_RUNS = 50
+
+
+def _prune_runs(runs: Path, keep: int = KEEP_RUNS) -> None:
+    """Keep the newest ``keep`` run directories of the default location (they are ~200 KB)."""
+    old = sorted((d for d in runs.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime)[:-keep]
+    for d in old:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def make_run_dir(workdir: Path | None) -> Path:
+    if workdir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        runs = cache_dir() / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        _prune_runs(runs)
+        d = runs / f"{stamp}-{os.getpid()}"
+    else:
+        d = Path(workdir).resolve()
+        check_visible(d, "run directory")
+        if d.exists() and any(d.iterdir()):
+            raise UsageError(f"--workdir {d}: not empty; give a new or empty directory")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def apic_mode(apic_base: int | None, dmesg: str) -> str:
+    """``"x2apic"`` or ``"xapic"``: from IA32_APIC_BASE (bit 10 = x2APIC enable) when it was
+    read, else from the host kernel log; ``"unknown"`` if neither says."""
+    if apic_base is not None:
+        return "x2apic" if apic_base & (1 << 10) else "xapic"
+    m = re.findall(r"Switched APIC routing to:?\s*([^\n]+)", dmesg)
+    if m:
+        return "x2apic" if "x2apic" in m[-1] else "xapic"
+    if re.search(r"x2apic enabled|Enabled x2apic", dmesg, re.I):
+        return "x2apic"
+    if "IRQ remapping doesn't support X2APIC mode" in dmesg:
+        return "xapic"
+    return "unknown"
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return None
+
+
+def _read_int(path: Path) -> int | None:
+    t = _read(path)
+    try:
+        return int(t.strip()) if t is not None else None
+    except ValueError:
+        return None
+
+
+class _SliceState:
+    def __init__(self, job: jobmod.SliceJob) -> None:
+        self.job = job
+        self.started: float | None = None  # monotonic
+        self.started_wall: float | None = None
+        self.started_uptime: float | None = None
+        self.ended_uptime: float | None = None
+        self.exit_code: int | None = None
+        self.report: dict | None = None
+        self.report_at: float | None = None
+        self.report_log: Path | None = None
+        self.released = False  # continue-<i> created (wait_each)
+
+    def waiting(self, now: float, slice_timeout: float) -> bool:
+        """Still expected to report."""
+        if self.report is not None or self.exit_code is None or self.exit_code != 0:
+            return False
+        return self.started is not None and now - self.started < slice_timeout
+
+
+def _parse_event(line: str) -> tuple[str, list[str], float | None]:
+    parts = line.split()
+    if not parts:
+        return "", [], None
+    try:
+        up = float(parts[-1])
+        parts = parts[:-1]
+    except ValueError:
+        up = None
+    return parts[0], parts[1:], up
+
+
+def run(options: RunOptions) -> dict:
+    """Run the testbed as described by ``options``; return the result dict (see module doc)."""
+    if options.smp < 2:
+        raise UsageError(f"--smp {options.smp}: the host keeps CPU 0, give at least 2 CPUs")
+    check_size(options.memory, "--memory")
+    check_size(options.host_mem, "--host-mem")
+    kernel = kernels.ensure_kernel(options.kernel_version)
+    host_initrd = initramfs.build_host_initramfs(kernel)
+    slice_initrd = initramfs.build_slice_initramfs(kernel)
+    run_dir = make_run_dir(options.workdir)
+    python, pythonpath = python_for_host()
+    for path, what in (
+        (run_dir, "run directory"),
+        (kernel.vmlinuz, "slice kernel"),
+        (slice_initrd, "slice initramfs"),
+        (Path(python), "Python interpreter"),
+        (Path(pythonpath), "coreslice source tree"),
+    ):
+        check_visible(path, what)
+
+    config = MachineConfig(
+        kernel=kernel.vmlinuz,
+        initrd=host_initrd,
+        append=host_append(options.host_mem, options.x2apic, options.host_append_extra),
+        smp=options.smp,
+        memory=options.memory,
+        cpu_model=options.cpu_model,
+        x2apic=options.x2apic,
+        shares=(
+            Share(initramfs.HOSTROOT_TAG, Path("/"), readonly=True),
+            Share(initramfs.RUN_TAG, run_dir, readonly=False),
+        ),
+    )
+    machine = QemuMachine(config, run_dir)
+    jobs = jobmod.complete_slice_args(options.slices, kernel.vmlinuz, slice_initrd,
+                                      machine.serial_ports, allow_shared_console=options.wait_each)
+    (run_dir / "env").write_text(jobmod.render_env(run_dir))
+    (run_dir / "python-check.py").write_text(jobmod.PYTHON_CHECK)
+    (run_dir / "job.sh").write_text(
+        jobmod.render_job_script(run_dir, python, pythonpath, jobs, options.host_cmds,
+                                 wait_each=options.wait_each)
+    )
+    for i, cmd in enumerate(options.host_cmds):
+        (run_dir / f"hostcmd-{i}.sh").write_text(cmd + "\n")
+
+    progress(f"run directory {run_dir}")
+    states = [_SliceState(j) for j in jobs]
+    host: dict = {
+        "kernel_release": kernel.release,
+        "kernel_package_version": kernel.version,
+        "run_dir": str(run_dir),
+        "console_log": str(machine.console_log),
+        "qemu_command": machine.command_line(),
+        "x2apic_requested": options.x2apic,
+        "serial_ports": [p.describe() for p in machine.serial_ports],
+        "timings": {},
+        "error": None,
+    }
+    timings = host["timings"]
+    job_ended = False
+    continued = False
+    with machine:
+        machine.launch()
+        progress(f"QEMU pid {machine.pid} booting the emulated host (TCG: expect 10-20 s to the job)")
+        t0 = machine.launched_at
+        deadline = t0 + options.timeout  # type: ignore[operator]
+        host_con = LogFollower(machine.console_log)
+        events = LogFollower(run_dir / jobmod.EVENTS_FILE)
+        consoles = {p.name: LogFollower(p.log) for p in machine.serial_ports}
+        while True:
+            now = time.monotonic()
+            for line in host_con.poll():
+                if initramfs.HOST_MARK + " init" in line and "qemu_to_host_init" not in timings:
+                    timings["qemu_to_host_init"] = round(now - t0, 3)
+                    progress(f"host init running ({now - t0:.1f} s after QEMU start)")
+                elif initramfs.HOST_MARK + " FAIL" in line:
+                    host["error"] = line.split(initramfs.HOST_MARK, 1)[1].strip()
+                    progress(f"host init failed: {host['error']}")
+                elif "Kernel panic" in line and not host["error"]:
+                    host["error"] = line.strip()
+            for line in events.poll():
+                name, args, up = _parse_event(line)
+                if name == "job-start":
+                    timings["qemu_to_job_start"] = round(now - t0, 3)
+                    timings["host_uptime_at_job_start"] = up
+                    progress(f"host job started ({now - t0:.1f} s after QEMU start)")
+                elif name == "python-ready":
+                    timings["qemu_to_python_ready"] = round(now - t0, 3)
+                    progress(f"Python ready in the host (exit {args[0] if args else '?'})")
+                elif name == "boot-start":
+                    s = states[int(args[0])]
+                    s.started, s.started_wall, s.started_uptime = now, time.time(), up
+                    progress(f"slice {s.job.index}: coreslice boot {s.job.raw}")
+                elif name == "boot-end":
+                    s = states[int(args[0])]
+                    s.exit_code = int(args[1])
+                    s.ended_uptime = up
+                    progress(f"slice {s.job.index}: coreslice boot exited with {s.exit_code}")
+                elif name == "slices-launched":
+                    timings["qemu_to_slices_launched"] = round(now - t0, 3)
+                    if any(s.waiting(now, options.slice_timeout) for s in states):
+                        progress("waiting for the slices to report from user space")
+                elif name == "hostcmd-start":
+                    progress(f"host command {args[0]}: {options.host_cmds[int(args[0])]}")
+                elif name == "job-end":
+                    job_ended = True
+                    timings["qemu_to_job_end"] = round(now - t0, 3)
+            for pname, follower in consoles.items():
+                for line in follower.poll():
+                    rep = initramfs.parse_report(line) if initramfs.REPORT_TAG in line else None
+                    if rep is None:
+                        continue
+                    # The first launched, unreported slice on this console; failing that, one
+                    # whose console is not a testbed UART.
+                    s = next((x for x in states if x.job.port is not None
+                              and x.job.port.name == pname and x.report is None
+                              and x.started is not None), None)
+                    if s is None:
+                        s = next((x for x in states if x.job.port is None and x.report is None
+                                  and x.started is not None), None)
+                    if s is None:
+                        continue
+                    s.report, s.report_at = rep, now
+                    s.report_log = follower.path
+                    secs = now - s.started if s.started else float("nan")
+                    progress(f"slice {s.job.index}: user space after {secs:.1f} s "
+                             f"(cpus={rep['cpus']} mem_kib={rep['mem_kib']})")
+            if options.wait_each:
+                for s in states:
+                    if (s.exit_code is not None and not s.released
+                            and not s.waiting(now, options.slice_timeout)):
+                        (run_dir / f"{jobmod.CONTINUE_FILE}-{s.job.index}").write_text("")
+                        s.released = True
+            if (
+                not continued
+                and "qemu_to_slices_launched" in timings
+                and not any(s.waiting(now, options.slice_timeout) for s in states)
+            ):
+                (run_dir / jobmod.CONTINUE_FILE).write_text("")
+                continued = True
+                if options.host_cmds:
+                    progress("running host commands")
+            if job_ended:
+                rc = machine.wait(timeout=30)
+                if rc is None:
+                    progress("host did not power off within 30 s; stopping QEMU")
+                break
+            if machine.poll() is not None:
+                for line in events.poll():  # the last lines written before the exit
+                    if _parse_event(line)[0] == "job-end":
+                        job_ended = True
+                if not job_ended and not host["error"]:
+                    host["error"] = f"QEMU exited ({machine.exit_code}) before the host job ended"
+                if host["error"]:
+                    progress(host["error"] + f"; see {machine.console_log}")
+                break
+            if now > deadline:
+                host["error"] = f"timed out after {options.timeout:.0f} s (--timeout)"
+                progress(host["error"] + f"; see {machine.console_log}")
+                break
+            time.sleep(0.05)
+        machine.shutdown()
+    timings["qemu_total"] = round(time.monotonic() - t0, 3)  # type: ignore[operator]
+    host["qemu_exit_code"] = machine.exit_code
+    host["job_finished"] = job_ended
+    return _collect(run_dir, machine, states, options, host)
+
+
+def _collect(run_dir: Path, machine: QemuMachine, states: list[_SliceState], options: RunOptions,
+             host: dict) -> dict:
+    dmesg = _read(run_dir / "dmesg-start.txt") or _read(machine.console_log) or ""
+    cpuinfo = _read(run_dir / "host-cpuinfo.txt") or ""
+    meminfo = _read(run_dir / "host-meminfo.txt") or ""
+    release = (_read(run_dir / "host-release.txt") or "").strip()
+    if release:
+        host["kernel_release"] = release
+    check = _read(run_dir / "python-check.txt") or ""
+    m = re.search(r"^apic_base (0x[0-9a-f]+)", check, re.M)
+    host["apic_base_msr"] = m.group(1) if m else None
+    host["apic_mode"] = apic_mode(int(m.group(1), 16) if m else None, dmesg)
+    host["cpu_has_x2apic"] = bool(re.search(r"^flags\s*:.*\bx2apic\b", cpuinfo, re.M))
+    host["cmdline"] = (_read(run_dir / "host-cmdline.txt") or "").strip()
+    host["online_cpus"] = (_read(run_dir / "host-cpu-online.txt") or "").strip()
+    m = re.search(r"^MemTotal:\s*(\d+)", meminfo, re.M)
+    host["mem_total_kib"] = int(m.group(1)) if m else None
+    for when in ("before", "after"):
+        text = _read(run_dir / f"interrupts-{when}.txt")
+        host[f"interrupts_{when}"] = interrupts.totals(text) if text else None
+    pci = machine.pci_serial
+    seen = None
+    for line in (_read(run_dir / "host-pci.txt") or "").splitlines():
+        f = line.split()
+        if pci and len(f) >= 5 and f[0] == pci.pci_address:
+            seen = {"class": f[1], "vendor": f[2], "device": f[3], "driver": None if f[4] == "-" else f[4]}
+    host["pci_serial"] = {
+        "address": pci.pci_address if pci else None,
+        "console_log": str(pci.log) if pci else None,
+        "in_host": seen,
+    }
+    py = (_read(run_dir / "python-start.txt") or "").split()
+    if len(py) == 3:
+        host["python_exit_code"] = int(py[0])
+        try:
+            host["timings"]["python_start"] = round(float(py[2]) - float(py[1]), 3)
+        except ValueError:
+            pass
+    host["python_check"] = check.strip()
+
+    slices = []
+    for s in states:
+        i = s.job.index
+        stdout = _read(run_dir / f"slice-{i}.stdout")
+        try:
+            parsed = json.loads(stdout) if stdout and stdout.strip() else None
+        except ValueError:
+            parsed = None
+        rep = s.report or {}
+        log = s.report_log or (s.job.port.log if s.job.port else None)
+        slices.append({
+            "args": list(s.job.args),
+            "exit_code": s.exit_code,
+            # What `coreslice boot --json` printed: raw text, and parsed (None if not JSON).
+            "stdout": stdout,
+            "output": parsed,
+            "stderr": _read(run_dir / f"slice-{i}.stderr"),
+            "booted": s.report is not None,
+            "cpus": rep.get("cpus"),
+            "mem_kib": rep.get("mem_kib"),
+            "apic_ids": rep.get("apic_ids"),
+            "cmdline": rep.get("cmdline"),
+            "seconds_to_userspace": round(s.report_at - s.started, 3)
+            if s.report_at is not None and s.started is not None else None,
+            "loader_seconds": round(s.ended_uptime - s.started_uptime, 3)
+            if s.ended_uptime is not None and s.started_uptime is not None else None,
+            "boot_started_at": s.started_wall,
+            "console": s.job.port.name if s.job.port else None,
+            "console_log": str(log) if log else None,
+        })
+    host_cmds = []
+    for i, cmd in enumerate(options.host_cmds):
+        host_cmds.append({
+            "cmd": cmd,
+            "exit_code": _read_int(run_dir / f"hostcmd-{i}.rc"),
+            "output": _read(run_dir / f"hostcmd-{i}.out"),
+        })
+    ok = host["job_finished"] and all(
+        sl["booted"] for sl in slices if sl["exit_code"] == 0
+    )
+    result = {"ok": bool(ok), "host": host, "slices": slices, "host_cmds": host_cmds}
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def exit_status(result: dict) -> int:
+    return 0 if result.get("ok") else 1
+
+
+def format_summary(result: dict) -> str:
+    h = result["host"]
+    t = h.get("timings", {})
+    out = [
+        f"host: kernel {h.get('kernel_release')}, {h.get('apic_mode')} mode, online CPUs "
+        f"{h.get('online_cpus') or '?'}, MemTotal {h.get('mem_total_kib')} kB",
+        f"      QEMU -> host init {t.get('qemu_to_host_init', '?')} s, -> job {t.get('qemu_to_job_start', '?')} s, "
+        f"Python start {t.get('python_start', '?')} s, total {t.get('qemu_total', '?')} s",
+        f"      PCI UART {h['pci_serial']['address']} ({(h['pci_serial']['in_host'] or {}).get('class', 'not seen')})",
+        f"      run dir {h['run_dir']}",
+    ]
+    if h.get("error"):
+        out.append(f"      ERROR: {h['error']}")
+    for k in ("CAL", "RES", "TLB"):
+        b = (h.get("interrupts_before") or {}).get(k)
+        a = (h.get("interrupts_after") or {}).get(k)
+        out.append(f"      {k}: {b} before slices, {a} after")
+    for i, s in enumerate(result["slices"]):
+        state = "booted" if s["booted"] else ("boot failed" if s["exit_code"] else "NO REPORT")
+        line = f"slice {i}: {state}; coreslice boot exit {s['exit_code']}"
+        if s["booted"]:
+            line += (f"; cpus={s['cpus']} mem_kib={s['mem_kib']} apic_ids={s['apic_ids']}"
+                     f"; user space after {s['seconds_to_userspace']} s")
+        out.append(line)
+        out.append(f"         console log {s['console_log']}")
+        if s["exit_code"] and s.get("stderr"):
+            out += ["         " + ln for ln in s["stderr"].strip().splitlines()[-5:]]
+    for c in result["host_cmds"]:
+        out.append(f"$ {c['cmd']}   (exit {c['exit_code']})")
+        out += ["  " + ln for ln in (c["output"] or "").rstrip().splitlines()]
+    out.append("OK" if result["ok"] else "FAILED")
+    return "\n".join(out)
+
+
+def main_run(options: RunOptions, as_json: bool) -> int:
+    try:
+        result = run(options)
+    except CoresliceError as exc:
+        print(f"coreslice testbed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_summary(result))
+    return exit_status(result)

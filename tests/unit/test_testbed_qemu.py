@@ -1,0 +1,138 @@
+"""QEMU command-line building for the testbed (xAPIC and x2APIC hosts)."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+from coreslice.errors import UsageError
+from coreslice.testbed import qemu
+from coreslice.testbed.qemu import MachineConfig, QemuMachine, Share, host_append
+
+
+def _cmd(**kw):
+    cfg = MachineConfig(kernel=Path("/k/vmlinuz"), initrd=Path("/k/initrd"), append="A B", **kw)
+    m = QemuMachine(cfg, Path("/runs/r1"))
+    return m, m.command()
+
+
+def _pairs(cmd, flag):
+    return [cmd[i + 1] for i, a in enumerate(cmd) if a == flag]
+
+
+def test_xapic_command_line():
+    m, cmd = _cmd(
+        smp=4, memory="6G", cpu_model="max",
+        shares=(Share("hostroot", Path("/")), Share("run", Path("/runs/r1"), readonly=False)),
+    )
+    assert cmd[0] == "qemu-system-x86_64"
+    assert _pairs(cmd, "-machine") == ["q35"]
+    assert _pairs(cmd, "-accel") == ["tcg"]
+    assert _pairs(cmd, "-cpu") == ["max"]
+    assert _pairs(cmd, "-smp") == ["4"]
+    assert _pairs(cmd, "-m") == ["6G"]
+    assert "-no-reboot" in cmd and "-nodefaults" in cmd
+    assert _pairs(cmd, "-display") == ["none"]
+    assert _pairs(cmd, "-kernel") == ["/k/vmlinuz"]
+    assert _pairs(cmd, "-initrd") == ["/k/initrd"]
+    assert _pairs(cmd, "-append") == ["A B"]
+    assert not any("intel-iommu" in d for d in _pairs(cmd, "-device"))
+    # Host console: COM1 -> file.
+    assert "file,id=con0,path=/runs/r1/console-host.log" in _pairs(cmd, "-chardev")
+    assert _pairs(cmd, "-serial") == ["chardev:con0"]
+    virtfs = _pairs(cmd, "-virtfs")
+    assert virtfs[0] == ("local,path=/,mount_tag=hostroot,security_model=none,"
+                         "multidevs=remap,readonly=on")
+    assert virtfs[1].startswith("local,path=/runs/r1,mount_tag=run,security_model=none")
+    assert "readonly" not in virtfs[1]
+
+
+def test_slice_uarts_each_log_to_own_file():
+    m, cmd = _cmd()
+    devices = _pairs(cmd, "-device")
+    isa = [d for d in devices if d.startswith("isa-serial")]
+    assert [d.split(",", 2)[2] for d in isa] == [
+        "iobase=0x2f8,irq=3", "iobase=0x3e8,irq=4", "iobase=0x2e8,irq=3",
+    ]
+    pci = [d for d in devices if d.startswith("pci-serial")]
+    assert pci == ["pci-serial,chardev=slicecon3,bus=pcie.0,addr=0x10"]
+    logs = [c.split("path=")[1] for c in _pairs(cmd, "-chardev")]
+    assert len(set(logs)) == len(logs) == 5
+    assert m.pci_serial.pci_address == "0000:00:10.0"
+    assert [p.console_arg for p in m.serial_ports] == ["io:0x2f8", "io:0x3e8", "io:0x2e8", None]
+
+
+def test_x2apic_adds_interrupt_remapping_iommu_first():
+    _, cmd = _cmd(x2apic=True)
+    devices = _pairs(cmd, "-device")
+    assert devices[0] == "intel-iommu,intremap=on,eim=on"
+    # The IOMMU comes before every PCI device on the command line.
+    assert cmd.index("intel-iommu,intremap=on,eim=on") < cmd.index(
+        "pci-serial,chardev=slicecon3,bus=pcie.0,addr=0x10")
+
+
+def test_host_append_xapic_and_x2apic():
+    x = host_append("1G", x2apic=False)
+    assert x.split()[:3] == ["console=ttyS0,115200", "maxcpus=1", "mem=1G"]
+    assert "panic=-1" in x.split()
+    assert "intremap=off" not in x and "intel_iommu" not in x
+    x2 = host_append("2g", x2apic=True)
+    assert "mem=2G" in x2.split()
+    assert "intel_iommu=off" in x2.split()
+    assert "intremap=off" not in x2
+
+
+def test_cpu_model_and_no_slice_consoles():
+    cfg = MachineConfig(kernel=Path("/k"), append="", cpu_model="max,-x2apic", slice_consoles=False)
+    m = QemuMachine(cfg, Path("/w"))
+    cmd = m.command()
+    assert _pairs(cmd, "-cpu") == ["max,-x2apic"]
+    assert "-initrd" not in cmd
+    assert not any("serial" in d for d in _pairs(cmd, "-device"))
+
+
+@pytest.mark.parametrize("bad", ["", "0", "6 G", "6GB", "-1G", "lots"])
+def test_bad_sizes_rejected(bad):
+    with pytest.raises(UsageError):
+        qemu.check_size(bad, "--memory")
+
+
+def test_size_bytes():
+    assert qemu.size_bytes("1G") == 1 << 30
+    assert qemu.size_bytes("512M") == 512 << 20
+    assert qemu.size_bytes("2048") == 2048 << 20
+
+
+def test_log_follower_returns_complete_lines(tmp_path):
+    f = tmp_path / "log"
+    fol = qemu.LogFollower(f)
+    assert fol.poll() == []
+    f.write_bytes(b"one\r\ntw")
+    assert fol.poll() == ["one"]
+    with open(f, "ab") as h:
+        h.write(b"o\nthree")
+    assert fol.poll() == ["two"]
+    assert fol.lines == ["one", "two"]
+
+
+def test_machine_teardown_kills_by_pid(tmp_path):
+    """A 'QEMU' that ignores SIGTERM is SIGKILLed by its PID on __exit__."""
+    script = tmp_path / "fake-qemu"
+    ready = tmp_path / "ready"
+    script.write_text(f"#!/bin/sh\ntrap '' TERM\ntouch {ready}\nwhile :; do sleep 1; done\n")
+    script.chmod(0o755)
+    cfg = MachineConfig(kernel=Path("/k"), append="", qemu_binary=str(script), slice_consoles=False)
+    m = QemuMachine(cfg, tmp_path / "w")
+    with m:
+        m.launch()
+        pid = m.pid
+        assert pid in qemu.LIVE_PIDS
+        assert m.is_running()
+        deadline = time.monotonic() + 10
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        m.shutdown(grace=0.5)
+    assert not m.is_running()
+    assert pid not in qemu.LIVE_PIDS
+    assert m.exit_code == -9
+    assert (tmp_path / "w" / "qemu-command.txt").read_text().startswith(str(script))

@@ -1,0 +1,59 @@
+"""The slice report line: what the slice initramfs writes and how it is parsed."""
+
+from coreslice.testbed import initramfs
+from coreslice.testbed.initramfs import find_report, parse_report
+
+
+def test_parse_plain_line():
+    r = parse_report("CORESLICE-REPORT cpus=2 mem_kib=1012345 apic_ids=1,2 "
+                     "cmdline=console=uart,io,0x2f8,115200n8 noapic pci=off")
+    assert r == {
+        "cpus": 2,
+        "mem_kib": 1012345,
+        "apic_ids": [1, 2],
+        "cmdline": "console=uart,io,0x2f8,115200n8 noapic pci=off",
+    }
+
+
+def test_parse_with_printk_prefix_and_cr():
+    r = parse_report("[    4.367326] CORESLICE-REPORT cpus=1 mem_kib=5 apic_ids=3 cmdline=a b\r\n")
+    assert r["cpus"] == 1 and r["apic_ids"] == [3] and r["cmdline"] == "a b"
+
+
+def test_parse_empty_apic_list_and_cmdline():
+    r = parse_report("CORESLICE-REPORT cpus=0 mem_kib=0 apic_ids= cmdline=")
+    assert r == {"cpus": 0, "mem_kib": 0, "apic_ids": [], "cmdline": ""}
+
+
+def test_non_report_lines():
+    assert parse_report("[ 1.0] Run /init as init process") is None
+    assert parse_report("CORESLICE-REPORT cpus=x") is None
+
+
+def test_find_report_in_log():
+    log = "boot\n[ 1.0] something\n[ 2.0] CORESLICE-REPORT cpus=3 mem_kib=9 apic_ids=1,2,3 cmdline=x\n"
+    assert find_report(log)["cpus"] == 3
+    assert find_report("nothing here\n") is None
+
+
+def test_slice_init_writes_exact_format_to_kmsg():
+    text = initramfs.slice_init_text()
+    assert text.startswith("#!/bin/sh\n")
+    assert ('line="CORESLICE-REPORT cpus=$cpus mem_kib=$mem apic_ids=$apic cmdline=$cmdline"'
+            in text)
+    assert 'echo "<2>$line" >/dev/kmsg' in text
+    assert "while true; do sleep 3600; done" in text
+    # A line of the shape the script prints parses back.
+    sample = "CORESLICE-REPORT cpus=4 mem_kib=2000 apic_ids=0,1,2,3 cmdline=quiet"
+    assert parse_report(sample)["apic_ids"] == [0, 1, 2, 3]
+
+
+def test_host_init_mounts_and_markers():
+    text = initramfs.host_init_text()
+    assert "insmod" in text and "netfs 9pnet 9pnet_virtio 9p msr" in text
+    assert ("mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=1048576,cache=loose "
+            "hostroot /newroot") in text
+    assert "trans=virtio,version=9p2000.L,msize=1048576,cache=none run /mnt/run" in text
+    assert 'chroot /newroot /bin/sh "$RUN_DIR/job.sh"' in text
+    assert text.rstrip().endswith("poweroff -f")
+    assert "CORESLICE-HOST" in text

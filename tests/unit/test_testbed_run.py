@@ -1,0 +1,137 @@
+"""Pure parts of `coreslice testbed run`: APIC mode, path checks, events, CLI contract."""
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from coreslice.errors import UsageError
+from coreslice.testbed import cli, run
+
+
+def test_apic_mode_from_msr_and_dmesg():
+    assert run.apic_mode(0xFEE00D00, "") == "x2apic"
+    assert run.apic_mode(0xFEE00900, "x2apic enabled") == "xapic"  # the MSR wins
+    assert run.apic_mode(None, "[0.3] DMAR-IR: Enabled IRQ remapping in x2apic mode\n[0.3] x2apic enabled\n") == "x2apic"
+    assert run.apic_mode(None, "[0.5] x2apic: IRQ remapping doesn't support X2APIC mode\n") == "xapic"
+    assert run.apic_mode(None, "APIC: Switched APIC routing to: physical flat\n") == "xapic"
+    assert run.apic_mode(None, "APIC: Switched APIC routing to: cluster x2apic\n") == "x2apic"
+    assert run.apic_mode(None, "") == "unknown"
+
+
+@pytest.mark.parametrize("p", ["/tmp/x", "/run/user/0/c", "/dev/shm/a", "/tmp"])
+def test_paths_hidden_in_the_host_are_refused(p):
+    with pytest.raises(UsageError, match="mounts over"):
+        run.check_visible(Path(p), "run directory")
+
+
+def test_visible_paths_pass():
+    run.check_visible(Path("/root/.cache/coreslice/runs/x"), "run directory")
+    run.check_visible(Path("/work/main/src"), "tree")
+    run.check_visible(Path("/tmpfoo/x"), "x")
+
+
+def test_parse_event():
+    assert run._parse_event("boot-end 1 3 12.34") == ("boot-end", ["1", "3"], 12.34)
+    assert run._parse_event("job-start 5.0") == ("job-start", [], 5.0)
+
+
+def test_python_for_host_points_at_this_tree():
+    py, src = run.python_for_host()
+    assert Path(py).is_absolute() and not Path(py).is_symlink()
+    assert (Path(src) / "coreslice" / "__init__.py").is_file()
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command", required=True)
+    cli.register(sub)
+    return p.parse_args(argv)
+
+
+def test_cli_defaults():
+    a = _parse(["testbed", "run", "--slice", "--cpus 1", "--slice", "--cpus 2", "--host-cmd", "true"])
+    assert a.slices == ["--cpus 1", "--cpus 2"]
+    assert a.host_cmds == ["true"]
+    assert (a.smp, a.memory, a.host_mem, a.cpu_model, a.x2apic, a.timeout, a.json) == (
+        4, "6G", "1G", "max", False, 240.0, False)
+    assert a.kernel_version is None
+    assert a.func is cli.cmd_run
+
+
+def test_cli_all_options():
+    a = _parse(["testbed", "run", "--smp", "3", "--memory", "4G", "--host-mem", "512M",
+                "--cpu-model", "max,-x2apic", "--x2apic", "--kernel-version", "6.12.95+deb12-amd64",
+                "--timeout", "60", "--json", "--slice", "--cpus 1"])
+    assert (a.smp, a.memory, a.host_mem, a.cpu_model, a.x2apic, a.kernel_version, a.timeout, a.json) == (
+        3, "4G", "512M", "max,-x2apic", True, "6.12.95+deb12-amd64", 60.0, True)
+
+
+def test_standalone_main_accepts_run_without_testbed(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--slice" in out and "default: 6G" in out and "default: 240" in out
+
+
+def test_summary_and_exit_status():
+    result = {
+        "ok": False,
+        "host": {"kernel_release": "r", "apic_mode": "xapic", "online_cpus": "0",
+                 "mem_total_kib": 1, "timings": {}, "pci_serial": {"address": "0000:00:10.0", "in_host": None},
+                 "run_dir": "/r", "error": None, "interrupts_before": {"CAL": 0}, "interrupts_after": {"CAL": 3}},
+        "slices": [{"booted": False, "exit_code": 0, "console_log": "/r/c.log", "stderr": ""}],
+        "host_cmds": [{"cmd": "true", "exit_code": 0, "output": "hi\n"}],
+    }
+    text = run.format_summary(result)
+    assert "NO REPORT" in text and "CAL: 0 before slices, 3 after" in text and text.endswith("FAILED")
+    assert run.exit_status(result) == 1
+    assert run.exit_status({**result, "ok": True}) == 0
+
+
+def test_collect_reads_run_dir(tmp_path):
+    """The result dict is assembled from the files the job script leaves in the run dir."""
+    from coreslice.testbed.job import complete_slice_args
+    from coreslice.testbed.qemu import MachineConfig, QemuMachine
+
+    m = QemuMachine(MachineConfig(kernel=Path("/k"), append=""), tmp_path)
+    jobs = complete_slice_args(["--cpus 1", "--cpus 2"], Path("/k"), Path("/i"), m.serial_ports)
+    states = [run._SliceState(j) for j in jobs]
+    states[0].started, states[0].exit_code = 10.0, 0
+    states[0].started_uptime, states[0].ended_uptime = 5.0, 5.5
+    states[0].report, states[0].report_at = {"cpus": 1, "mem_kib": 9, "apic_ids": [1], "cmdline": "x"}, 17.25
+    states[1].started, states[1].exit_code = 11.0, 2
+    files = {
+        "slice-0.stdout": '{"plan": 1}\n', "slice-0.stderr": "", "slice-1.stdout": "not json",
+        "slice-1.stderr": "coreslice: error: bad\n",
+        "hostcmd-0.out": "hi\n", "hostcmd-0.rc": "0\n",
+        "python-check.txt": "coreslice /x\napic_base 0xfee00d00\n",
+        "python-start.txt": "0 100.5 102.75\n",
+        "host-release.txt": "6.12.95+deb12-amd64\n", "host-cpu-online.txt": "0\n",
+        "host-meminfo.txt": "MemTotal:         988036 kB\n",
+        "host-pci.txt": "0000:00:10.0 0x070002 0x1b36 0x0002 serial\n0000:00:01.0 0x000200 0x1af4 0x1009 virtio-pci\n",
+        "interrupts-before.txt": "   CPU0\nCAL:  0  Function call interrupts\n",
+        "interrupts-after.txt": "   CPU0\nCAL:  4  Function call interrupts\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    opts = run.RunOptions(host_cmds=["echo hi"])
+    host = {"run_dir": str(tmp_path), "timings": {}, "error": None, "job_finished": True}
+    r = run._collect(tmp_path, m, states, opts, host)
+    h = r["host"]
+    assert h["apic_mode"] == "x2apic" and h["apic_base_msr"] == "0xfee00d00"
+    assert h["kernel_release"] == "6.12.95+deb12-amd64" and h["mem_total_kib"] == 988036
+    assert h["interrupts_before"] == {"CAL": 0} and h["interrupts_after"] == {"CAL": 4}
+    assert h["pci_serial"]["in_host"] == {"class": "0x070002", "vendor": "0x1b36", "device": "0x0002",
+                                          "driver": "serial"}
+    assert h["timings"]["python_start"] == 2.25
+    s0, s1 = r["slices"]
+    assert s0["output"] == {"plan": 1} and s0["stdout"] == '{"plan": 1}\n' and s0["booted"] and s0["seconds_to_userspace"] == 7.25
+    assert s0["loader_seconds"] == 0.5 and s0["console"] == "com2"
+    assert s1["output"] is None and s1["stdout"] == "not json" and not s1["booted"] and s1["exit_code"] == 2
+    assert r["host_cmds"] == [{"cmd": "echo hi", "exit_code": 0, "output": "hi\n"}]
+    assert r["ok"]  # slice 1's boot failed, so only slice 0 had to boot
+    assert (tmp_path / "result.json").is_file()
+    states[0].report = None
+    assert not run._collect(tmp_path, m, states, opts, host)["ok"]
