@@ -52,7 +52,7 @@ class ConsoleTail(threading.Thread):
 
 
 def format_table(result: dict) -> str:
-    rows = [("slice", "args", "booted", "cpus", "apic ids", "memory", "user space")]
+    rows = [("slice", "args", "booted", "cpus", "apic ids", "MemTotal", "to user space")]
     for (name, _, _), s in zip(SLICES, result.get("slices", [])):
         mem = f"{s['mem_kib'] // 1024} MiB" if s.get("mem_kib") else "-"
         secs = f"{s['seconds_to_userspace']:.1f} s" if s.get("seconds_to_userspace") else "-"
@@ -60,7 +60,12 @@ def format_table(result: dict) -> str:
         args = " ".join(a for a in s.get("args", [])[:4])
         rows.append((name, args, "yes" if s.get("booted") else "NO", str(s.get("cpus") or "-"), apic, mem, secs))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    before, after = result["host"].get("interrupts_before") or {}, result["host"].get("interrupts_after") or {}
+    ipis = ", ".join(f"{k} +{after.get(k, 0) - before.get(k, 0)}" for k in ("CAL", "RES", "TLB") if k in before)
+    if ipis:
+        table += f"\nIPIs received by the host while the slices booted and ran: {ipis}"
+    return table
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
