@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Callable
 
 from .boot import lowmem
-from .errors import LaunchError
+from .errors import LaunchError, UsageError
+from .host import consoles
 from .host.snapshot import Host, discover
 from .image import BootImage, build_image
+from .ledger import Ledger, SliceRecord
 from .machine import lapic
 from .machine.pci import PciControl, SysfsPci
 from .machine.physmem import DevMem, PhysicalMemory
-from .plan import Plan, make_plan
+from .plan import Plan, SlotReader, make_plan
 from .spec import BootSpec
 
 
@@ -54,6 +56,9 @@ class BootResult:
     phases: dict[str, float] = field(default_factory=dict)
     dry_run_dir: Path | None = None
     detached_driver: str | None = None
+    detached_devices: dict[str, str | None] = field(default_factory=dict)  # --device -> old driver
+    slice: SliceRecord | None = None     # the ledger row (None on dry runs and without a ledger)
+    ledger_path: Path | None = None
 
     def to_json(self) -> dict:
         return {
@@ -66,6 +71,9 @@ class BootResult:
             "bytes": self.image.total_bytes,
             "phases": {k: round(v, 6) for k, v in self.phases.items()},
             "console_detached_from": self.detached_driver,
+            "devices_detached_from": self.detached_devices,
+            "slice": self.slice.to_json() if self.slice else None,
+            "ledger": str(self.ledger_path) if self.ledger_path else None,
             # ru_maxrss is in KiB on Linux: the loader's peak memory, reported for the benchmark.
             "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         }
@@ -75,6 +83,48 @@ def slot_reader(mem: PhysicalMemory):
     def read(slot: int) -> lowmem.SlotRecord | None:
         return lowmem.SlotRecord.decode(mem.read(lowmem.record_address(slot), lowmem.RECORD_SIZE))
     return read
+
+
+def slot_view(read: SlotReader, held: list[SliceRecord], boot_id: str) -> SlotReader:
+    """The low-memory slots as make_plan should see them: the physical record when it is from
+    this host boot, else the ledger's slice that reserved the slot (it may not have written its
+    record yet: two launches must not pick the same free slot)."""
+    by_slot = {r.low_slot: r for r in held if r.low_slot is not None}
+
+    def view(slot: int) -> lowmem.SlotRecord | None:
+        rec = read(slot)
+        if rec is not None and rec.boot_id == boot_id:
+            return rec
+        r = by_slot.get(slot)
+        if r is not None:
+            return lowmem.SlotRecord(boot_id, tuple(r.apic_ids), r.mem_base, r.mem_size)
+        return rec
+    return view
+
+
+def read_slot_records(host: Host, mem: PhysicalMemory) -> dict[int, lowmem.SlotRecord]:
+    """Slot base -> record of a slice started since this host boot (the physical truth)."""
+    read = slot_reader(mem)
+    out = {}
+    for slot in lowmem.SLOT_BASES:
+        if any(r.contains(slot, slot + lowmem.SLOT_SIZE) for r in host.firmware_ram()):
+            rec = read(slot)
+            if rec is not None and rec.boot_id == host.boot_id:
+                out[slot] = rec
+    return out
+
+
+def slice_record(spec: BootSpec, plan: Plan) -> SliceRecord:
+    """What the ledger keeps of a planned slice."""
+    if plan.pci is not None:
+        devices = tuple(d.address for d in plan.pci.devices)
+    else:
+        devices = tuple(consoles.normalize_pci_address(d) or d for d in spec.devices)
+    return SliceRecord(
+        name=spec.name or f"slice-{plan.cpus[0]}", cpus=tuple(plan.cpus), apic_ids=tuple(plan.apic_ids),
+        mem_base=plan.mem_base, mem_size=plan.mem_size, low_slot=plan.slot,
+        console=plan.console.pci_address or f"io:0x{plan.console.port:x}", devices=devices,
+        kernel=str(spec.kernel), initrd=str(spec.initrd) if spec.initrd else None, cmdline=plan.cmdline)
 
 
 def write_dry_run(directory: Path, plan: Plan, image: BootImage) -> None:
@@ -99,11 +149,21 @@ def write_image(mem: PhysicalMemory, image: BootImage, progress: Callable[[str],
 
 
 def boot(spec: BootSpec, *, host: Host | None = None, machine: Machine | None = None,
-         dry_run: Path | None = None, progress: Callable[[str], None] = lambda _m: None) -> BootResult:
+         dry_run: Path | None = None, progress: Callable[[str], None] = lambda _m: None,
+         ledger: Ledger | None = None) -> BootResult:
+    """Plan, build and (unless ``dry_run``) launch.  With a ``ledger`` the slice is reserved
+    there after the plan and before the first write; a dry run only reads it."""
     t0 = time.perf_counter()
     machine = machine or Machine.real()
     host = host or discover("/")
-    plan = make_plan(spec, host, slot_reader(machine.mem))
+    held = ledger.holding() if ledger else []
+    if ledger is not None:  # CPUs, memory or name of a recorded slice: refuse now, naming it
+        by_num = {c.cpu: c.apic_id for c in host.cpus}
+        ledger.check(SliceRecord(
+            name=spec.name or f"slice-{spec.cpus[0] if spec.cpus else '?'}", cpus=tuple(spec.cpus),
+            apic_ids=tuple(a for a in (by_num.get(c) for c in spec.cpus) if a is not None),
+            mem_base=spec.mem_base, mem_size=spec.mem_size))
+    plan = make_plan(spec, host, slot_view(slot_reader(machine.mem), held, host.boot_id))
     t1 = time.perf_counter()
     image = build_image(plan)
     t2 = time.perf_counter()
@@ -114,17 +174,48 @@ def boot(spec: BootSpec, *, host: Host | None = None, machine: Machine | None = 
         result.phases["dry_run_write"] = time.perf_counter() - t2
         return result
 
-    # From here on the machine changes.  Order: everything that can still fail without a trace
-    # (the msr device) first, then the console, then park the CPUs, then memory, then wake.
-    if host.live:
-        try:
-            os.sched_setaffinity(0, {c.cpu for c in host.cpus if c.boot})
-        except OSError:
-            pass
-    apic = machine.apic(plan.apic_mode)
+    # Reserve first, in one transaction with the conflict check (ledger.py): of two launches
+    # that want the same resources, the second is refused here, before touching anything.
+    if ledger is not None:
+        result.slice = row = ledger.reserve(slice_record(spec, plan))
+        result.ledger_path = ledger.path
+        progress(f"reserved slice '{row.name}' in the ledger {ledger.path}")
+    try:
+        # Everything that can still fail without a trace (the msr device) comes first.
+        if host.live:
+            try:
+                os.sched_setaffinity(0, {c.cpu for c in host.cpus if c.boot})
+            except OSError:
+                pass
+        apic = machine.apic(plan.apic_mode)
+    except BaseException:
+        if result.slice is not None:
+            ledger.release(result.slice.id)  # type: ignore[union-attr]
+            result.slice = None
+        raise
+    if result.slice is not None:
+        ledger.begin_launch(result.slice.id)  # type: ignore[union-attr]
+    try:
+        _launch(plan, image, machine, apic, result, progress, t0, t2)
+    except BaseException as e:
+        if result.slice is not None:  # its CPUs may run: it stays held until reboot, relaunch or stop
+            ledger.finish(result.slice.id, error=str(e) or type(e).__name__)  # type: ignore[union-attr]
+        raise
+    if result.slice is not None:
+        ledger.finish(result.slice.id)  # type: ignore[union-attr]
+        result.slice = ledger.get(result.slice.id)  # type: ignore[union-attr]
+    return result
+
+
+def _launch(plan: Plan, image: BootImage, machine: Machine, apic: lapic.LocalApic, result: BootResult,
+            progress: Callable[[str], None], t0: float, t2: float) -> None:
+    """The writes, in order: console, park the CPUs, memory, wake."""
     if plan.console.pci_address:
         progress(f"detaching console {plan.console.pci_address} from its host driver")
         result.detached_driver = machine.pci.detach(plan.console.pci_address)
+    for dev in plan.pci.devices if plan.pci else []:
+        progress(f"detaching device {dev.address} from its host driver ({dev.driver or 'none'})")
+        result.detached_devices[dev.address] = machine.pci.detach(dev.address)
     # INIT first: a CPU still running an earlier slice stops before its memory is overwritten.
     lapic.init_cpus(apic, plan.apic_ids)
     t3 = time.perf_counter()
@@ -134,7 +225,39 @@ def boot(spec: BootSpec, *, host: Host | None = None, machine: Machine | None = 
     lapic.start_cpu(apic, plan.apic_ids[0], plan.sipi_vector, sleep=machine.sleep)
     t5 = time.perf_counter()
     result.phases.update({"park": t3 - t2, "write": t4 - t3, "wake": t5 - t4, "total": t5 - t0})
-    return result
+
+
+def stop(name: str, *, host: Host, machine: Machine, ledger: Ledger,
+         progress: Callable[[str], None] = lambda _m: None) -> SliceRecord:
+    """INIT a slice's CPUs (they go back to wait-for-SIPI), clear its low-memory slot record and
+    mark it stopped in the ledger: its CPUs, memory and slot are free again."""
+    row = next((r for r in ledger.holding() if r.name == name), None)
+    if row is None:
+        names = ", ".join(r.name for r in ledger.holding()) or "none"
+        raise UsageError(f"no slice named '{name}' in this host boot (slices: {names}; ledger {ledger.path}); "
+                         "see coreslice list")
+    if row.state == "reserved":
+        raise UsageError(f"slice '{name}' is being launched by process {row.pid}; wait for it to finish, then stop it")
+    if host.apic_mode is None:
+        raise UsageError("cannot tell whether the host runs x2APIC or xAPIC; run 'modprobe msr' and retry")
+    if host.live:
+        try:
+            os.sched_setaffinity(0, {c.cpu for c in host.cpus if c.boot})
+        except OSError:
+            pass
+    apic = machine.apic(host.apic_mode)
+    progress(f"INIT to CPUs {','.join(map(str, row.cpus))} (APIC IDs {','.join(map(str, row.apic_ids))})")
+    lapic.init_cpus(apic, list(row.apic_ids))
+    if row.low_slot is not None:
+        rec = slot_reader(machine.mem)(row.low_slot)
+        if (rec is not None and rec.boot_id == host.boot_id and set(rec.apic_ids) == set(row.apic_ids)
+                and (rec.mem_base, rec.mem_size) == (row.mem_base, row.mem_size)):
+            progress(f"clearing the record in low-memory slot 0x{row.low_slot:x}")
+            machine.mem.write(lowmem.record_address(row.low_slot), bytes(lowmem.RECORD_SIZE))
+    ledger.mark_stopped(row.id)  # type: ignore[arg-type]
+    stopped = ledger.get(row.id)  # type: ignore[arg-type]
+    assert stopped is not None
+    return stopped
 
 
 def stderr_progress(msg: str) -> None:

@@ -17,4 +17,6 @@ class BootSpec:
     cmdline: str = ""
     tsc_khz: int | None = None
     earlyprintk: bool = False
+    devices: list[str] = field(default_factory=list)  # PCI functions (--device), as given
     extra: dict = field(default_factory=dict)
+    name: str | None = None  # the slice's name in the ledger; default slice-<first CPU>

@@ -433,6 +433,159 @@ def build_mcfg(allocations: Sequence[McfgAllocation]) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
+# §5.2.16 System Resource Affinity Table: header, two reserved fields, then affinity structures
+# that put processors (by APIC ID) and memory ranges into proximity domains.
+
+class SratFixed(_Struct):
+    _fields_ = [
+        ("header", SdtHeader),
+        ("table_revision", U32),    # "Reserved, must be 1" (kept for backward compatibility)
+        ("reserved", U64),
+    ]
+
+
+class SratEntryHeader(_Struct):  # every static resource allocation structure starts so
+    _fields_ = [("type", U8), ("length", U8)]
+
+
+class SratLocalApic(_Struct):  # §5.2.16.1 Processor Local APIC/SAPIC Affinity Structure, type 0
+    _fields_ = [
+        ("type", U8),
+        ("length", U8),             # 16
+        ("proximity_domain_lo", U8),  # bits 7:0 of the domain
+        ("apic_id", U8),
+        ("flags", U32),             # bit 0 Enabled
+        ("local_sapic_eid", U8),
+        ("proximity_domain_hi", U8 * 3),  # bits 31:8
+        ("clock_domain", U32),
+    ]
+
+
+class SratMemoryAffinity(_Struct):  # §5.2.16.2 Memory Affinity Structure, type 1
+    _fields_ = [
+        ("type", U8),
+        ("length", U8),             # 40
+        ("proximity_domain", U32),
+        ("reserved1", U16),
+        ("base_address", U64),      # spelled as Low/High DWORDs in the spec: same bytes
+        ("range_length", U64),
+        ("reserved2", U32),
+        ("flags", U32),             # bit 0 Enabled, bit 1 Hot Pluggable, bit 2 NonVolatile
+        ("reserved3", U64),
+    ]
+
+
+class SratLocalX2Apic(_Struct):  # §5.2.16.3 Processor Local x2APIC Affinity Structure, type 2
+    _fields_ = [
+        ("type", U8),
+        ("length", U8),             # 24
+        ("reserved1", U16),
+        ("proximity_domain", U32),
+        ("x2apic_id", U32),
+        ("flags", U32),             # bit 0 Enabled
+        ("clock_domain", U32),
+        ("reserved2", U32),
+    ]
+
+
+SRAT_REVISION = 3
+SRAT_TYPE_LOCAL_APIC = 0
+SRAT_TYPE_MEMORY = 1
+SRAT_TYPE_LOCAL_X2APIC = 2
+SRAT_ENABLED = 1 << 0
+SRAT_MEM_HOT_PLUGGABLE = 1 << 1
+SRAT_MEM_NON_VOLATILE = 1 << 2
+
+
+@dataclass(frozen=True)
+class SratCpu:
+    proximity_domain: int
+    apic_id: int
+    enabled: bool
+    kind: str  # "lapic" (type 0) or "x2apic" (type 2)
+
+
+@dataclass(frozen=True)
+class SratMemory:
+    proximity_domain: int
+    base: int
+    length: int
+    enabled: bool
+    hot_pluggable: bool = False
+    non_volatile: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.base + self.length
+
+
+@dataclass(frozen=True)
+class Srat:
+    cpus: list[SratCpu]       # in table order (Linux numbers nodes by first appearance)
+    memory: list[SratMemory]
+
+
+_SRAT_KINDS = {SRAT_TYPE_LOCAL_APIC: SratLocalApic, SRAT_TYPE_MEMORY: SratMemoryAffinity,
+               SRAT_TYPE_LOCAL_X2APIC: SratLocalX2Apic}
+
+
+def parse_srat(raw: bytes) -> Srat:
+    """Processor and memory affinity entries in table order; other types (GICC, ITS, generic
+    initiator) are skipped."""
+    _, raw = _parse_table(raw, b"SRAT", SratFixed)
+    cpus, memory = [], []
+    offset = SratFixed.size()
+    while offset < len(raw):
+        entry = SratEntryHeader.parse(raw, offset, "SRAT entry")
+        if entry.length < SratEntryHeader.size() or offset + entry.length > len(raw):
+            raise AcpiTableError(f"SRAT entry type {entry.type} at offset 0x{offset:x} has bad length {entry.length}")
+        layout = _SRAT_KINDS.get(entry.type)
+        if layout is not None:
+            if entry.length < layout.size():
+                raise AcpiTableError(f"SRAT entry type {entry.type} at offset 0x{offset:x} is {entry.length} "
+                                     f"bytes, needs {layout.size()}")
+            e = layout.parse(raw, offset)
+            if entry.type == SRAT_TYPE_LOCAL_APIC:
+                hi = bytes(e.proximity_domain_hi)
+                pxm = e.proximity_domain_lo | int.from_bytes(hi, "little") << 8
+                cpus.append(SratCpu(pxm, e.apic_id, bool(e.flags & SRAT_ENABLED), "lapic"))
+            elif entry.type == SRAT_TYPE_LOCAL_X2APIC:
+                cpus.append(SratCpu(e.proximity_domain, e.x2apic_id, bool(e.flags & SRAT_ENABLED), "x2apic"))
+            else:
+                memory.append(SratMemory(e.proximity_domain, e.base_address, e.range_length,
+                                         bool(e.flags & SRAT_ENABLED), bool(e.flags & SRAT_MEM_HOT_PLUGGABLE),
+                                         bool(e.flags & SRAT_MEM_NON_VOLATILE)))
+        offset += entry.length
+    return Srat(cpus=cpus, memory=memory)
+
+
+def build_srat(srat: Srat) -> bytes:
+    """The inverse of parse_srat: APIC IDs below 0xff as type 0 entries (as firmware writes
+    them) unless the entry says x2apic, then the memory entries."""
+    parts = [bytes(SratFixed(header=new_header(b"SRAT", SRAT_REVISION), table_revision=1))]
+    for c in srat.cpus:
+        flags = SRAT_ENABLED if c.enabled else 0
+        if c.kind == "lapic":
+            if c.apic_id > 0xFF:
+                raise UsageError(f"APIC ID {c.apic_id:#x} needs an x2APIC affinity entry (type 2)")
+            hi = (U8 * 3)(*((c.proximity_domain >> s) & 0xFF for s in (8, 16, 24)))
+            parts.append(bytes(SratLocalApic(type=SRAT_TYPE_LOCAL_APIC, length=SratLocalApic.size(),
+                                             proximity_domain_lo=c.proximity_domain & 0xFF,
+                                             apic_id=c.apic_id, flags=flags, proximity_domain_hi=hi)))
+        else:
+            parts.append(bytes(SratLocalX2Apic(type=SRAT_TYPE_LOCAL_X2APIC, length=SratLocalX2Apic.size(),
+                                               proximity_domain=c.proximity_domain, x2apic_id=c.apic_id,
+                                               flags=flags)))
+    for m in srat.memory:
+        flags = ((SRAT_ENABLED if m.enabled else 0) | (SRAT_MEM_HOT_PLUGGABLE if m.hot_pluggable else 0)
+                 | (SRAT_MEM_NON_VOLATILE if m.non_volatile else 0))
+        parts.append(bytes(SratMemoryAffinity(type=SRAT_TYPE_MEMORY, length=SratMemoryAffinity.size(),
+                                              proximity_domain=m.proximity_domain, base_address=m.base,
+                                              range_length=m.length, flags=flags)))
+    return seal(b"".join(parts))
+
+
+# ---------------------------------------------------------------------------------------------
 # The slice's table set.
 
 @dataclass(frozen=True)

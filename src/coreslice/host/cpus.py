@@ -21,9 +21,11 @@ class HostCpu:
     apic_id: int | None
     online: bool
     boot: bool
+    node: int | None = 0  # NUMA node (host/numa.py); None when the SRAT does not list its APIC ID
 
     def to_json(self) -> dict:
-        return {"cpu": self.cpu, "apic_id": self.apic_id, "online": self.online, "boot": self.boot}
+        return {"cpu": self.cpu, "apic_id": self.apic_id, "online": self.online, "boot": self.boot,
+                "node": self.node}
 
 
 def parse_cpuinfo_apic_ids(text: str) -> dict[int, int]:
@@ -40,7 +42,8 @@ def parse_cpuinfo_apic_ids(text: str) -> dict[int, int]:
     return out
 
 
-def read_cpus(root: Path, madt: Madt | None) -> list[HostCpu]:
+def read_cpus(root: Path, madt: Madt | None, apic_nodes: dict[int, int] | None = None) -> list[HostCpu]:
+    """``apic_nodes`` maps APIC IDs to NUMA nodes (numa.apic_nodes); None: one node, 0."""
     present = parse_cpu_list(read_text(root, "sys/devices/system/cpu/present", "0") or "0")
     online = set(parse_cpu_list(read_text(root, "sys/devices/system/cpu/online", "0") or "0"))
     online_ids = parse_cpuinfo_apic_ids(read_text(root, "proc/cpuinfo", "") or "")
@@ -61,5 +64,6 @@ def read_cpus(root: Path, madt: Madt | None) -> list[HostCpu]:
                 apic = by_uid[int(uid)]
             elif n < len(order):
                 apic = order[n]
-        cpus.append(HostCpu(cpu=n, apic_id=apic, online=n in online, boot=n == 0))
+        node = 0 if apic_nodes is None else apic_nodes.get(apic) if apic is not None else None
+        cpus.append(HostCpu(cpu=n, apic_id=apic, online=n in online, boot=n == 0, node=node))
     return cpus

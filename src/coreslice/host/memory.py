@@ -73,3 +73,22 @@ def merge(ranges: list[Range], type_: str) -> list[Range]:
         else:
             merged.append(r)
     return merged
+
+
+def subtract(ranges: list[Range], holes: list[Range]) -> list[Range]:
+    """The parts of ``ranges`` outside every hole, in address order, keeping each range's type."""
+    out: list[Range] = []
+    for r in sorted(ranges, key=lambda r: r.start):
+        pieces = [(r.start, r.end)]
+        for h in holes:
+            pieces = [p for s, e in pieces
+                      for p in ((s, min(e, h.start)), (max(s, h.end), e)) if p[0] < p[1]]
+        out += [Range(s, e, r.type) for s, e in pieces]
+    return out
+
+
+def intersect(ranges: list[Range], limits: list[Range]) -> list[Range]:
+    """The parts of ``ranges`` inside some limit (limits must not overlap each other)."""
+    out = [Range(max(r.start, l.start), min(r.end, l.end), r.type)
+           for r in ranges for l in limits if r.overlaps(l.start, l.end)]
+    return sorted(out, key=lambda r: r.start)

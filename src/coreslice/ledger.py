@@ -1,0 +1,383 @@
+"""The ledger: which CPUs, memory, low-memory slots, consoles and devices slices hold.
+
+One SQLite file (stdlib sqlite3), one row per launch.  Rows carry the host's boot id
+(/proc/sys/kernel/random/boot_id): only rows of the running host boot can hold anything; rows
+of earlier boots are history, so a host reboot starts with everything free.
+
+A launch reserves in one ``BEGIN IMMEDIATE`` transaction: it checks the rows that hold
+resources and inserts its own, or refuses.  SQLite lets one such transaction run at a time, so
+of two launches that want the same CPUs, the second sees the first's row and is refused.
+
+Life of a row (``state``)::
+
+    reserved ──► launching ──► running
+        │            └───────► failed          (holds until the host reboots, or a relaunch/stop)
+        └─► (deleted)   the launch gave up before the first write to the machine
+
+``reserved`` holds only while its process lives (it has not touched the machine yet);
+``launching`` holds even if its process died: the CPUs may be running.  A relaunch with exactly
+the resources of a running, failed or crashed slice replaces it (``replaced``) once it starts
+writing; ``coreslice stop`` INITs a slice's CPUs and marks it ``stopped``.
+
+The low-memory slot records (boot/lowmem.py) stay the physical truth when this file is lost;
+the ledger adds names, history and the lock between processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UsageError
+from .host.sysfs import format_cpu_list
+from .units import format_size
+
+DEFAULT_PATH = Path("/var/lib/coreslice/ledger.sqlite3")
+# Where the ledger goes when /var/lib is read-only (e.g. a host whose root is shared read-only):
+# /run is a tmpfs, emptied at reboot, which the boot id rule makes harmless.
+FALLBACK_PATH = Path("/run/coreslice/ledger.sqlite3")
+ENV = "CORESLICE_LEDGER"
+
+HOLDING = ("reserved", "launching", "running", "failed")
+REPLACEABLE = ("running", "failed")
+BUSY_TIMEOUT = 30.0  # seconds a launch waits for another one's transaction
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS slices (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    boot_id     TEXT    NOT NULL,
+    name        TEXT    NOT NULL,
+    state       TEXT    NOT NULL,
+    cpus        TEXT    NOT NULL,           -- JSON list of host logical CPU numbers
+    apic_ids    TEXT    NOT NULL,           -- JSON list, same order
+    mem_base    INTEGER NOT NULL,
+    mem_size    INTEGER NOT NULL,
+    low_slot    INTEGER,                    -- base of the low-memory slot (trampoline)
+    console     TEXT,                       -- "io:0x2f8" or a PCI address
+    devices     TEXT    NOT NULL DEFAULT '[]',  -- JSON list of PCI addresses
+    kernel      TEXT,
+    initrd      TEXT,
+    cmdline     TEXT,
+    pid         INTEGER,                    -- the coreslice process that launched it
+    error       TEXT,
+    replaces    TEXT    NOT NULL DEFAULT '[]',  -- JSON list of row ids this launch relaunches
+    reserved_at REAL    NOT NULL,           -- Unix times
+    launched_at REAL,
+    running_at  REAL,
+    ended_at    REAL
+);
+CREATE INDEX IF NOT EXISTS slices_by_boot ON slices (boot_id, state);
+"""
+
+
+class LedgerError(UsageError):
+    """The ledger file cannot be opened or written (found before the first write: exit 2)."""
+
+
+class LedgerConflict(UsageError):
+    """Another slice of this host boot holds some of the resources (nothing was touched)."""
+
+
+@dataclass(frozen=True)
+class SliceRecord:
+    """What a launch records, and what the ledger gives back (``id`` and ``state`` set)."""
+
+    name: str
+    cpus: tuple[int, ...]
+    apic_ids: tuple[int, ...]
+    mem_base: int
+    mem_size: int
+    low_slot: int | None = None
+    console: str | None = None
+    devices: tuple[str, ...] = ()
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    # Filled in by the ledger:
+    id: int | None = None
+    boot_id: str | None = None
+    state: str | None = None
+    pid: int | None = None
+    error: str | None = None
+    replaces: tuple[int, ...] = ()
+    times: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def mem_end(self) -> int:
+        return self.mem_base + self.mem_size
+
+    def resources(self) -> str:
+        return (f"CPUs {format_cpu_list(list(self.cpus))}, {format_size(self.mem_size)}@0x{self.mem_base:x}"
+                + (f", console {self.console}" if self.console else ""))
+
+    def same_resources(self, other: "SliceRecord") -> bool:
+        return (set(self.apic_ids) == set(other.apic_ids) and self.mem_base == other.mem_base
+                and self.mem_size == other.mem_size)
+
+    def conflict_with(self, other: "SliceRecord") -> str | None:
+        """What of ``other``'s resources this record also wants, or None."""
+        cpus = sorted(set(self.cpus) & set(other.cpus))
+        if cpus:
+            return f"CPU{'s' if len(cpus) > 1 else ''} {format_cpu_list(cpus)}"
+        if self.mem_base < other.mem_end and other.mem_base < self.mem_end:
+            lo, hi = max(self.mem_base, other.mem_base), min(self.mem_end, other.mem_end)
+            return f"memory 0x{lo:x}-0x{hi - 1:x}"
+        if self.low_slot is not None and self.low_slot == other.low_slot:
+            return f"low-memory slot 0x{self.low_slot:x}"
+        if self.console and self.console == other.console:
+            return f"console {self.console}"
+        devices = sorted(self.pci_functions() & other.pci_functions())
+        if devices:
+            return f"PCI function{'s' if len(devices) > 1 else ''} {', '.join(devices)}"
+        return None
+
+    def pci_functions(self) -> set[str]:
+        """Assigned devices and a PCI console: one function cannot serve two slices either way."""
+        console = {self.console} if self.console and not self.console.startswith("io:") else set()
+        return set(self.devices) | console
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id, "name": self.name, "state": self.state, "boot_id": self.boot_id,
+            "cpus": list(self.cpus), "apic_ids": list(self.apic_ids),
+            "memory": {"base": self.mem_base, "size": self.mem_size},
+            "low_slot": self.low_slot, "console": self.console, "devices": list(self.devices),
+            "kernel": self.kernel, "initrd": self.initrd, "cmdline": self.cmdline,
+            "pid": self.pid, "error": self.error, "replaces": list(self.replaces), "times": self.times,
+        }
+
+
+def resolve_path(arg: Path | str | None = None) -> Path:
+    """--ledger, else $CORESLICE_LEDGER, else /var/lib/coreslice when writable, else /run/coreslice."""
+    if arg:
+        return Path(arg)
+    if os.environ.get(ENV):
+        return Path(os.environ[ENV])
+    for d in (DEFAULT_PATH.parent, DEFAULT_PATH.parent.parent):
+        if d.is_dir():
+            if os.access(d, os.W_OK):
+                return DEFAULT_PATH
+            break
+    return FALLBACK_PATH
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_COLUMNS = ("id", "boot_id", "name", "state", "cpus", "apic_ids", "mem_base", "mem_size", "low_slot",
+            "console", "devices", "kernel", "initrd", "cmdline", "pid", "error", "replaces",
+            "reserved_at", "launched_at", "running_at", "ended_at")
+
+
+def _record(row: sqlite3.Row) -> SliceRecord:
+    return SliceRecord(
+        id=row["id"], boot_id=row["boot_id"], name=row["name"], state=row["state"],
+        cpus=tuple(json.loads(row["cpus"])), apic_ids=tuple(json.loads(row["apic_ids"])),
+        mem_base=row["mem_base"], mem_size=row["mem_size"], low_slot=row["low_slot"],
+        console=row["console"], devices=tuple(json.loads(row["devices"])), kernel=row["kernel"],
+        initrd=row["initrd"], cmdline=row["cmdline"], pid=row["pid"], error=row["error"],
+        replaces=tuple(json.loads(row["replaces"])),
+        times={k: row[k] for k in ("reserved_at", "launched_at", "running_at", "ended_at")},
+    )
+
+
+class Ledger:
+    """The ledger file at ``path`` as seen from host boot ``boot_id``.
+
+    Each call opens its own short connection, so no lock outlives the call.  ``readonly`` (for
+    dry runs, ``plan`` and ``list``) never creates the file: a missing ledger is an empty one.
+    """
+
+    def __init__(self, path: Path | str, boot_id: str, *, readonly: bool = False):
+        self.path = Path(path)
+        self.boot_id = boot_id
+        self.readonly = readonly
+        if not boot_id and not readonly:
+            raise LedgerError("the host boot id is unknown (/proc/sys/kernel/random/boot_id); "
+                              "cannot tell this boot's slices from earlier ones")
+
+    # -- connections ----------------------------------------------------------------------------
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection | None]:
+        if self.readonly and not self.path.exists():
+            yield None
+            return
+        try:
+            if self.readonly:
+                con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                      timeout=BUSY_TIMEOUT, isolation_level=None)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        except (OSError, sqlite3.Error) as e:
+            raise LedgerError(f"cannot open the ledger {self.path}: {e}; pass --ledger PATH "
+                              f"(or set {ENV}) to a writable location") from e
+        con.row_factory = sqlite3.Row
+        try:
+            if not self.readonly:
+                con.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+            yield con
+        except sqlite3.OperationalError as e:
+            raise LedgerError(f"ledger {self.path}: {e}; check that the file is writable and not "
+                              f"locked by a hung coreslice process") from e
+        finally:
+            con.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE: the write lock first, so check-then-insert is atomic across processes."""
+        with self._connect() as con:
+            assert con is not None
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    def _select(self, con: sqlite3.Connection | None, where: str, args: Sequence) -> list[SliceRecord]:
+        if con is None:
+            return []
+        try:
+            rows = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM slices WHERE {where} ORDER BY id", args)
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):
+                return []
+            raise
+        return [_record(r) for r in rows]
+
+    def _holding(self, con: sqlite3.Connection | None) -> list[SliceRecord]:
+        marks = ",".join("?" * len(HOLDING))
+        rows = self._select(con, f"boot_id = ? AND state IN ({marks})", (self.boot_id, *HOLDING))
+        # A reservation whose process died never touched the machine: it holds nothing.
+        return [r for r in rows if r.state != "reserved" or pid_alive(r.pid)]
+
+    # -- reading ----------------------------------------------------------------------------------
+    def holding(self) -> list[SliceRecord]:
+        """Slices of this host boot that hold resources, oldest first."""
+        with self._connect() as con:
+            return self._holding(con)
+
+    def slices(self, history: bool = False) -> list[SliceRecord]:
+        """This boot's holding slices, or with ``history`` every row of every boot."""
+        if not history:
+            return self.holding()
+        with self._connect() as con:
+            return self._select(con, "1", ())
+
+    def get(self, row_id: int) -> SliceRecord | None:
+        with self._connect() as con:
+            rows = self._select(con, "id = ?", (row_id,))
+        return rows[0] if rows else None
+
+    # -- changing -------------------------------------------------------------------------------
+    def reserve(self, rec: SliceRecord) -> SliceRecord:
+        """Check ``rec`` against every holding slice and record it as ``reserved``, atomically.
+
+        Raises LedgerConflict naming the slice in the way.  A slice with exactly the same CPUs
+        and memory that is running, failed, or whose launcher died is relaunched: the new row
+        notes it in ``replaces`` and takes over when it starts writing (begin_launch).
+        """
+        if self.readonly:
+            raise LedgerError("internal: reserve() on a read-only ledger")
+        now = time.time()
+        with self._transaction() as con:
+            for dead in self._select(con, "boot_id = ? AND state = 'reserved'", (self.boot_id,)):
+                if not pid_alive(dead.pid):  # gave up (or died) before touching the machine
+                    con.execute("DELETE FROM slices WHERE id = ?", (dead.id,))
+            replaces = _check(rec, self._holding(con))
+            cur = con.execute(
+                "INSERT INTO slices (boot_id, name, state, cpus, apic_ids, mem_base, mem_size, low_slot, "
+                "console, devices, kernel, initrd, cmdline, pid, replaces, reserved_at) "
+                "VALUES (?, ?, 'reserved', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (self.boot_id, rec.name, json.dumps(list(rec.cpus)), json.dumps(list(rec.apic_ids)),
+                 rec.mem_base, rec.mem_size, rec.low_slot, rec.console, json.dumps(list(rec.devices)),
+                 rec.kernel, rec.initrd, rec.cmdline, os.getpid(), json.dumps(replaces), now))
+            row_id = cur.lastrowid
+        got = self.get(row_id)
+        assert got is not None
+        return got
+
+    def check(self, rec: SliceRecord) -> None:
+        """reserve()'s conflict check alone, to refuse early with the same message (a record
+        without slot and console checks CPUs, memory and name only)."""
+        with self._connect() as con:
+            _check(rec, self._holding(con))
+
+    def begin_launch(self, row_id: int) -> None:
+        """The machine is about to change: from now on the slice holds until reboot or stop,
+        and the slices it relaunches are gone."""
+        now = time.time()
+        with self._transaction() as con:
+            (replaces,) = con.execute("SELECT replaces FROM slices WHERE id = ?", (row_id,)).fetchone()
+            con.execute("UPDATE slices SET state = 'launching', launched_at = ? WHERE id = ?", (now, row_id))
+            for old in json.loads(replaces):
+                con.execute("UPDATE slices SET state = 'replaced', ended_at = ?, error = ? WHERE id = ? "
+                            "AND state IN ({})".format(",".join("?" * len(HOLDING))),
+                            (now, f"relaunched as row {row_id}", old, *HOLDING))
+
+    def finish(self, row_id: int, error: str | None = None) -> None:
+        """running, or failed with ``error`` (still holding: its CPUs may run)."""
+        now = time.time()
+        with self._transaction() as con:
+            if error is None:
+                con.execute("UPDATE slices SET state = 'running', running_at = ? WHERE id = ?", (now, row_id))
+            else:
+                con.execute("UPDATE slices SET state = 'failed', ended_at = ?, error = ? WHERE id = ?",
+                            (now, error, row_id))
+
+    def release(self, row_id: int) -> None:
+        """Forget a reservation whose launch stopped before the first write to the machine."""
+        with self._transaction() as con:
+            con.execute("DELETE FROM slices WHERE id = ? AND state = 'reserved'", (row_id,))
+
+    def mark_stopped(self, row_id: int) -> None:
+        with self._transaction() as con:
+            con.execute("UPDATE slices SET state = 'stopped', ended_at = ? WHERE id = ?", (time.time(), row_id))
+
+
+def _check(rec: SliceRecord, holding: list[SliceRecord]) -> list[int]:
+    """Raise LedgerConflict if ``rec`` wants what a holding slice has; else the ids of the
+    slices it relaunches (exactly the same CPUs and memory)."""
+    replaces = []
+    for old in holding:
+        if old.same_resources(rec):
+            if old.state in ("reserved", "launching") and pid_alive(old.pid) and old.pid != os.getpid():
+                raise LedgerConflict(f"slice '{old.name}' ({old.resources()}) is being launched right now by "
+                                     f"process {old.pid}; wait for it to finish, then relaunch")
+            replaces.append(old.id)
+            continue
+        what = rec.conflict_with(old)
+        if what is None and old.name != rec.name:
+            continue
+        t = old.times
+        since = _clock(t.get("running_at") or t.get("launched_at") or t.get("reserved_at"))
+        fix = (f"relaunch '{old.name}' with exactly its CPUs and memory, or stop it (coreslice stop {old.name})")
+        if what is None:
+            raise LedgerConflict(f"a slice named '{old.name}' exists ({old.resources()}; {old.state} since {since}); "
+                                 f"choose another --name, {fix}")
+        verb = "are" if what.startswith(("CPUs ", "PCI functions ")) else "is"
+        raise LedgerConflict(f"{what} {verb} held by slice '{old.name}' ({old.resources()}; {old.state} since "
+                             f"{since}); choose other resources, {fix}")
+    return replaces
+
+
+def _clock(t: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) if t else "?"

@@ -1,0 +1,264 @@
+"""``coreslice plan``, ``list`` and ``stop``, and the placement/ledger helpers ``boot`` shares.
+
+Thin: arguments in, placement.py / ledger.py / launch.py do the work, text or JSON out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from .errors import CoresliceError, UsageError
+from .host.snapshot import Host, discover
+from .host.sysfs import format_cpu_list, parse_cpu_list
+from .ledger import ENV as LEDGER_ENV, Ledger, SliceRecord, resolve_path
+from .placement import Placement, Request, free_resources, held_resources, place
+from .units import format_size, parse_memory
+
+# Test-only: with --host-root, drive the in-memory machine fakes instead of refusing to launch
+# (tests/unit/test_ledger.py races two real `coreslice boot` processes on a synthetic host).
+FAKE_MACHINE_ENV = "CORESLICE_FAKE_MACHINE"
+
+LEDGER_HELP = (f"the ledger file (default: ${LEDGER_ENV}, else /var/lib/coreslice/ledger.sqlite3 when "
+               "/var/lib is writable, else /run/coreslice/ledger.sqlite3)")
+HOST_ROOT_HELP = ("read the host from a captured tree of its /sys, /proc and /dev/kmsg instead of the live host "
+                  "(for tests and planning on another machine)")
+
+
+def cpu_list_arg(text: str) -> list[int]:
+    try:
+        cpus = parse_cpu_list(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a CPU list; write e.g. 1-2,5") from None
+    if not cpus:
+        raise argparse.ArgumentTypeError("empty CPU list")
+    return cpus
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': give a whole number >= 1")
+    return n
+
+
+def _node(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a NUMA node number; write e.g. 0")
+    return n
+
+
+def add_placement_args(p: argparse.ArgumentParser, *, with_base: bool = True) -> None:
+    """--cpus/--ncpus, --memory, --numa-node, --name: what boot and plan share."""
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--cpus", type=cpu_list_arg, metavar="LIST",
+                   help="host logical CPUs as in /sys/devices/system/cpu (e.g. 1-2,5); present, offline, not the "
+                        "boot CPU. The first one is woken; the slice kernel starts the others")
+    g.add_argument("--ncpus", type=_positive, metavar="N",
+                   help="let coreslice pick N free CPUs (lowest numbers, one NUMA node)")
+    p.add_argument("--memory", required=True, metavar="SIZE[@BASE]" if with_base else "SIZE",
+                   help="physical RAM for the slice: SIZE@BASE (e.g. 1G@0x40000000: page aligned, RAM in the "
+                        "firmware map, above the host's mem= limit) or SIZE alone, and coreslice picks a free "
+                        "range on the CPUs' NUMA node, 1 GiB aligned where possible")
+    p.add_argument("--numa-node", type=_node, metavar="K",
+                   help="take CPUs and memory from NUMA node K (default: the lowest node where they fit)")
+    p.add_argument("--name", metavar="NAME",
+                   help="the slice's name in the ledger (default: slice-<first CPU>); booting a name that exists "
+                        "with the same shape relaunches it")
+    p.add_argument("--ledger", type=Path, metavar="PATH", help=LEDGER_HELP)
+
+
+def open_ledger(path: Path | None, host: Host, *, readonly: bool) -> Ledger:
+    return Ledger(resolve_path(path), host.boot_id, readonly=readonly)
+
+
+def fake_machine_requested(live: bool) -> bool:
+    return not live and os.environ.get(FAKE_MACHINE_ENV) == "1"
+
+
+def make_machine(live: bool):
+    """The real machine on the live host, the in-memory fakes for a captured tree."""
+    from .launch import Machine
+    from .machine.lapic import FakeApic
+    from .machine.pci import FakePci
+    from .machine.physmem import FakeMemory
+
+    if live:
+        return Machine.real()
+    return Machine(mem=FakeMemory(), pci=FakePci(), apic=lambda m: FakeApic(m), sleep=lambda _s: None)
+
+
+def slot_records(host: Host, machine) -> list:
+    """This boot's low-memory slot records, or none when they cannot be read (not root)."""
+    from .launch import read_slot_records
+
+    if machine is None:
+        return []
+    try:
+        return list(read_slot_records(host, machine.mem).values())
+    except (CoresliceError, OSError):
+        return []
+
+
+def request_from(args, size: int, base: int | None) -> Request:
+    return Request(mem_size=size, ncpus=args.ncpus, cpus=tuple(args.cpus) if args.cpus else None,
+                   mem_base=base, node=args.numa_node, name=args.name)
+
+
+def place_for(host: Host, args, size: int, base: int | None, ledger: Ledger, machine) -> Placement:
+    held = held_resources(host, ledger.holding(), slot_records(host, machine))
+    return place(host, request_from(args, size, base), held)
+
+
+# -- coreslice plan -------------------------------------------------------------------------------
+
+PLAN_HELP = """\
+Choose CPUs and a memory range for a slice, on one NUMA node, that no slice of this host boot
+holds (per the ledger and the low-memory slot records), and print the choice.  Nothing is
+reserved or written: `coreslice boot` with the same options makes the same choice (unless
+another slice is launched in between).
+"""
+
+
+def _cmd_plan(args) -> int:
+    size, base = parse_memory(args.memory)
+    live = args.host_root.resolve() == Path("/")
+    host = discover(args.host_root)
+    ledger = open_ledger(args.ledger, host, readonly=True)
+    machine = make_machine(live) if live and os.geteuid() == 0 else None
+    held = held_resources(host, ledger.holding(), slot_records(host, machine))
+    p = place(host, request_from(args, size, base), held)
+    free = free_resources(host, held)
+    if args.json:
+        print(json.dumps({"ok": True, "placement": p.to_json(), "devices": args.devices,
+                          "free": [f.to_json() for f in free], "ledger": str(ledger.path)}, indent=2))
+        return 0
+    node = f"node {p.node}: " if p.node is not None else ""
+    again = f" (the resources of slice '{p.relaunch}': a relaunch)" if p.relaunch else ""
+    print(f"{node}CPUs {format_cpu_list(p.cpus)} (APIC IDs {','.join(map(str, p.apic_ids))}), "
+          f"{format_size(p.mem_size)}@0x{p.mem_base:x}{again}")
+    extra = "".join(f" --device {d}" for d in args.devices)
+    print(f"boot it with: coreslice boot --cpus {format_cpu_list(p.cpus)} "
+          f"--memory {format_size(p.mem_size)}@0x{p.mem_base:x}{extra} --kernel ... --console ...")
+    return 0
+
+
+# -- coreslice list -------------------------------------------------------------------------------
+
+def _clock(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _row(r: SliceRecord, boot_id: str) -> tuple[str, ...]:
+    t = r.times
+    since = t.get("ended_at") or t.get("running_at") or t.get("launched_at") or t.get("reserved_at")
+    state = r.state or "?"
+    if r.boot_id != boot_id:
+        state += " (earlier boot)"
+    return (r.name, state, format_cpu_list(list(r.cpus)), ",".join(map(str, r.apic_ids)),
+            f"{format_size(r.mem_size)}@0x{r.mem_base:x}", f"0x{r.low_slot:x}" if r.low_slot is not None else "-",
+            r.console or "-", ",".join(r.devices) or "-", _clock(since))
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _cmd_list(args) -> int:
+    live = args.host_root.resolve() == Path("/")
+    host = discover(args.host_root)
+    ledger = open_ledger(args.ledger, host, readonly=True)
+    machine = make_machine(live) if live and os.geteuid() == 0 else None
+    holding = ledger.holding()
+    records = slot_records(host, machine)
+    held = held_resources(host, holding, records)
+    free = free_resources(host, held)
+    shown = ledger.slices(history=True) if args.all else holding
+    unrecorded = held[len(holding):]  # held_resources lists the ledger rows first
+    if args.json:
+        print(json.dumps({
+            "ok": True, "ledger": str(ledger.path), "boot_id": host.boot_id,
+            "slices": [r.to_json() for r in shown],
+            "unrecorded": [{"name": h.name, "cpus": sorted(h.cpus), "memory": h.mem.to_json()} for h in unrecorded],
+            "free": [f.to_json() for f in free],
+        }, indent=2))
+        return 0
+    print(f"ledger {ledger.path} (host boot {host.boot_id})")
+    if shown:
+        head = ("NAME", "STATE", "CPUS", "APIC IDS", "MEMORY", "SLOT", "CONSOLE", "DEVICES", "SINCE")
+        print(_table([head, *(_row(r, host.boot_id) for r in shown)]))
+    else:
+        print("no slices in this host boot")
+    for h in unrecorded:
+        print(f"not in the ledger, found in low memory: {h.name}, {format_size(h.mem.size)}@0x{h.mem.start:x}")
+    print("free:")
+    for f in free:
+        mem = ", ".join(f"0x{r.start:x}-0x{r.end - 1:x} ({format_size(r.size)})" for r in f.memory) or "none"
+        print(f"  node {f.node}: CPUs {format_cpu_list(f.cpus) or 'none'}; memory {mem}")
+    return 0
+
+
+# -- coreslice stop -------------------------------------------------------------------------------
+
+def _cmd_stop(args) -> int:
+    from .launch import stderr_progress, stop
+
+    live = args.host_root.resolve() == Path("/")
+    if not live and not fake_machine_requested(live):
+        raise UsageError("--host-root describes another machine: stop acts on the live host only")
+    if live and os.geteuid() != 0:
+        raise UsageError("coreslice stop must run as root (it sends INIT IPIs and writes low memory); use sudo")
+    host = discover(args.host_root)
+    ledger = open_ledger(args.ledger, host, readonly=False)
+    row = stop(args.name, host=host, machine=make_machine(live), ledger=ledger,
+               progress=(lambda _m: None) if args.json else stderr_progress)
+    if args.json:
+        print(json.dumps({"ok": True, "slice": row.to_json(), "ledger": str(ledger.path)}, indent=2))
+    else:
+        print(f"slice '{row.name}' stopped: CPUs {format_cpu_list(list(row.cpus))} parked, "
+              f"{format_size(row.mem_size)}@0x{row.mem_base:x} free")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="choose CPUs and memory for a slice without booting it",
+                       description=PLAN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  coreslice plan --ncpus 2 --memory 1G --numa-node 1")
+    add_placement_args(p)
+    p.add_argument("--device", dest="devices", action="append", default=[], metavar="ADDR",
+                   help="a PCI function for the slice (echoed; placement does not use it yet)")
+    p.add_argument("--host-root", type=Path, default=Path("/"), metavar="DIR", help=HOST_ROOT_HELP)
+    p.add_argument("--json", action="store_true", help="print the choice and what is free as JSON")
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("list", help="slices of this host boot and what is still free",
+                       description="Show the slices the ledger records for this host boot (name, state, "
+                                   "CPUs, memory, low-memory slot, console, devices) and the free CPUs and "
+                                   "memory of each NUMA node.")
+    p.add_argument("--all", action="store_true", help="also show ended slices and those of earlier host boots")
+    p.add_argument("--ledger", type=Path, metavar="PATH", help=LEDGER_HELP)
+    p.add_argument("--host-root", type=Path, default=Path("/"), metavar="DIR", help=HOST_ROOT_HELP)
+    p.add_argument("--json", action="store_true", help="print slices and free resources as JSON")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("stop", help="stop a slice: INIT its CPUs and free its resources",
+                       description="Send INIT to every CPU of the slice (they return to wait-for-SIPI), "
+                                   "clear its low-memory slot record and mark it stopped in the ledger, "
+                                   "so its CPUs and memory can be given to another slice.")
+    p.add_argument("name", metavar="NAME", help="the slice's name (see coreslice list)")
+    p.add_argument("--ledger", type=Path, metavar="PATH", help=LEDGER_HELP)
+    p.add_argument("--host-root", type=Path, default=Path("/"), metavar="DIR",
+                   help=f"a captured host tree (tests only, with {FAKE_MACHINE_ENV}=1)")
+    p.add_argument("--json", action="store_true", help="print the stopped slice as JSON")
+    p.set_defaults(func=_cmd_stop)
