@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .acpi.dsdt import build_dsdt
+from .acpi.dsdt import PciRoot, build_dsdt
 from .acpi.tables import AcpiBlob, McfgAllocation, build_slice_tables
 from .boot import lowmem
 from .boot.pagetables import build_identity_page_tables
@@ -69,8 +69,8 @@ class BootImage:
 
 
 def build_acpi(base: int, apic_ids: Sequence[int], host_bsp_apic_id: int,
-               mcfg: Sequence[McfgAllocation]) -> AcpiBlob:
-    dsdt = build_dsdt(list(range(len(apic_ids))))
+               mcfg: Sequence[McfgAllocation], pci_roots: Sequence[PciRoot] = ()) -> AcpiBlob:
+    dsdt = build_dsdt(list(range(len(apic_ids))), pci_roots)
     blob = build_slice_tables(base, apic_ids=apic_ids, host_bsp_apic_id=host_bsp_apic_id,
                               dsdt_aml=dsdt.aml, mcfg_allocations=mcfg)
     return blob
@@ -78,8 +78,9 @@ def build_acpi(base: int, apic_ids: Sequence[int], host_bsp_apic_id: int,
 
 def build_image(plan) -> BootImage:
     """Every segment the plan needs, in write order; the trampoline page goes last."""
-    acpi = build_acpi(plan.acpi_addr, plan.apic_ids, plan.host_bsp_apic_id, plan.mcfg)
-    dsdt = build_dsdt(list(range(len(plan.apic_ids))))
+    pci_roots = plan.pci.dsdt_roots() if plan.pci else []
+    acpi = build_acpi(plan.acpi_addr, plan.apic_ids, plan.host_bsp_apic_id, plan.mcfg, pci_roots)
+    dsdt = build_dsdt(list(range(len(plan.apic_ids))), pci_roots)
     zero_page = build_zero_page(
         plan.kernel, load_addr=plan.load_addr, cmdline_addr=plan.cmdline_addr,
         initrd_addr=plan.initrd_addr, initrd_size=plan.initrd_size,

@@ -18,6 +18,7 @@ from .boot.pagetables import page_tables_size
 from .boot.zeropage import E820Entry, E820Type, ZERO_PAGE_SIZE
 from .errors import UsageError
 from .image import build_acpi
+from .pciplan import PciPlan, plan_pci
 from .host import consoles
 from .host.snapshot import Host
 from .host.sysfs import format_cpu_list
@@ -78,6 +79,7 @@ class Plan:
     e820: list[E820Entry]
     mcfg: list
     reuse_slot: bool = False
+    pci: PciPlan | None = None  # assigned PCI functions, their roots and ECAM (pciplan.py)
 
     @property
     def entry(self) -> int:
@@ -106,10 +108,17 @@ class Plan:
                 "page_tables": self.page_tables_addr,
             },
             "e820": [e.to_json() for e in self.e820],
+            "pci": self.pci.to_json() if self.pci else None,
         }
 
 
-def slice_cmdline(console_port: int, tsc_khz: int, user: str, earlyprintk: bool) -> str:
+# With PCI functions the slice scans only the roots its DSDT lists, and keeps the host's
+# assignments: no option ROMs, no BAR (re)allocation; nobios and lastbus as the prototype used
+# them (a 64-bit kernel has no PCI BIOS access and logs "PCI: Unknown option `nobios'").
+PCI_PARAMS = "pci=nobios,norom,nobar,realloc=off,lastbus=0x100"
+
+
+def slice_cmdline(console_port: int, tsc_khz: int, user: str, earlyprintk: bool, pci: bool = False) -> str:
     """The parameters a stock kernel needs to live in a slice (DESIGN.md §3), then the user's."""
     params = [
         f"console=uart,io,0x{console_port:x},115200n8",
@@ -118,7 +127,7 @@ def slice_cmdline(console_port: int, tsc_khz: int, user: str, earlyprintk: bool)
         f"tsc_early_khz={tsc_khz}",  # no PIT/HPET/PM timer to calibrate against
         "tsc=reliable",
         "no5lvl",
-        "pci=off",              # no PCI function assigned yet: don't scan the host's buses
+        PCI_PARAMS if pci else "pci=off",  # without functions, don't scan the host's buses
     ]
     if earlyprintk:
         params.append(f"earlyprintk=serial,0x{console_port:x},115200")
@@ -237,6 +246,18 @@ def _choose_slot(spec_apic_ids: list[int], base: int, size: int, host: Host, rea
     return free, False
 
 
+def _ecam_entries(pci: PciPlan | None, e820_ranges: list[tuple[int, int]]) -> list[E820Entry]:
+    """Reserved e820 entries for the assigned roots' ECAM (pciplan.py says why)."""
+    if pci is None:
+        return []
+    for start, end in pci.ecam:
+        for lo, hi in e820_ranges:
+            if start < hi and lo < end:
+                raise UsageError(f"the ECAM region 0x{start:x}-0x{end - 1:x} of the slice's PCI roots overlaps "
+                                 f"its memory 0x{lo:x}-0x{hi - 1:x}; choose memory elsewhere")
+    return [E820Entry(start, end - start, E820Type.RESERVED) for start, end in pci.ecam]
+
+
 def make_plan(spec: BootSpec, host: Host, read_slot: SlotReader) -> Plan:
     """Check the spec against the host and decide every address.  Raises UsageError."""
     _check_root(host)
@@ -263,8 +284,11 @@ def make_plan(spec: BootSpec, host: Host, read_slot: SlotReader) -> Plan:
     if not tsc_khz:
         raise UsageError("the host's TSC frequency is not in its kernel log; pass --tsc-khz (e.g. from 'dmesg | grep tsc')")
 
-    cmdline = slice_cmdline(console.port, tsc_khz, spec.cmdline, spec.earlyprintk)
-    acpi_size = len(build_acpi(0, apic_ids, bsp_apic, host.mcfg).data)  # size does not depend on the base
+    pci = plan_pci(spec.devices, console.pci_address, host)
+    mcfg = list(pci.mcfg) if pci else list(host.mcfg)
+    pci_roots = pci.dsdt_roots() if pci else []
+    cmdline = slice_cmdline(console.port, tsc_khz, spec.cmdline, spec.earlyprintk, pci=pci is not None)
+    acpi_size = len(build_acpi(0, apic_ids, bsp_apic, mcfg, pci_roots).data)  # size does not depend on the base
     if len(cmdline) + 1 > kernel.cmdline_size:
         raise UsageError(f"command line is {len(cmdline)} bytes, the kernel accepts {kernel.cmdline_size - 1}; shorten --cmdline")
 
@@ -310,7 +334,7 @@ def make_plan(spec: BootSpec, host: Host, read_slot: SlotReader) -> Plan:
         E820Entry(slot + lowmem.LOW_RAM_OFFSET, lowmem.SLOT_SIZE - lowmem.LOW_RAM_OFFSET, E820Type.RAM),
         E820Entry(base, data_addr - base, E820Type.RAM),
         E820Entry(data_addr, top - data_addr, E820Type.RESERVED),
-    ], key=lambda e: e.addr)
+    ] + _ecam_entries(pci, e820_ranges=[(slot, slot + lowmem.SLOT_SIZE), (base, top)]), key=lambda e: e.addr)
 
     return Plan(
         kernel=kernel, initrd=spec.initrd, initrd_size=initrd_size, cpus=cpus, apic_ids=apic_ids,
@@ -319,5 +343,5 @@ def make_plan(spec: BootSpec, host: Host, read_slot: SlotReader) -> Plan:
         load_addr=load_addr, initrd_addr=initrd_addr, data_addr=data_addr,
         zero_page_addr=zero_page_addr, cmdline_addr=cmdline_addr, acpi_addr=acpi_addr,
         page_tables_addr=slot + lowmem.PAGE_TABLES_OFFSET, page_table_ranges=pt_ranges,
-        e820=e820, mcfg=list(host.mcfg), reuse_slot=reuse,
+        e820=e820, mcfg=mcfg, reuse_slot=reuse, pci=pci,
     )

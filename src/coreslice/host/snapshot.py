@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..acpi.tables import Madt, McfgAllocation, parse_madt, parse_mcfg
-from . import consoles, cpus, memory, platform
+from . import consoles, cpus, memory, numa, pci, platform
 from .sysfs import read_bytes, read_text
 
 
@@ -25,6 +25,8 @@ class Host:
     apic_mode: str | None
     apic_mode_source: str
     kernel_log: list[str] = field(repr=False, default_factory=list)
+    numa: list[numa.NumaNode] = field(default_factory=list)  # from the SRAT; one node 0 without
+    pci: pci.PciTopology = field(default_factory=pci.PciTopology)  # root complexes and functions
 
     @property
     def live(self) -> bool:
@@ -50,6 +52,8 @@ class Host:
             "tsc_khz": self.tsc_khz,
             "apic_mode": self.apic_mode,
             "apic_mode_source": self.apic_mode_source,
+            "numa": [n.to_json() for n in self.numa],
+            "pci": self.pci.to_json(),
         }
 
 
@@ -60,11 +64,12 @@ def discover(root: Path | str = "/") -> Host:
     madt = parse_madt(raw_madt) if raw_madt else None
     log = platform.read_kernel_log(root)
     mode, source = platform.read_apic_mode(root, log)
-    return Host(
+    srat = numa.read_srat(root)
+    host = Host(
         root=root,
         boot_id=platform.read_boot_id(root),
         cmdline=read_text(root, "proc/cmdline", "") or "",
-        cpus=cpus.read_cpus(root, madt),
+        cpus=cpus.read_cpus(root, madt, numa.apic_nodes(srat)),
         firmware_map=memory.read_firmware_map(root),
         iomem=memory.read_iomem(root),
         madt=madt,
@@ -74,4 +79,7 @@ def discover(root: Path | str = "/") -> Host:
         apic_mode=mode,
         apic_mode_source=source,
         kernel_log=log,
+        pci=pci.read_pci(root, log),
     )
+    host.numa = numa.build_nodes(srat, host.cpus, host.firmware_ram(), host.host_ram())
+    return host

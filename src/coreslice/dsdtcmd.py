@@ -1,0 +1,79 @@
+"""``coreslice dsdt``: the DSDT a slice gets for a set of PCI functions, written to files.
+
+What the prototype's users wrote by hand from ``dmesg`` (sliceloader-x64 README, "Author guest
+ACPI tables"): one PNP0A08 host bridge per root complex that holds a given function, with its
+_SEG, _BBN, _UID and a _CRS of bus, I/O, 32-bit and 64-bit memory windows (acpi/dsdt.py), plus
+processor objects.  ``coreslice boot`` builds the same DSDT itself; this command is for reading
+it, checking it with acpica-tools, or using it elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import hostcmd, pciplan
+from .acpi.dsdt import build_dsdt
+from .errors import UsageError
+
+DSDT_HELP = """\
+Write the DSDT that exposes exactly the PCI root complexes holding the given functions (PNP0A08,
+_CID PNP0A03, _SEG, _BBN, _UID, _CRS with the bus range and the I/O, 32-bit and 64-bit memory
+windows the host's kernel reports), plus --cpus processor objects (ACPI0007, _UID 0..N-1).
+
+The roots come from this host (or --root DIR), or from a saved kernel log (--from-dmesg FILE:
+`dmesg` output or just its 'root bus resource' lines).  With a host or a log that lists
+functions, each address must be one of them; with only root bus lines, an address belongs to
+the root whose bus range holds its bus.  Without -o and --asl the ASL goes to stdout.
+"""
+
+DSDT_EPILOG = """\
+examples:
+  coreslice dsdt --devices 0000:21:00.0,0000:99:00.0 -o dsdt.aml --asl dsdt.asl
+  sudo dmesg -t | grep 'root bus resource' > roots.txt
+  coreslice dsdt --from-dmesg roots.txt --devices 0000:8d:00.0 --cpus 4
+"""
+
+
+def _cpu_count(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 0x1000:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a CPU count; give 1 to 4096")
+    return n
+
+
+def cmd_dsdt(args) -> int:
+    addresses = [pciplan.normalize(a) for a in args.devices.split(",") if a.strip()]
+    if not addresses:
+        raise UsageError("--devices is empty; give PCI addresses, e.g. --devices 0000:21:00.0,0000:99:00.0")
+    what = hostcmd.load(args.root, args.from_dmesg)
+    roots = pciplan.roots_holding(what.pci, addresses)
+    dsdt = build_dsdt(list(range(args.cpus)), pciplan.dsdt_roots(roots))
+    if args.output:
+        args.output.write_bytes(dsdt.aml)
+    if args.asl:
+        args.asl.write_text(dsdt.asl + "\n")
+    if not args.output and not args.asl:
+        sys.stdout.write(dsdt.asl + "\n")
+    summary = ", ".join(f"{r.name} (buses {r.bus_start:02x}-{r.bus_end:02x})" for r in roots)
+    print(f"coreslice: DSDT with {args.cpus} processor{'s' * (args.cpus != 1)} and "
+          f"{len(roots)} PCI root{'s' * (len(roots) != 1)}: {summary}; source: {what.pci.source}", file=sys.stderr)
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("dsdt", help="write the DSDT exposing the PCI roots of given functions",
+                              description=DSDT_HELP, epilog=DSDT_EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--devices", required=True, metavar="ADDR[,ADDR...]",
+                   help="PCI functions the slice gets, e.g. 0000:21:00.0,0000:99:00.0")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE.aml", help="write the DSDT (AML, with its table header)")
+    p.add_argument("--asl", type=Path, metavar="FILE.asl", help="write the same table as ASL, for people and iasl")
+    p.add_argument("--cpus", type=_cpu_count, default=1, metavar="N", help="processor objects to declare (default: 1)")
+    hostcmd.add_source_args(p)
+    p.set_defaults(func=cmd_dsdt)
+    return p

@@ -1,0 +1,234 @@
+"""``coreslice host show``: what discovery found on this host (or a captured tree, or a dmesg).
+
+Thin: discovery (host/) reads, this module only prints.  ``register(host_subparsers)`` adds
+``show`` to the ``coreslice host`` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .acpi.tables import McfgAllocation
+from .errors import UsageError
+from .host import pci as hostpci
+from .host import platform
+from .host.sysfs import format_cpu_list
+
+SHOW_HELP = """\
+Print what coreslice knows about this host: CPUs (APIC IDs, online or parked, boot CPU, NUMA
+node), memory (the firmware map, the host's own RAM, what is free), the PCI root complexes with
+their bus ranges and I/O and memory windows and the functions behind each (class, driver,
+SR-IOV), the MCFG (ECAM) allocations and the TSC frequency.  Read-only.
+
+--from-dmesg FILE reads the kernel log from FILE (plain `dmesg` output, with or without
+timestamps; '-' for stdin) instead of the host's: alone it shows what that log says (PCI roots,
+functions, ECAM, TSC) for a machine you are not on; with --root it replaces that tree's log.
+"""
+
+SHOW_EPILOG = """\
+examples:
+  coreslice host show
+  sudo dmesg | coreslice host show --from-dmesg -
+  coreslice host show --root tests/fixtures/hosts/qemu-q35 --json
+"""
+
+
+def read_log_file(path: str) -> list[str]:
+    """Lines of a saved kernel log ('-': stdin); /dev/kmsg-style records lose their prefix."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(errors="replace")
+    except OSError as e:
+        raise UsageError(f"--from-dmesg {path}: {e.strerror}; pass a file holding `dmesg` output") from None
+    lines = []
+    for rec in text.splitlines():
+        head, sep, msg = rec.partition(";")
+        lines.append(msg if sep and "," in head and head.split(",")[0].isdigit() else rec)
+    return lines
+
+
+@dataclasses.dataclass
+class LogView:
+    """What a kernel log alone tells (``--from-dmesg FILE`` without ``--root``)."""
+
+    source: str
+    pci: hostpci.PciTopology
+    tsc_khz: int | None
+
+    def to_json(self) -> dict:
+        return {"source": {"kernel_log": self.source}, "tsc_khz": self.tsc_khz,
+                "mcfg": [_mcfg_json(a) for a in self.pci.ecam_from_log], "mcfg_source": "kernel log",
+                "pci": self.pci.to_json()}
+
+
+def load(root: Path | None, from_dmesg: str | None):
+    """The Host (discovered from ``root``, its log replaced by ``from_dmesg``) or a LogView."""
+    from .host.snapshot import discover
+
+    if from_dmesg is not None and root is None:
+        lines = read_log_file(from_dmesg)
+        return LogView(from_dmesg, hostpci.from_log(lines), platform.tsc_khz_from_log(lines))
+    root = root or Path("/")
+    if not root.is_dir():
+        raise UsageError(f"--root {root}: no such directory; pass a captured host tree (scripts/capture-host.sh)")
+    host = discover(root)
+    if from_dmesg is not None:
+        lines = read_log_file(from_dmesg)
+        host = dataclasses.replace(host, kernel_log=lines, pci=hostpci.read_pci(root, lines),
+                                   tsc_khz=platform.tsc_khz_from_log(lines) or host.tsc_khz)
+    return host
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+def _mcfg_json(a: McfgAllocation) -> dict:
+    return {"segment": a.segment, "start_bus": a.start_bus, "end_bus": a.end_bus, "base_address": a.base_address,
+            "start": a.base_address + (a.start_bus << 20), "end": a.base_address + ((a.end_bus + 1) << 20) - 1}
+
+
+def _range(start: int, end_inclusive: int) -> str:
+    return f"0x{start:x}-0x{end_inclusive:x}"
+
+
+def _size(n: int) -> str:
+    for unit, div in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= div:
+            v = n / div
+            return f"{v:.0f}{unit}" if v == int(v) else f"{v:.1f}{unit}"
+    return f"{n}B"
+
+
+def format_mcfg(allocs: list[McfgAllocation], source: str) -> list[str]:
+    out = [f"MCFG (ECAM, from the {source}): {len(allocs)} allocation{'s' * (len(allocs) != 1)}"]
+    for a in allocs:
+        j = _mcfg_json(a)
+        out.append(f"  segment {a.segment:04x} buses {a.start_bus:02x}-{a.end_bus:02x}: {_range(j['start'], j['end'])} "
+                   f"(base 0x{a.base_address:x})")
+    return out
+
+
+def _function_line(f: hostpci.Function) -> str:
+    ids = f"{f.vendor:04x}:{f.device:04x}" if f.vendor is not None and f.device is not None else "?"
+    cls = f"0x{f.class_code:06x}" if f.class_code is not None else "?"
+    extra = []
+    if f.sriov_totalvfs is not None:
+        extra.append(f"SR-IOV {f.sriov_numvfs if f.sriov_numvfs is not None else '?'}/{f.sriov_totalvfs} VFs")
+    if f.physfn:
+        extra.append(f"VF of {f.physfn}")
+    if f.is_bridge:
+        extra.append("bridge")
+    return f"{f.address}  {cls}  {ids}  {f.driver or '-'}" + (f"  ({', '.join(extra)})" if extra else "")
+
+
+def format_pci(topo: hostpci.PciTopology) -> list[str]:
+    out = [f"PCI: {len(topo.roots)} root complex{'es' * (len(topo.roots) != 1)} (source: {topo.source})"]
+    for r in topo.roots:
+        name = f" [{r.acpi_name}]" if r.acpi_name else ""
+        node = f", NUMA node {r.numa_node}" if r.numa_node is not None else ""
+        out.append(f"  root {r.name}{name}: segment {r.segment:04x} buses {r.bus_start:02x}-{r.bus_end:02x}{node}")
+        for label, ws in (("io", r.io), ("mem <4G", r.mem_below_4g), ("mem >4G", r.mem_above_4g),
+                          ("consumed", r.consumed)):
+            if ws:
+                out.append(f"    {label:9} " + ", ".join(_range(w.start, w.end) + (" pref" if w.prefetchable else "")
+                                                    + (f" {w.kind}" if label == "consumed" else "") for w in ws))
+        if not (r.io or r.mem_below_4g or r.mem_above_4g):
+            out.append("    no windows (a bus number only)")
+        for f in topo.functions_under(r):
+            out.append(f"    {_function_line(f)}")
+    orphans = [f for f in topo.functions if f.root is None]
+    if orphans:
+        out.append("  functions under no known root:")
+        out += [f"    {_function_line(f)}" for f in orphans]
+    if not topo.functions_known:
+        out.append("  (the log lists no functions: give the full `dmesg`, not only the root bus lines, to see them)")
+    return out
+
+
+def format_host(host) -> str:
+    out = [f"Host {host.root}" + (f" (boot id {host.boot_id})" if host.boot_id else "")]
+    if host.cmdline:
+        out.append(f"  kernel command line: {host.cmdline}")
+    cpus = host.cpus
+    online = [c.cpu for c in cpus if c.online]
+    out.append(f"CPUs: {len(cpus)} present, online {format_cpu_list(online) or 'none'}, "
+               f"APIC mode {host.apic_mode or 'unknown'} ({host.apic_mode_source})")
+    has_node = any(getattr(c, "node", None) not in (None, 0) for c in cpus) or len(getattr(host, "numa", []) or []) > 1
+    out.append(("  cpu  apic id  state    " + ("node" if has_node else "")).rstrip())
+    for c in cpus:
+        state = "boot" if c.boot else "online" if c.online else "offline"
+        node = getattr(c, "node", None)
+        apic = str(c.apic_id) if c.apic_id is not None else "?"
+        out.append(f"  {c.cpu:<4} {apic:<8} {state:<8} {node if has_node and node is not None else ''}".rstrip())
+    out.append("Memory:")
+    out.append("  firmware map:")
+    for r in host.firmware_map:
+        out.append(f"    {_range(r.start, r.end - 1):32} {_size(r.size):>6}  {r.type}")
+    out.append("  host RAM (System RAM in /proc/iomem): " +
+               (", ".join(f"{_range(r.start, r.end - 1)} ({_size(r.size)})" for r in host.host_ram()) or "unknown"))
+    nodes = getattr(host, "numa", None) or []
+    for n in nodes:
+        free = ", ".join(f"{_range(r.start, r.end - 1)} ({_size(r.size)})" for r in n.free) or "none"
+        out.append(f"  free RAM on node {n.node} (CPUs {format_cpu_list(list(n.cpus)) or 'none'}): {free}")
+    out += format_pci(host.pci)
+    if host.mcfg:
+        out += format_mcfg(host.mcfg, "host's MCFG table")
+    elif host.pci.ecam_from_log:
+        out += format_mcfg(host.pci.ecam_from_log, "kernel log")
+    else:
+        out.append("MCFG: none (no /sys/firmware/acpi/tables/MCFG, no ECAM line in the kernel log)")
+    ports = [p for p in host.serial_ports if p.type]
+    if ports:
+        out.append("Serial ports: " + ", ".join(f"{p.tty}=0x{p.port:x}" + (" (host console)" if p.in_use_as_console else "")
+                                                for p in ports))
+    out.append(f"TSC: {host.tsc_khz} kHz (kernel log)" if host.tsc_khz else "TSC: unknown (not in the kernel log)")
+    return "\n".join(out)
+
+
+def format_log_view(view: LogView) -> str:
+    out = [f"Kernel log {view.source} (CPUs, memory and sysfs not read: add --root for a host tree)"]
+    out += format_pci(view.pci)
+    out += (format_mcfg(view.pci.ecam_from_log, "kernel log") if view.pci.ecam_from_log
+            else ["MCFG: no MMCONFIG/ECAM line in the log"])
+    out.append(f"TSC: {view.tsc_khz} kHz" if view.tsc_khz else "TSC: not in the log")
+    return "\n".join(out)
+
+
+def host_json(host) -> dict:
+    doc = host.to_json()
+    doc["source"] = {"root": str(host.root)}
+    doc.setdefault("pci", host.pci.to_json())
+    doc["mcfg"] = [_mcfg_json(a) for a in (host.mcfg or host.pci.ecam_from_log)]
+    doc["mcfg_source"] = "MCFG table" if host.mcfg else "kernel log" if host.pci.ecam_from_log else None
+    doc["serial_ports"] = [dataclasses.asdict(p) for p in host.serial_ports]
+    return doc
+
+
+def cmd_show(args) -> int:
+    what = load(args.root, args.from_dmesg)
+    if args.json:
+        print(json.dumps(what.to_json() if isinstance(what, LogView) else host_json(what), indent=2))
+    else:
+        print(format_log_view(what) if isinstance(what, LogView) else format_host(what))
+    return 0
+
+
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", type=Path, default=None, metavar="DIR",
+                   help="read a captured host tree (same paths as /sys, /proc, /dev/kmsg; see "
+                        "scripts/capture-host.sh) instead of this host")
+    p.add_argument("--from-dmesg", metavar="FILE",
+                   help="take the kernel log (its 'root bus resource' lines) from FILE, '-' for stdin")
+
+
+def register(host_subparsers) -> argparse.ArgumentParser:
+    p = host_subparsers.add_parser("show", help="what coreslice finds on this host: CPUs, memory, PCI, MCFG, TSC",
+                                   description=SHOW_HELP, epilog=SHOW_EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_args(p)
+    p.add_argument("--json", action="store_true", help="print everything as one JSON object")
+    p.set_defaults(func=cmd_show)
+    return p
