@@ -7,10 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__, demo
+from . import __version__, demo, dsdtcmd, hostcfg, hostcmd, plancmd
 from .testbed import cli as testbed_cli
 from .errors import CoresliceError, UsageError
-from .host.sysfs import parse_cpu_list
 from .units import format_size, parse_memory
 
 BOOT_HELP = """\
@@ -22,24 +21,21 @@ mem= limit.  coreslice writes the kernel, initrd, a zero page, ACPI tables (RSDP
 MADT, MCFG, DSDT), page tables and a real-mode trampoline into physical memory through /dev/mem,
 reads everything back, and wakes the first CPU with INIT-SIPI-SIPI.  Every check runs before the
 first write: on bad input it exits 2 with one line saying what is wrong, and changes nothing.
+
+With --ncpus N and/or --memory SIZE (no @BASE) coreslice chooses free CPUs and memory on one NUMA
+node (see `coreslice plan`).  Each launch is recorded in the ledger (`coreslice list`) in the same
+transaction that checks that no other slice of this host boot holds its CPUs, memory, low-memory
+slot or console, before the first write; of two launches that race for the same resources, one
+is refused.  Booting exactly the CPUs and memory of an existing slice relaunches it.
 """
 
 BOOT_EPILOG = """\
 examples:
   coreslice boot --kernel vmlinuz --initrd initrd.img --cpus 1-2 --memory 1G@0x40000000 --console io:0x2f8
+  coreslice boot --kernel vmlinuz --initrd initrd.img --ncpus 2 --memory 1G --console io:0x2f8
   coreslice boot ... --dry-run out/          # write plan.json and every segment, touch nothing
 exit status: 0 booted (or dry run written), 1 failed while acting on the machine, 2 bad input
 """
-
-
-def _cpu_list(text: str) -> list[int]:
-    try:
-        cpus = parse_cpu_list(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a CPU list; write e.g. 1-2,5") from None
-    if not cpus:
-        raise argparse.ArgumentTypeError("empty CPU list")
-    return cpus
 
 
 def _add_boot(sub) -> None:
@@ -50,15 +46,14 @@ def _add_boot(sub) -> None:
     p.add_argument("--initrd", type=Path, metavar="PATH", help="initramfs for the slice")
     p.add_argument("--cmdline", default="", metavar="STR",
                    help="kernel parameters appended after coreslice's own (console, noapic, tsc, pci=off ...)")
-    p.add_argument("--cpus", required=True, type=_cpu_list, metavar="LIST",
-                   help="host logical CPUs as in /sys/devices/system/cpu (e.g. 1-2,5); present, offline, not the boot CPU. "
-                        "The first one is woken; the slice kernel starts the others")
-    p.add_argument("--memory", required=True, metavar="SIZE@BASE",
-                   help="physical RAM for the slice, e.g. 1G@0x40000000: page aligned, RAM in the firmware map, "
-                        "above the host's mem= limit")
+    plancmd.add_placement_args(p)  # --cpus|--ncpus, --memory, --numa-node, --name, --ledger
     p.add_argument("--console", required=True, metavar="io:PORT|PCI-ADDR",
                    help="the slice's serial console: a legacy 16550 port (io:0x2f8) or a PCI UART (0000:00:03.0), "
-                        "which is unbound from its host driver")
+                        "which is unbound from its host driver and counts as an assigned PCI function")
+    p.add_argument("--device", dest="devices", action="append", default=[], metavar="PCI-ADDR",
+                   help="a PCI function for the slice (repeatable): unbound from its host driver before the first "
+                        "write; the slice's DSDT then lists the root complexes holding its functions, and the slice "
+                        "gets pci=nobios,norom,nobar,realloc=off,lastbus=0x100 instead of pci=off")
     p.add_argument("--tsc-khz", type=int, metavar="KHZ",
                    help="TSC frequency passed to the slice (default: the host's calibration from its kernel log)")
     p.add_argument("--earlyprintk", action="store_true", help="also print early boot messages on the console")
@@ -67,37 +62,50 @@ def _add_boot(sub) -> None:
                         "segment (physical address in the name) into DIR")
     p.add_argument("--host-root", type=Path, default=Path("/"), metavar="DIR",
                    help="read the host from a captured tree of its /sys, /proc and /dev/kmsg instead of the live "
-                        "host (only with --dry-run; for tests and planning on another machine)")
+                        "host (only with --dry-run; for tests and planning on another machine; tests may set "
+                        f"{plancmd.FAKE_MACHINE_ENV}=1 to launch onto in-memory fakes instead)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the plan and phase timings")
     p.set_defaults(func=_cmd_boot)
 
 
 def _cmd_boot(args) -> int:
     from .host.snapshot import discover
-    from .launch import Machine, boot, stderr_progress
-    from .machine.pci import FakePci
-    from .machine.physmem import FakeMemory
-    from .machine.lapic import FakeApic
+    from .launch import boot, stderr_progress
+    from .ledger import LedgerConflict
     from .spec import BootSpec
 
     size, base = parse_memory(args.memory)
-    if base is None:
-        raise UsageError(f"--memory {args.memory} has no base; write SIZE@BASE, e.g. {format_size(size)}@0x40000000")
-    spec = BootSpec(kernel=args.kernel, initrd=args.initrd, cpus=args.cpus, mem_size=size, mem_base=base,
-                    console=args.console, cmdline=args.cmdline, tsc_khz=args.tsc_khz,
-                    earlyprintk=args.earlyprintk)
     live = args.host_root.resolve() == Path("/")
-    if not live and args.dry_run is None:
+    if not live and args.dry_run is None and not plancmd.fake_machine_requested(live):
         raise UsageError("--host-root describes another machine: it only goes with --dry-run")
-    machine = None if live else Machine(mem=FakeMemory(), pci=FakePci(), apic=lambda m: FakeApic(m))
+    machine = plancmd.make_machine(live)
     host = discover(args.host_root)
+    ledger = plancmd.open_ledger(args.ledger, host, readonly=args.dry_run is not None)
     progress = (lambda _m: None) if args.json else stderr_progress
-    result = boot(spec, host=host, machine=machine, dry_run=args.dry_run, progress=progress)
+    # Placed by coreslice (--ncpus, or --memory without @BASE): when a concurrent launch takes
+    # the chosen resources between placement and reservation, place again.
+    auto = args.ncpus is not None or base is None
+    for attempt in range(1, 4):
+        placed = plancmd.place_for(host, args, size, base, ledger, machine) if auto else None
+        spec = BootSpec(kernel=args.kernel, initrd=args.initrd, cpus=placed.cpus if placed else args.cpus,
+                        mem_size=size, mem_base=placed.mem_base if placed else base,
+                        console=args.console, cmdline=args.cmdline, tsc_khz=args.tsc_khz,
+                        earlyprintk=args.earlyprintk, name=args.name, devices=args.devices)
+        try:
+            result = boot(spec, host=host, machine=machine, dry_run=args.dry_run, progress=progress, ledger=ledger)
+            break
+        except LedgerConflict:
+            if not auto or attempt == 3:
+                raise
+            progress("a concurrent launch took those resources; placing again")
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        out = result.to_json()
+        out["placement"] = placed.to_json() if placed else None
+        print(json.dumps(out, indent=2))
     else:
         p = result.plan
-        what = f"dry run written to {result.dry_run_dir}" if result.dry_run_dir else "slice started"
+        name = result.slice.name if result.slice else spec.name or f"slice-{p.cpus[0]}"
+        what = f"dry run written to {result.dry_run_dir}" if result.dry_run_dir else f"slice '{name}' started"
         print(f"{what}: CPUs {','.join(map(str, p.cpus))} (APIC IDs {','.join(map(str, p.apic_ids))}), "
               f"{format_size(p.mem_size)}@0x{p.mem_base:x}, console 0x{p.console.port:x}, "
               f"{result.image.total_bytes >> 20} MiB in {sum(result.phases.values()):.2f} s")
@@ -112,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"coreslice {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_boot(sub)
+    plancmd.register(sub)  # plan, list, stop
+    host = sub.add_parser("host", help="this host: readiness check and kernel command line",
+                          description="Inspect and configure the host that launches slices.")
+    hsub = host.add_subparsers(dest="host_command", required=True, metavar="COMMAND")
+    hostcfg.register(hsub)  # configure, check
+    hostcmd.register(hsub)  # show
+    dsdtcmd.register(sub)
     testbed_cli.register(sub)
     demo.register(sub)
     return parser

@@ -2,7 +2,7 @@
 
 The demo is the testbed with a fixed scenario: a 4-CPU, 6 GiB q35 machine whose host Linux keeps
 CPU 0 and 1 GiB; slice A gets CPUs 1-2 and 512 MiB at 1 GiB, slice B gets CPU 3 and 1 GiB above
-4 GiB.  While it runs, every line the slices print on their UARTs is shown, prefixed by the slice.
+4 GiB; each slice's console is a PCI UART on a root bus of its own.  While it runs, every line the slices print on their UARTs is shown, prefixed by the slice.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import threading
 import time
 from pathlib import Path
 
+# Each slice's console is a PCI UART alone on a PCI root bus of its own (the testbed's default),
+# so the slice's DSDT exposes that root bus and nothing of the host's.
 SLICES = (
-    ("A", "--cpus 1-2 --memory 512M@0x40000000 --console io:0x2f8", "console-com2.log"),
-    ("B", "--cpus 3 --memory 1G@0x100000000 --console io:0x3e8", "console-com3.log"),
+    ("A", "--name A --cpus 1-2 --memory 512M@0x40000000 --console 0000:21:00.0", "console-pxb1.log"),
+    ("B", "--name B --cpus 3 --memory 1G@0x100000000 --console 0000:41:00.0", "console-pxb2.log"),
 )
 
 
@@ -57,7 +59,7 @@ def format_table(result: dict) -> str:
         mem = f"{s['mem_kib'] // 1024} MiB" if s.get("mem_kib") else "-"
         secs = f"{s['seconds_to_userspace']:.1f} s" if s.get("seconds_to_userspace") else "-"
         apic = ",".join(map(str, s.get("apic_ids") or [])) or "-"
-        args = " ".join(a for a in s.get("args", [])[:4])
+        args = " ".join(a for a in s.get("args", [])[2:6])
         rows.append((name, args, "yes" if s.get("booted") else "NO", str(s.get("cpus") or "-"), apic, mem, secs))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
@@ -80,7 +82,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("Slow steps under software emulation: first run fetches a Debian kernel (apt-get download); "
           "each boot takes 10-30 s.\n", file=sys.stderr)
     opts = RunOptions(slices=[spec for _, spec, _ in SLICES], x2apic=args.x2apic, workdir=run_dir,
-                      host_cmds=["grep -E 'CAL|RES|TLB' /proc/interrupts"])
+                      host_cmds=["grep -E 'CAL|RES|TLB' /proc/interrupts", "coreslice list"])
     tail = None
     if not args.quiet_consoles:
         tail = ConsoleTail(run_dir)
@@ -95,6 +97,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print("\n" + format_table(result))
+        listing = (result.get("host_cmds") or [{}, {}])[1].get("output", "").rstrip()
+        if listing:
+            print("\n$ coreslice list   (in the emulated host)\n" + listing)
         print(f"\nconsole logs and the full result: {result['host'].get('run_dir', run_dir)}")
     return 0 if result.get("ok") else 1
 

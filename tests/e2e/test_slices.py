@@ -50,6 +50,15 @@ def check_matches_plan(s: dict) -> None:
     want = [(e["addr"], e["size"], {"ram": "usable"}.get(e["type"], e["type"])) for e in plan["e820"]]
     assert seen == want
     ram = sum(e["size"] for e in plan["e820"] if e["type"] == "ram")
+    # PCI: the slice's sysfs holds functions of its own root buses only (none with pci=off).
+    buses = [(r["bus_start"], r["bus_end"]) for r in (plan.get("pci") or {}).get("roots", [])]
+    for fn in s["pci"]:
+        bus = int(fn.split(":")[1], 16)
+        assert any(lo <= bus <= hi for lo, hi in buses), f"{fn} is not on the slice's root buses {buses}"
+    if plan["console"]["pci_address"]:
+        assert plan["console"]["pci_address"] in s["pci"]
+    else:
+        assert s["pci"] == []
     # MemTotal is the RAM it was given minus the kernel's own image and reservations.
     assert ram * 0.80 / 1024 < s["mem_kib"] <= ram / 1024
 
@@ -80,7 +89,8 @@ def test_two_slices_at_once_and_isolation(run_dir):
     assert b["output"]["plan"]["memory"]["base"] == 0x100000000
     assert a["output"]["plan"]["low_slot"]["base"] != b["output"]["plan"]["low_slot"]["base"]
     assert bad["exit_code"] == 2 and not bad["booted"]
-    assert "belong to the slice" in bad["stderr"] and bad["stderr"].strip().count("\n") == 0
+    # Named by the ledger ("CPU 2 is held by slice 'slice-1' ..."); without it, by the slot record.
+    assert "held by slice 'slice-1'" in bad["stderr"] and bad["stderr"].strip().count("\n") == 0
 
     # Isolation: no IPI reached the host's CPU while the slices booted and ran.
     before, after = r["host"]["interrupts_before"], r["host"]["interrupts_after"]
@@ -94,15 +104,31 @@ def test_two_slices_at_once_and_isolation(run_dir):
 
 
 def test_x2apic_host_and_pci_uart_console(run_dir):
+    """A PCI UART on a root bus of its own (pxb-pcie 0000:20) is the console: the slice's DSDT
+    lists that root alone, its ECAM is reserved in the slice's e820, and the slice's kernel scans
+    that root and nothing of the host's.  The bus-0 UART is refused: its root holds the host's
+    virtio functions."""
     r = boot(run_dir, [
-        "--cpus 1 --memory 512M@0x40000000",
-        "--cpus 2-3 --memory 1G@0x100000000 --console 0000:00:10.0",
+        "--cpus 1 --memory 512M@0x40000000 --console io:0x2f8",
+        "--cpus 3 --memory 256M@0x140000000 --console 0000:00:10.0",  # refused, nothing taken
+        "--cpus 2-3 --memory 1G@0x100000000 --console 0000:21:00.0",
     ], x2apic=True)
     assert r["host"]["apic_mode"] == "x2apic"
-    a, b = r["slices"]
+    a, bus0, b = r["slices"]
     for s in (a, b):
         check_matches_plan(s)
         assert s["output"]["plan"]["apic_mode"] == "x2apic"
-    assert b["output"]["plan"]["console"]["pci_address"] == "0000:00:10.0"
+    plan = b["output"]["plan"]
+    assert plan["console"]["pci_address"] == "0000:21:00.0"
     assert b["output"]["console_detached_from"] == "serial"
-    assert b["console_log"].endswith("console-pci.log")
+    assert b["console_log"].endswith("console-pxb1.log")
+    assert [root["name"] for root in plan["pci"]["roots"]] == ["0000:20"]
+    assert "pci=off" not in plan["cmdline"] and "pci=nobios,norom,nobar,realloc=off,lastbus=0x100" in plan["cmdline"]
+    log = Path(b["console_log"]).read_text(errors="replace")
+    assert "for domain 0000 [bus 20-21]" in log and "reserved as E820 entry" in log  # ECAM accepted
+    assert re.findall(r"PCI host bridge to bus (\S+)", log) == ["0000:20"]
+    assert set(re.findall(r"pci (\w{4}:\w\w:\w\w\.\d): \[", log)) == {"0000:20:00.0", "0000:21:00.0"}
+    # The slice's own sysfs, read by its init: its root port and its UART, nothing of the host's.
+    assert b["pci"] == ["0000:20:00.0", "0000:21:00.0"]
+    assert a["pci"] == []  # pci=off: no PCI at all
+    assert bus0["exit_code"] == 2 and "also holds 0000:00:01.0 (virtio-pci)" in bus0["stderr"]

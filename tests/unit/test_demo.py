@@ -6,7 +6,7 @@ def test_table_reports_slices_and_host_ipis():
         "host": {"interrupts_before": {"CAL": 0, "RES": 1, "TLB": 0},
                  "interrupts_after": {"CAL": 0, "RES": 3, "TLB": 0}},
         "slices": [
-            {"args": ["--cpus", "1-2", "--memory", "512M@0x40000000"], "booted": True, "cpus": 2,
+            {"args": ["--name", "A", "--cpus", "1-2", "--memory", "512M@0x40000000"], "booted": True, "cpus": 2,
              "apic_ids": [1, 2], "mem_kib": 474224, "seconds_to_userspace": 13.4},
             {"args": ["--cpus", "3"], "booted": False},
         ],

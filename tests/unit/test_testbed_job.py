@@ -44,6 +44,15 @@ def test_pci_console_maps_to_pci_log():
     assert jobs[0].port.log == Path("/run1/console-pci.log")
 
 
+def test_pci_consoles_default_to_pxb_uarts():
+    jobs = complete_slice_args(["--cpus 1", "--cpus 2 --console 0000:21:00.0", "--cpus 3"], K, I, PORTS,
+                               default_kind="pxb")
+    assert [_opt(j.args, "--console") for j in jobs] == ["0000:41:00.0", "0000:21:00.0", "0000:61:00.0"]
+    assert [j.port.log.name for j in jobs] == ["console-pxb2.log", "console-pxb1.log", "console-pxb3.log"]
+    with pytest.raises(UsageError, match=r"no free PCI root-bus console.*io:0x2f8"):
+        complete_slice_args(["-a", "-b", "-c", "-d"], K, I, PORTS, default_kind="pxb")
+
+
 def test_unknown_console_has_no_port():
     jobs = complete_slice_args(["--console ttyS9"], K, I, PORTS)
     assert jobs[0].port is None
@@ -69,6 +78,9 @@ def test_port_for_console_forms():
     assert port_for_console("io:1000", PORTS).name == "com3"
     assert port_for_console("io:0x3f8", PORTS) is None  # the host's COM1 is not a slice port
     assert port_for_console("00:10.0", PORTS).kind == "pci"
+    assert port_for_console("0000:41:00.0", PORTS).name == "pxb2"
+    assert port_for_console("pci:61:00.0", PORTS).name == "pxb3"
+    assert port_for_console("0000:20:00.0", PORTS) is None  # the root port, not a UART
 
 
 def test_job_script_runs_boot_with_json_in_order():

@@ -55,11 +55,41 @@ def test_slice_uarts_each_log_to_own_file():
         "iobase=0x2f8,irq=3", "iobase=0x3e8,irq=4", "iobase=0x2e8,irq=3",
     ]
     pci = [d for d in devices if d.startswith("pci-serial")]
-    assert pci == ["pci-serial,chardev=slicecon3,bus=pcie.0,addr=0x10"]
+    assert pci[0] == "pci-serial,chardev=slicecon3,bus=pcie.0,addr=0x10"
+    assert len(pci) == 4
     logs = [c.split("path=")[1] for c in _pairs(cmd, "-chardev")]
-    assert len(set(logs)) == len(logs) == 5
+    assert len(set(logs)) == len(logs) == 8
     assert m.pci_serial.pci_address == "0000:00:10.0"
-    assert [p.console_arg for p in m.serial_ports] == ["io:0x2f8", "io:0x3e8", "io:0x2e8", None]
+    assert [p.console_arg for p in m.serial_ports] == [
+        "io:0x2f8", "io:0x3e8", "io:0x2e8", "0000:00:10.0", "0000:21:00.0", "0000:41:00.0", "0000:61:00.0"]
+
+
+def test_pxb_root_buses_each_hold_a_root_port_and_a_uart():
+    """pxb-pcie takes only bridges: root bus N -> root port N:00.0 -> UART (N+1):00.0."""
+    m, cmd = _cmd()
+    devices = _pairs(cmd, "-device")
+    for i, (bus, slot) in enumerate(((0x20, 0x11), (0x40, 0x12), (0x60, 0x13)), start=1):
+        pxb = f"pxb-pcie,id=pxb{i},bus_nr={bus:#x},bus=pcie.0,addr={slot:#x}"
+        rp = f"pcie-root-port,id=pxb{i}rp,bus=pxb{i},chassis={bus:#x},slot=0,addr=0x0"
+        uart = f"pci-serial,chardev=slicecon{3 + i},bus=pxb{i}rp,addr=0x0"
+        assert devices.index(pxb) < devices.index(rp) < devices.index(uart)
+        assert f"file,id=slicecon{3 + i},path=/runs/r1/console-pxb{i}.log" in _pairs(cmd, "-chardev")
+    ports = m.pxb_serials
+    assert [(p.name, p.root_bus, p.pci_address) for p in ports] == [
+        ("pxb1", "0000:20", "0000:21:00.0"), ("pxb2", "0000:40", "0000:41:00.0"),
+        ("pxb3", "0000:60", "0000:61:00.0")]
+    d = ports[0].describe()
+    assert d["kind"] == "pxb" and d["root_port"] == "0000:20:00.0" and d["iobase"] is None
+    assert d["console_arg"] == "0000:21:00.0" and d["log"] == "/runs/r1/console-pxb1.log"
+    assert m.pci_serial.describe()["root_bus"] == "0000:00"
+    # No NUMA node unless asked for (QEMU needs -numa for it).
+    assert not any("numa_node" in dev for dev in devices)
+
+
+def test_pxb_numa_nodes_spread_round_robin():
+    _, cmd = _cmd(pxb_numa_nodes=(0, 1))
+    pxbs = [d for d in _pairs(cmd, "-device") if d.startswith("pxb-pcie")]
+    assert [d.rsplit(",", 1)[1] for d in pxbs] == ["numa_node=0", "numa_node=1", "numa_node=0"]
 
 
 def test_x2apic_adds_interrupt_remapping_iommu_first():
@@ -136,3 +166,9 @@ def test_machine_teardown_kills_by_pid(tmp_path):
     assert pid not in qemu.LIVE_PIDS
     assert m.exit_code == -9
     assert (tmp_path / "w" / "qemu-command.txt").read_text().startswith(str(script))
+
+
+def test_numa_machine_puts_pxb_root_buses_on_the_nodes():
+    _, cmd = _cmd(numa=2, smp=4, memory="6G")
+    pxbs = [d for d in _pairs(cmd, "-device") if d.startswith("pxb-pcie")]
+    assert [d.rsplit(",", 1)[1] for d in pxbs] == ["numa_node=0", "numa_node=1", "numa_node=0"]

@@ -11,6 +11,7 @@ def test_parse_plain_line():
         "cpus": 2,
         "mem_kib": 1012345,
         "apic_ids": [1, 2],
+        "pci": [],
         "cmdline": "console=uart,io,0x2f8,115200n8 noapic pci=off",
     }
 
@@ -22,7 +23,7 @@ def test_parse_with_printk_prefix_and_cr():
 
 def test_parse_empty_apic_list_and_cmdline():
     r = parse_report("CORESLICE-REPORT cpus=0 mem_kib=0 apic_ids= cmdline=")
-    assert r == {"cpus": 0, "mem_kib": 0, "apic_ids": [], "cmdline": ""}
+    assert r == {"cpus": 0, "mem_kib": 0, "apic_ids": [], "pci": [], "cmdline": ""}
 
 
 def test_non_report_lines():
@@ -39,7 +40,7 @@ def test_find_report_in_log():
 def test_slice_init_writes_exact_format_to_kmsg():
     text = initramfs.slice_init_text()
     assert text.startswith("#!/bin/sh\n")
-    assert ('line="CORESLICE-REPORT cpus=$cpus mem_kib=$mem apic_ids=$apic cmdline=$cmdline"'
+    assert ('line="CORESLICE-REPORT cpus=$cpus mem_kib=$mem apic_ids=$apic pci=$pci cmdline=$cmdline"'
             in text)
     assert 'echo "<2>$line" >/dev/kmsg' in text
     assert "while true; do sleep 3600; done" in text
@@ -57,3 +58,10 @@ def test_host_init_mounts_and_markers():
     assert 'chroot /newroot /bin/sh "$RUN_DIR/job.sh"' in text
     assert text.rstrip().endswith("poweroff -f")
     assert "CORESLICE-HOST" in text
+
+
+def test_parse_pci_functions():
+    r = parse_report("CORESLICE-REPORT cpus=2 mem_kib=1 apic_ids=2,3 pci=0000:20:00.0,0000:21:00.0 "
+                     "cmdline=console=uart,io,0xe000,115200n8 pci=nobios")
+    assert r["pci"] == ["0000:20:00.0", "0000:21:00.0"]
+    assert r["cmdline"] == "console=uart,io,0xe000,115200n8 pci=nobios"

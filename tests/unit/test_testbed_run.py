@@ -135,3 +135,47 @@ def test_collect_reads_run_dir(tmp_path):
     assert (tmp_path / "result.json").is_file()
     states[0].report = None
     assert not run._collect(tmp_path, m, states, opts, host)["ok"]
+
+
+def test_pci_consoles_flag():
+    assert _parse(["testbed", "run"]).pci_consoles is True
+    assert _parse(["testbed", "run", "--isa-consoles"]).pci_consoles is False
+
+
+# What the 6.12 host logged on the testbed with the pxb-pcie root buses (QEMU 10, SeaBIOS).
+PXB_DMESG = """\
+[    1.255072] PCI host bridge to bus 0000:00
+[    1.255519] pci_bus 0000:00: root bus resource [io  0x0000-0x0cf7 window]
+[    1.256015] pci_bus 0000:00: root bus resource [bus 00-1f]
+[    1.387655] PCI host bridge to bus 0000:20
+[    1.387697] pci_bus 0000:20: root bus resource [io  0xd000-0xdfff window]
+[    1.387721] pci_bus 0000:20: root bus resource [mem 0xfe200000-0xfe3fffff window]
+[    1.387769] pci_bus 0000:20: root bus resource [bus 20-21]
+[    1.662826] pci_bus 0000:21: resource 0 [io  0xd000-0xdfff]
+"""
+
+
+def test_root_bus_resources_from_dmesg():
+    r = run.root_bus_resources(PXB_DMESG)
+    assert r == {"0000:00": ["io 0x0000-0x0cf7 window", "bus 00-1f"],
+                 "0000:20": ["io 0xd000-0xdfff window", "mem 0xfe200000-0xfe3fffff window", "bus 20-21"]}
+
+
+def test_collect_reports_each_pci_uart_with_its_root_bus(tmp_path):
+    from coreslice.testbed.qemu import MachineConfig, QemuMachine
+
+    m = QemuMachine(MachineConfig(kernel=Path("/k"), append=""), tmp_path)
+    (tmp_path / "dmesg-start.txt").write_text(PXB_DMESG)
+    (tmp_path / "host-pci.txt").write_text("0000:21:00.0 0x070002 0x1b36 0x0002 serial\n"
+                                           "0000:20:00.0 0x060400 0x1b36 0x000c pcieport\n")
+    host = {"run_dir": str(tmp_path), "timings": {}, "error": None, "job_finished": True,
+            "serial_ports": [p.describe() for p in m.serial_ports]}
+    h = run._collect(tmp_path, m, [], run.RunOptions(), host)["host"]
+    ports = {p["name"]: p for p in h["serial_ports"]}
+    assert ports["pxb1"]["in_host"]["driver"] == "serial"
+    assert ports["pxb1"]["root_bus_resources"][0] == "io 0xd000-0xdfff window"
+    assert ports["pxb2"]["in_host"] is None and ports["pxb2"]["root_bus_resources"] == []
+    assert "in_host" not in ports["com2"]
+    assert h["pci_serial"]["in_host"] is None  # 0000:00:10.0 is not in this host-pci.txt
+    text = run.format_summary({"ok": True, "host": h, "slices": [], "host_cmds": []})
+    assert "PCI UART 0000:21:00.0 on root bus 0000:20 (seen by the host" in text

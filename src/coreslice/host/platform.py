@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 import struct
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def read_kernel_log(root: Path) -> list[str]:
     except OSError:
         return lines
     try:
-        if not os.path.stat.S_ISCHR(os.fstat(fd).st_mode):
+        if not stat.S_ISCHR(os.fstat(fd).st_mode):
             with os.fdopen(os.dup(fd), "r", errors="replace") as f:
                 raw = f.read().splitlines()
         else:

@@ -15,9 +15,11 @@ Boot the emulated machine (QEMU q35 under TCG) with a stock Debian 6.12 host ker
 (maxcpus=1 mem=HOST-MEM), the build machine's root shared read-only so this working tree's
 coreslice runs inside it, and run `coreslice boot ARGS --json` there for each --slice, in order.
 --kernel, --initrd (the testbed's slice kernel and report initramfs) and a free --console
-(io:0x2f8, then io:0x3e8, then io:0x2e8; a PCI UART is also present) are added when ARGS do not
-give them.  The testbed waits until each launched slice writes its CORESLICE-REPORT line on its
-console (or --slice-timeout passes), then runs each --host-cmd in the host's shell and powers
+(the PCI UARTs 0000:21:00.0, 0000:41:00.0, 0000:61:00.0, each alone on a pxb-pcie root bus
+0000:20/40/60 behind a root port; with --isa-consoles io:0x2f8, io:0x3e8, io:0x2e8; a PCI UART
+at 0000:00:10.0 on the host's bus 0 is also present) are added when ARGS do not give them.
+The testbed waits until each launched slice writes its CORESLICE-REPORT line on its console
+(or --slice-timeout passes), then runs each --host-cmd in the host's shell and powers
 the host off.  Artefacts (console logs, job script, outputs, result.json) stay in the run
 directory.  Exit status 0 when every slice whose `coreslice boot` succeeded reached user space
 (and the host job completed), else 1.
@@ -61,6 +63,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="boot each slice only after the previous one reported (or timed out); "
                         "lets slices share a console, e.g. to relaunch on the same CPUs "
                         "(default: boot all, then wait)")
+    p.add_argument("--isa-consoles", dest="pci_consoles", action="store_false",
+                   help="give slices without --console a legacy ISA UART (io:0x2f8, io:0x3e8, "
+                        "io:0x2e8; then the slice runs with pci=off) instead of the default, a PCI "
+                        "UART on a PCI root bus of its own (0000:21:00.0, 0000:41:00.0, "
+                        "0000:61:00.0), as on the prototype's hardware; the result JSON lists "
+                        "every UART under host.serial_ports")
+    p.add_argument("--numa", type=int, default=0, metavar="N",
+                   help="split the machine into N NUMA nodes (contiguous CPUs, equal RAM in address "
+                        "order), which gives it an ACPI SRAT (default: 0, no NUMA, no SRAT)")
     p.add_argument("--workdir", type=Path, default=None, metavar="DIR",
                    help="run directory (new or empty; not under /tmp or /run); default: "
                         "$CORESLICE_CACHE/runs/<time>-<pid> (cache: ~/.cache/coreslice)")
@@ -86,6 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         host_mem=args.host_mem, cpu_model=args.cpu_model, x2apic=args.x2apic,
         kernel_version=args.kernel_version, timeout=args.timeout,
         slice_timeout=args.slice_timeout, workdir=args.workdir, wait_each=args.wait_each,
+        pci_consoles=args.pci_consoles,
+        numa=args.numa,
     )
     return main_run(opts, args.json)
 

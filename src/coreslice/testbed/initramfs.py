@@ -95,8 +95,9 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 cpus=$(grep -c '^processor' /proc/cpuinfo)
 mem=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
 apic=$(awk -F': *' '/^apicid/ {printf "%s%s", sep, $2; sep=","}' /proc/cpuinfo)
+pci=$(ls /sys/bus/pci/devices 2>/dev/null | tr '\n' ',' | sed 's/,$//')
 read -r cmdline </proc/cmdline
-line="@TAG@ cpus=$cpus mem_kib=$mem apic_ids=$apic cmdline=$cmdline"
+line="@TAG@ cpus=$cpus mem_kib=$mem apic_ids=$apic pci=$pci cmdline=$cmdline"
 echo "<2>$line" >/dev/kmsg
 echo "$line" >/dev/console
 while true; do sleep 3600; done
@@ -122,14 +123,16 @@ def slice_init_text() -> str:
 
 _REPORT_RE = re.compile(
     re.escape(REPORT_TAG)
-    + r" cpus=(?P<cpus>\d+) mem_kib=(?P<mem>\d+) apic_ids=(?P<apic>[0-9,]*) cmdline=(?P<cmdline>.*)$"
+    + r" cpus=(?P<cpus>\d+) mem_kib=(?P<mem>\d+) apic_ids=(?P<apic>[0-9,]*)"
+    + r"(?: pci=(?P<pci>[0-9a-f:.,]*))? cmdline=(?P<cmdline>.*)$"
 )
 
 
 def parse_report(line: str) -> dict | None:
     """Parse a ``CORESLICE-REPORT`` line (anywhere in ``line``); None if there is none.
 
-    Returns ``{"cpus": int, "mem_kib": int, "apic_ids": [int, ...], "cmdline": str}``.
+    Returns ``{"cpus": int, "mem_kib": int, "apic_ids": [int, ...], "pci": [str, ...], "cmdline": str}``
+    (``pci``: the PCI functions in the slice's sysfs).
     """
     m = _REPORT_RE.search(line.rstrip("\r\n").replace("\r", ""))
     if not m:
@@ -138,6 +141,7 @@ def parse_report(line: str) -> dict | None:
         "cpus": int(m["cpus"]),
         "mem_kib": int(m["mem"]),
         "apic_ids": [int(a) for a in m["apic"].split(",") if a],
+        "pci": [a for a in (m["pci"] or "").split(",") if a],
         "cmdline": m["cmdline"].strip(),
     }
 

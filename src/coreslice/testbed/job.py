@@ -47,6 +47,7 @@ except OSError as exc:
     print("apic_base", "unreadable", exc)
 """
 EVENTS_FILE = "events"
+LEDGER_PATH = "/run/coreslice/ledger.sqlite3"  # in the emulated host (tmpfs)
 
 
 @dataclass(frozen=True)
@@ -72,16 +73,22 @@ def _has_option(args: Sequence[str], name: str) -> bool:
     return any(a == name or a.startswith(name + "=") for a in args)
 
 
+_PCI_IN_CONSOLE = re.compile(r"(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])")
+
+
 def port_for_console(console: str, ports: Sequence[SerialPort]) -> SerialPort | None:
-    """The testbed UART a ``--console`` value designates (``io:0x2f8`` style or one naming the
-    PCI UART's address), or None when it is not one of the testbed's."""
+    """The testbed UART a ``--console`` value designates (``io:0x2f8`` style or one naming a
+    PCI UART's address, with or without the segment), or None when it is not one of the
+    testbed's."""
     m = re.match(r"^(?:io|port|uart,io)[:,](0x[0-9a-fA-F]+|[0-9]+)", console.strip())
     if m:
         base = int(m.group(1), 0)
         return next((p for p in ports if p.iobase == base), None)
-    for p in ports:
-        if p.pci_address and (p.pci_address in console or p.pci_address[5:] in console):
-            return p
+    m = _PCI_IN_CONSOLE.search(console)
+    if m:
+        seg, bus, dev, fn = m.groups()
+        addr = f"{(seg or '0000').lower()}:{bus.lower()}:{dev.lower()}.{fn}"
+        return next((p for p in ports if p.pci_address == addr), None)
     return None
 
 
@@ -91,10 +98,13 @@ def complete_slice_args(
     initrd: Path,
     ports: Sequence[SerialPort],
     allow_shared_console: bool = False,
+    default_kind: str = "isa",
 ) -> list[SliceJob]:
     """Split each ``--slice`` string and add ``--kernel``, ``--initrd`` and a free
-    ``--console io:<port>`` (0x2f8, 0x3e8, 0x2e8 in that order, skipping ports that any slice
-    names itself) when the string does not give them.
+    ``--console`` when the string does not give them: of the ports of ``default_kind``, in
+    order, skipping ports that any slice names itself -- ``"isa"``: io:0x2f8, io:0x3e8,
+    io:0x2e8; ``"pxb"``: the PCI UARTs on their own root buses (0000:21:00.0, 0000:41:00.0,
+    0000:61:00.0).
 
     Two slices may name the same console only with ``allow_shared_console`` (``--wait-each``:
     each slice reports before the next is booted, e.g. to relaunch on the same CPUs)."""
@@ -117,7 +127,7 @@ def complete_slice_args(
                         "one after the other"
                     )
                 taken.add(port.name)
-    free = [p for p in ports if p.kind == "isa" and p.name not in taken]
+    free = [p for p in ports if p.kind == default_kind and p.name not in taken]
     jobs = []
     for i, (raw, args) in enumerate(zip(slices, split)):
         args = list(args)
@@ -128,10 +138,13 @@ def complete_slice_args(
         console = _option_value(args, "--console")
         if console is None:
             if not free:
+                defaults = ", ".join(p.console_arg for p in ports if p.kind == default_kind)
+                others = ", ".join(p.console_arg for p in ports
+                                   if p.kind != default_kind and p.name not in taken) or "none"
+                what = "ISA" if default_kind == "isa" else "PCI root-bus"
                 raise UsageError(
-                    f"--slice {raw!r}: no free ISA console left (0x2f8, 0x3e8, 0x2e8 are taken); "
-                    "give it --console for the PCI UART "
-                    f"({next((p.pci_address for p in ports if p.kind == 'pci'), 'none')})"
+                    f"--slice {raw!r}: no free {what} console left ({defaults} are taken); "
+                    f"give it --console with one of the other free UARTs ({others})"
                 )
             port = free.pop(0)
             args += ["--console", port.console_arg]  # type: ignore[list-item]
@@ -172,6 +185,8 @@ def render_job_script(
         f"PY={q(python)}",
         f"export PATH={q(pybin)}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         f"export PYTHONPATH={q(pythonpath)}",
+        # The host's root is the build machine's, shared read-only: the ledger goes on its tmpfs.
+        f"export CORESLICE_LEDGER={LEDGER_PATH}",
         "export HOME=/root TERM=dumb LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1",
         'cd "$RUN" || exit 90',
         'up() { read u _ </proc/uptime; echo "$u"; }',

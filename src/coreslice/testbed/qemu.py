@@ -15,7 +15,27 @@ com2        isa-serial 0x2f8   3      ``io:0x2f8``
 com3        isa-serial 0x3e8   4      ``io:0x3e8``
 com4        isa-serial 0x2e8   3      ``io:0x2e8``
 pci         pci-serial         INTx   PCI 16550 (class 0x0700xx, I/O BAR) at 0000:00:10.0
+pxb1..3     pci-serial behind  INTx   0000:21:00.0, 0000:41:00.0, 0000:61:00.0, each on
+            its own root bus          its own root bus 0000:20 / 0000:40 / 0000:60
 ==========  =================  =====  ===============================================
+
+The pxb UARTs model the prototype's hardware, where each slice console sits on a PCI root
+complex of its own that the slice's DSDT can expose alone.  QEMU 10 plugs only bridges into a
+``pxb-pcie`` ("Only PCI/PCIe bridges can be plugged into pxb-pcie"; ``pxb`` refuses a PCIe bus),
+so each root bus N holds a ``pcie-root-port`` at N:00.0 and the UART sits at (N+1):00.0.
+SeaBIOS assigns the windows (QEMU's DSDT then reports them in each pxb's _CRS); they depend
+on the machine's size, so read them from the host, never hard-code them.  With ``-m 6G`` the
+6.12 host logs for root bus 0000:20 (pxb1: a 0x060000 host bridge at 0000:00:11.0)::
+
+    root bus resource [io  0xe000-0xefff window]         UART BAR0 0xe000-0xe007
+    root bus resource [mem 0xfe800000-0xfe9fffff window]
+    root bus resource [mem 0xfea03000-0xfea03fff window]  (the root port's own BAR)
+    root bus resource [mem 0xc040000000-0xc05fffffff window]  (64-bit prefetchable)
+    root bus resource [bus 20-21]
+
+(pxb2: io 0xd000, pxb3: io 0xc000; with ``-m 2G`` the prefetchable window lies below 4G and
+the I/O windows shift with the device count), and bus 0000:00 shrinks to [bus 00-1f].  The
+host binds pcieport to each root port and serial to each UART.
 
 x2APIC mode adds ``-device intel-iommu,intremap=on,eim=on``: the host kernel enables x2APIC only
 with interrupt remapping, and its command line carries ``intel_iommu=off`` but not
@@ -45,6 +65,14 @@ ISA_SLICE_UARTS: tuple[tuple[str, int, int], ...] = (
     ("com2", 0x2F8, 3),
     ("com3", 0x3E8, 4),
     ("com4", 0x2E8, 3),
+)
+# PCI UARTs on their own pxb-pcie root buses: (name, root bus number, pxb slot on bus 0).
+# Bus numbers 0x20 apart leave room under each root; slots 0x11-0x13 are fixed so that the
+# addresses never depend on the order of other devices.
+PXB_SLICE_UARTS: tuple[tuple[str, int, int], ...] = (
+    ("pxb1", 0x20, 0x11),
+    ("pxb2", 0x40, 0x12),
+    ("pxb3", 0x60, 0x13),
 )
 _SIZE_RE = re.compile(r"^[1-9][0-9]*[KMGT]?$", re.I)
 
@@ -83,16 +111,23 @@ class SerialPort:
     """A UART of the emulated machine that a slice can use as its console."""
 
     name: str
-    kind: str  # "isa" or "pci"
+    kind: str  # "isa"; "pci" (on bus 0); "pxb" (behind a root port on its own pxb-pcie root bus)
     log: Path
     iobase: int | None = None
     irq: int | None = None
     pci_address: str | None = None
+    root_bus: str | None = None  # "0000:20": the root bus the UART is under (PCI kinds)
+    pxb_slot: int | None = None  # the pxb-pcie host bridge's slot on bus 0 (kind "pxb")
+    numa_node: int | None = None  # the pxb's NUMA node (needs -numa on the command line)
 
     @property
-    def console_arg(self) -> str | None:
-        """The ``coreslice boot --console`` value for ISA ports (None for the PCI UART)."""
-        return f"io:{self.iobase:#x}" if self.iobase is not None else None
+    def bus_nr(self) -> int | None:
+        return int(self.root_bus.split(":")[1], 16) if self.root_bus else None
+
+    @property
+    def console_arg(self) -> str:
+        """The ``coreslice boot --console`` value: ``io:PORT`` or the PCI address."""
+        return f"io:{self.iobase:#x}" if self.iobase is not None else self.pci_address  # type: ignore[return-value]
 
     def describe(self) -> dict:
         return {
@@ -101,18 +136,47 @@ class SerialPort:
             "iobase": None if self.iobase is None else f"{self.iobase:#x}",
             "irq": self.irq,
             "pci_address": self.pci_address,
+            "root_bus": self.root_bus,
+            "root_port": f"{self.root_bus}:00.0" if self.kind == "pxb" else None,
+            "numa_node": self.numa_node,
             "console_arg": self.console_arg,
             "log": str(self.log),
         }
 
 
-def slice_serial_ports(logdir: Path) -> list[SerialPort]:
+def slice_serial_ports(logdir: Path, pxb_numa_nodes: Sequence[int] = ()) -> list[SerialPort]:
+    """The slice UARTs, ISA first, then the bus-0 PCI UART, then one per pxb root bus.
+    ``pxb_numa_nodes`` spreads the pxbs over NUMA nodes (pxb i on ``nodes[i % len]``)."""
     ports = [
         SerialPort(name, "isa", logdir / f"console-{name}.log", iobase=io, irq=irq)
         for name, io, irq in ISA_SLICE_UARTS
     ]
-    ports.append(SerialPort("pci", "pci", logdir / "console-pci.log", pci_address=PCI_SERIAL_ADDRESS))
+    ports.append(SerialPort("pci", "pci", logdir / "console-pci.log", pci_address=PCI_SERIAL_ADDRESS,
+                            root_bus="0000:00"))
+    for i, (name, bus, slot) in enumerate(PXB_SLICE_UARTS):
+        node = pxb_numa_nodes[i % len(pxb_numa_nodes)] if pxb_numa_nodes else None
+        ports.append(SerialPort(name, "pxb", logdir / f"console-{name}.log",
+                                pci_address=f"0000:{bus + 1:02x}:00.0", root_bus=f"0000:{bus:02x}",
+                                pxb_slot=slot, numa_node=node))
     return ports
+
+
+def _serial_devices(port: SerialPort, chardev: str) -> list[str]:
+    """``-device`` values for one slice UART."""
+    if port.kind == "isa":
+        return [f"isa-serial,chardev={chardev},iobase={port.iobase:#x},irq={port.irq}"]
+    if port.kind == "pci":
+        slot = int(port.pci_address.split(":")[2].split(".")[0], 16)  # type: ignore[union-attr]
+        return [f"pci-serial,chardev={chardev},bus=pcie.0,addr={slot:#x}"]
+    # pxb-pcie takes only bridges: root bus N -> root port N:00.0 -> UART (N+1):00.0.
+    # chassis = the root bus number: unique per root port, clear of small numbers others use.
+    pxb, rp = port.name, f"{port.name}rp"
+    numa = f",numa_node={port.numa_node}" if port.numa_node is not None else ""
+    return [
+        f"pxb-pcie,id={pxb},bus_nr={port.bus_nr:#x},bus=pcie.0,addr={port.pxb_slot:#x}{numa}",
+        f"pcie-root-port,id={rp},bus={pxb},chassis={port.bus_nr:#x},slot=0,addr=0x0",
+        f"pci-serial,chardev={chardev},bus={rp},addr=0x0",
+    ]
 
 
 def host_append(host_mem: str = "1G", x2apic: bool = False, extra: Sequence[str] = ()) -> str:
@@ -147,6 +211,8 @@ class MachineConfig:
     x2apic: bool = False  # adds the interrupt-remapping IOMMU
     shares: tuple[Share, ...] = ()
     slice_consoles: bool = True
+    pxb_numa_nodes: tuple[int, ...] = ()  # NUMA node of each pxb root bus (needs -numa args)
+    numa: int = 0  # NUMA nodes (0: no -numa, no SRAT); see numa_args()
     qemu_binary: str = QEMU
     extra_args: tuple[str, ...] = ()
     name: str = "coreslice-host"
@@ -156,6 +222,28 @@ class MachineConfig:
 class _Layout:
     console_log: Path
     serial_ports: list[SerialPort] = field(default_factory=list)
+
+
+def numa_args(nodes: int, smp: int, memory: str) -> list[str]:
+    """``-numa`` options that split the machine into ``nodes`` NUMA nodes, which gives it an
+    ACPI SRAT: contiguous CPU ranges (the first nodes get one more when ``smp`` does not
+    divide) and equal slices of RAM in address order (the last gets the rest), so with
+    ``-smp 4 -m 6G`` and 2 nodes: CPUs 0-1 + the first 3 GiB, CPUs 2-3 + the rest."""
+    if nodes == 0:
+        return []
+    if not 1 <= nodes <= smp:
+        raise UsageError(f"--numa {nodes}: give between 1 and --smp ({smp}) nodes, or 0 for none")
+    mib = size_bytes(memory) >> 20
+    if mib < nodes:
+        raise UsageError(f"--numa {nodes}: --memory {memory} is too small to split")
+    args, cpu = [], 0
+    for i in range(nodes):
+        ncpus = smp // nodes + (1 if i < smp % nodes else 0)
+        size = mib // nodes if i < nodes - 1 else mib - (mib // nodes) * (nodes - 1)
+        args += ["-object", f"memory-backend-ram,id=ram-node{i},size={size}M",
+                 "-numa", f"node,nodeid={i},cpus={cpu}-{cpu + ncpus - 1},memdev=ram-node{i}"]
+        cpu += ncpus
+    return args
 
 
 def build_command(config: MachineConfig, console_log: Path, serial_ports: Sequence[SerialPort]) -> list[str]:
@@ -172,6 +260,7 @@ def build_command(config: MachineConfig, console_log: Path, serial_ports: Sequen
         "-cpu", config.cpu_model,
         "-smp", str(config.smp),
         "-m", check_size(config.memory, "--memory"),
+        *numa_args(config.numa, config.smp, config.memory),
         "-nodefaults",
         "-display", "none",
         "-no-reboot",
@@ -189,11 +278,8 @@ def build_command(config: MachineConfig, console_log: Path, serial_ports: Sequen
     for i, port in enumerate(serial_ports):
         cid = f"slicecon{i}"
         cmd += ["-chardev", f"file,id={cid},path={port.log}"]
-        if port.kind == "isa":
-            cmd += ["-device", f"isa-serial,chardev={cid},iobase={port.iobase:#x},irq={port.irq}"]
-        else:
-            slot = int(port.pci_address.split(":")[2].split(".")[0], 16)  # type: ignore[union-attr]
-            cmd += ["-device", f"pci-serial,chardev={cid},bus=pcie.0,addr={slot:#x}"]
+        for dev in _serial_devices(port, cid):
+            cmd += ["-device", dev]
     cmd += list(config.extra_args)
     return cmd
 
@@ -220,7 +306,10 @@ class QemuMachine:
         self.config = config
         self.workdir = Path(workdir)
         self.console_log = self.workdir / "console-host.log"
-        self.serial_ports = slice_serial_ports(self.workdir) if config.slice_consoles else []
+        # With NUMA nodes and no explicit placement, spread the pxb root buses over the nodes
+        # (pxb1 on node 0, pxb2 on node 1, ...), so each node has a console of its own.
+        nodes = config.pxb_numa_nodes or tuple(range(config.numa))
+        self.serial_ports = slice_serial_ports(self.workdir, nodes) if config.slice_consoles else []
         self.stderr_log = self.workdir / "qemu-stderr.log"
         self._proc: subprocess.Popen | None = None
         self.launched_at: float | None = None  # time.monotonic()
@@ -236,7 +325,13 @@ class QemuMachine:
 
     @property
     def pci_serial(self) -> SerialPort | None:
+        """The PCI UART on bus 0 (0000:00:10.0)."""
         return next((p for p in self.serial_ports if p.kind == "pci"), None)
+
+    @property
+    def pxb_serials(self) -> list[SerialPort]:
+        """The PCI UARTs on their own root buses, one per slice console."""
+        return [p for p in self.serial_ports if p.kind == "pxb"]
 
     # -- life cycle ---------------------------------------------------------------------------
     @property

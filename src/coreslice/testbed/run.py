@@ -61,6 +61,12 @@ class RunOptions:
     # What the job runs with the host's Python for each slice (tests substitute a fake loader).
     # Boot each slice only after the previous one reported (or timed out).
     wait_each: bool = False
+    # Slices without --console get the PCI UARTs on their own root buses (0000:21:00.0 ...)
+    # instead of the ISA ports.  Off until the loader exposes a console's root bus in the
+    # slice's DSDT (issue 3 section 2).
+    pci_consoles: bool = True
+    # NUMA nodes of the emulated machine (0: none, no SRAT); see qemu.numa_args.
+    numa: int = 0
 
 
 def python_for_host() -> tuple[str, str]:
@@ -118,6 +124,28 @@ def apic_mode(apic_base: int | None, dmesg: str) -> str:
     if "IRQ remapping doesn't support X2APIC mode" in dmesg:
         return "xapic"
     return "unknown"
+
+
+_ROOT_BUS_RESOURCE = re.compile(r"pci_bus ([0-9a-f]{4}:[0-9a-f]{2}): root bus resource \[(.+)\]")
+
+
+def root_bus_resources(dmesg: str) -> dict[str, list[str]]:
+    """Root bus -> its windows as the host kernel logged them ("io  0xd000-0xdfff window",
+    "bus 20-21"), from "pci_bus 0000:20: root bus resource [...]" lines."""
+    out: dict[str, list[str]] = {}
+    for m in _ROOT_BUS_RESOURCE.finditer(dmesg):
+        out.setdefault(m.group(1), []).append(" ".join(m.group(2).split()))
+    return out
+
+
+def pci_functions(text: str) -> dict[str, dict]:
+    """host-pci.txt ("ADDRESS CLASS VENDOR DEVICE DRIVER|-" per line) -> address -> record."""
+    out = {}
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) >= 5:
+            out[f[0]] = {"class": f[1], "vendor": f[2], "device": f[3], "driver": None if f[4] == "-" else f[4]}
+    return out
 
 
 def _read(path: Path) -> str | None:
@@ -195,6 +223,7 @@ def run(options: RunOptions) -> dict:
         memory=options.memory,
         cpu_model=options.cpu_model,
         x2apic=options.x2apic,
+        numa=options.numa,
         shares=(
             Share(initramfs.HOSTROOT_TAG, Path("/"), readonly=True),
             Share(initramfs.RUN_TAG, run_dir, readonly=False),
@@ -202,7 +231,8 @@ def run(options: RunOptions) -> dict:
     )
     machine = QemuMachine(config, run_dir)
     jobs = jobmod.complete_slice_args(options.slices, kernel.vmlinuz, slice_initrd,
-                                      machine.serial_ports, allow_shared_console=options.wait_each)
+                                      machine.serial_ports, allow_shared_console=options.wait_each,
+                                      default_kind="pxb" if options.pci_consoles else "isa")
     (run_dir / "env").write_text(jobmod.render_env(run_dir))
     (run_dir / "python-check.py").write_text(jobmod.PYTHON_CHECK)
     (run_dir / "job.sh").write_text(
@@ -221,6 +251,7 @@ def run(options: RunOptions) -> dict:
         "console_log": str(machine.console_log),
         "qemu_command": machine.command_line(),
         "x2apic_requested": options.x2apic,
+        "pci_consoles": options.pci_consoles,
         "serial_ports": [p.describe() for p in machine.serial_ports],
         "timings": {},
         "error": None,
@@ -355,16 +386,17 @@ def _collect(run_dir: Path, machine: QemuMachine, states: list[_SliceState], opt
     for when in ("before", "after"):
         text = _read(run_dir / f"interrupts-{when}.txt")
         host[f"interrupts_{when}"] = interrupts.totals(text) if text else None
+    in_host = pci_functions(_read(run_dir / "host-pci.txt") or "")
+    windows = root_bus_resources(dmesg)
+    for port in host.get("serial_ports", []):
+        if port.get("pci_address"):
+            port["in_host"] = in_host.get(port["pci_address"])
+            port["root_bus_resources"] = windows.get(port["root_bus"], [])
     pci = machine.pci_serial
-    seen = None
-    for line in (_read(run_dir / "host-pci.txt") or "").splitlines():
-        f = line.split()
-        if pci and len(f) >= 5 and f[0] == pci.pci_address:
-            seen = {"class": f[1], "vendor": f[2], "device": f[3], "driver": None if f[4] == "-" else f[4]}
     host["pci_serial"] = {
         "address": pci.pci_address if pci else None,
         "console_log": str(pci.log) if pci else None,
-        "in_host": seen,
+        "in_host": in_host.get(pci.pci_address) if pci else None,
     }
     py = (_read(run_dir / "python-start.txt") or "").split()
     if len(py) == 3:
@@ -396,6 +428,7 @@ def _collect(run_dir: Path, machine: QemuMachine, states: list[_SliceState], opt
             "cpus": rep.get("cpus"),
             "mem_kib": rep.get("mem_kib"),
             "apic_ids": rep.get("apic_ids"),
+            "pci": rep.get("pci"),
             "cmdline": rep.get("cmdline"),
             "seconds_to_userspace": round(s.report_at - s.started, 3)
             if s.report_at is not None and s.started is not None else None,
@@ -433,6 +466,9 @@ def format_summary(result: dict) -> str:
         f"      QEMU -> host init {t.get('qemu_to_host_init', '?')} s, -> job {t.get('qemu_to_job_start', '?')} s, "
         f"Python start {t.get('python_start', '?')} s, total {t.get('qemu_total', '?')} s",
         f"      PCI UART {h['pci_serial']['address']} ({(h['pci_serial']['in_host'] or {}).get('class', 'not seen')})",
+        *(f"      PCI UART {p['pci_address']} on root bus {p['root_bus']} "
+          f"({'seen' if p.get('in_host') else 'not seen'} by the host; {p['log']})"
+          for p in h.get("serial_ports", []) if p.get("kind") == "pxb"),
         f"      run dir {h['run_dir']}",
     ]
     if h.get("error"):
