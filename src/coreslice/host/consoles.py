@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .sysfs import read_text
+from .sysfs import link_name, read_text
 
 PCI_ADDR = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
 # PCI Code and ID Assignment spec §1.8: base class 07 (communication), subclass 00 (serial).
@@ -71,8 +71,7 @@ def read_pci_function(root: Path, address: str) -> PciFunction | None:
     cls = read_text(root, f"{rel}/class")
     if cls is None:
         return None
-    drv_link = root / rel / "driver"
-    driver = drv_link.resolve().name if drv_link.exists() else None
+    driver = link_name(root / rel / "driver")
     bars = []
     for i, line in enumerate((read_text(root, f"{rel}/resource", "") or "").splitlines()):
         if i >= 6:  # BARs 0-5 only; the ROM and bridge windows follow

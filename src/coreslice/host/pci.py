@@ -24,7 +24,7 @@ from pathlib import Path
 from ..acpi.dsdt import PciRoot
 from ..acpi.tables import McfgAllocation
 from . import dmesg, memory
-from .sysfs import read_text
+from .sysfs import link_name, read_text
 
 _4G = 1 << 32
 SOURCE_LOG = "kernel log (root bus resource lines)"
@@ -279,7 +279,7 @@ def functions_from_sysfs(root: Path, roots: list[RootComplex]) -> list[Function]
             class_code=_int(read_text(link, "class")),
             vendor=_int(read_text(link, "vendor")),
             device=_int(read_text(link, "device")),
-            driver=(link / "driver").resolve().name if (link / "driver").exists() else None,
+            driver=link_name(link / "driver"),
             root=owner,
             sriov_totalvfs=_int(read_text(link, "sriov_totalvfs"), 10),
             sriov_numvfs=_int(read_text(link, "sriov_numvfs"), 10),

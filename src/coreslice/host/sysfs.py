@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -46,3 +47,12 @@ def format_cpu_list(cpus: list[int]) -> str:
         parts.append(str(cpus[i]) if i == j else f"{cpus[i]}-{cpus[j]}")
         i = j + 1
     return ",".join(parts)
+
+
+def link_name(path: Path) -> str | None:
+    """Last component of a symlink's target (e.g. a device's ``driver``), even when the target is
+    not there (captured trees keep the link, not the whole driver directory)."""
+    try:
+        return os.readlink(path).rstrip("/").rsplit("/", 1)[-1]
+    except OSError:
+        return None
