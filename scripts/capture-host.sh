@@ -68,4 +68,6 @@ if [ -r /dev/cpu/0/msr ]; then
 fi
 mkdir -p "$OUT/dev"
 dmesg >"$OUT/dev/kmsg" 2>/dev/null || rm -f "$OUT/dev/kmsg"
+# git keeps no empty directories; a marker keeps the tree's shape when it is committed.
+find "$OUT" -type d -empty -exec touch {}/.gitkeep \;
 echo "captured into $OUT"
