@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__, demo, dsdtcmd, hostcfg, hostcmd, plancmd
+from . import __version__, demo, dsdtcmd, hostcfg, hostcmd, plancmd, sriovcmd
 from .testbed import cli as testbed_cli
 from .errors import CoresliceError, UsageError
 from .units import format_size, parse_memory
@@ -54,6 +54,11 @@ def _add_boot(sub) -> None:
                    help="a PCI function for the slice (repeatable): unbound from its host driver before the first "
                         "write; the slice's DSDT then lists the root complexes holding its functions, and the slice "
                         "gets pci=nobios,norom,nobar,realloc=off,lastbus=0x100 instead of pci=off")
+    sriovcmd.add_vf_args(p)  # --nic-vf, --nvme-vf, --mac, --config
+    p.add_argument("--guest-kernel", choices=("stock", "slice"), default="stock",
+                   help="the slice's kernel: 'stock' (default) gets whole functions only, each on a root bus the "
+                        "slice owns (SR-IOV VFs are refused); 'slice' is the prototype's kernel, which may drive VFs: "
+                        "it gets pci=...,permit_probe_only=<functions> and pci-vf-as-pf.pf=<PFs> pci-vf-as-pf.vf=<index>")
     p.add_argument("--tsc-khz", type=int, metavar="KHZ",
                    help="TSC frequency passed to the slice (default: the host's calibration from its kernel log)")
     p.add_argument("--earlyprintk", action="store_true", help="also print early boot messages on the console")
@@ -74,6 +79,8 @@ def _cmd_boot(args) -> int:
     from .ledger import LedgerConflict
     from .spec import BootSpec
 
+    from .config import apply_slice_defaults
+    apply_slice_defaults(args)  # --ncpus / --memory from the config's [slice] when not given
     size, base = parse_memory(args.memory)
     live = args.host_root.resolve() == Path("/")
     if not live and args.dry_run is None and not plancmd.fake_machine_requested(live):
@@ -82,6 +89,11 @@ def _cmd_boot(args) -> int:
     host = discover(args.host_root)
     ledger = plancmd.open_ledger(args.ledger, host, readonly=args.dry_run is not None)
     progress = (lambda _m: None) if args.json else stderr_progress
+    # SR-IOV VFs: every check first; then (unless a dry run) the host-side preparation, undone
+    # below when the boot is refused before touching the machine.
+    vfs = sriovcmd.boot_vfs(args, host, ledger, progress=progress)
+    if vfs.prep is not None and vfs.prep.vfs:
+        host = discover(args.host_root)  # the VFs exist now
     # Placed by coreslice (--ncpus, or --memory without @BASE): when a concurrent launch takes
     # the chosen resources between placement and reservation, place again.
     auto = args.ncpus is not None or base is None
@@ -90,14 +102,23 @@ def _cmd_boot(args) -> int:
         spec = BootSpec(kernel=args.kernel, initrd=args.initrd, cpus=placed.cpus if placed else args.cpus,
                         mem_size=size, mem_base=placed.mem_base if placed else base,
                         console=args.console, cmdline=args.cmdline, tsc_khz=args.tsc_khz,
-                        earlyprintk=args.earlyprintk, name=args.name, devices=args.devices)
+                        earlyprintk=args.earlyprintk, name=args.name, devices=[*args.devices, *vfs.devices],
+                        extra={"pci_extra": vfs.pci_extra} if vfs.pci_extra else {})
+        if vfs.cmdline:
+            spec.cmdline = f"{vfs.cmdline} {spec.cmdline}".strip()
         try:
             result = boot(spec, host=host, machine=machine, dry_run=args.dry_run, progress=progress, ledger=ledger)
             break
-        except LedgerConflict:
+        except LedgerConflict as e:
             if not auto or attempt == 3:
+                if vfs.prep is not None:
+                    raise type(e)(f"{e}; {vfs.undo()}") from e
                 raise
             progress("a concurrent launch took those resources; placing again")
+        except UsageError as e:  # refused before the first write: undo the VF preparation
+            if vfs.prep is not None:
+                raise UsageError(f"{e}; {vfs.undo()}") from e
+            raise
     if args.json:
         out = result.to_json()
         out["placement"] = placed.to_json() if placed else None
@@ -127,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     hostcfg.register(hsub)  # configure, check
     hostcmd.register(hsub)  # show
     dsdtcmd.register(sub)
+    sriovcmd.register(sub)
     testbed_cli.register(sub)
     demo.register(sub)
     return parser

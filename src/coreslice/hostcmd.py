@@ -207,12 +207,35 @@ def host_json(host) -> dict:
     return doc
 
 
+def _sriov_rows(host, config_path) -> list[dict]:
+    """The host's SR-IOV PFs with their VFs and the slices (ledger) that hold them."""
+    from . import config as configmod, sriov
+    from .ledger import Ledger, resolve_path
+
+    cfg = configmod.load(config_path)
+    held: dict[str, str] = {}
+    if host.boot_id:
+        try:
+            led = Ledger(resolve_path(None), host.boot_id, readonly=True)
+            held = {f: r.name for r in led.holding() for f in r.pci_functions()}
+        except Exception:  # a missing or unreadable ledger: nothing is held as far as we know
+            held = {}
+    return sriov.pf_table(host.pci.functions, held, cfg.sriov.nic, cfg.sriov.nvme)
+
+
 def cmd_show(args) -> int:
+    from .sriov import format_pf_table
+
     what = load(args.root, args.from_dmesg)
+    rows = None if isinstance(what, LogView) else _sriov_rows(what, getattr(args, "config", None))
     if args.json:
-        print(json.dumps(what.to_json() if isinstance(what, LogView) else host_json(what), indent=2))
+        doc = what.to_json() if isinstance(what, LogView) else host_json(what)
+        if rows is not None:
+            doc["sriov"] = {"pfs": rows}
+        print(json.dumps(doc, indent=2))
     else:
-        print(format_log_view(what) if isinstance(what, LogView) else format_host(what))
+        print(format_log_view(what) if isinstance(what, LogView) else format_host(what) + "\n" +
+              "\n".join(format_pf_table(rows or [])))
     return 0
 
 
@@ -230,5 +253,8 @@ def register(host_subparsers) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(p)
     p.add_argument("--json", action="store_true", help="print everything as one JSON object")
+    p.add_argument("--config", type=Path, metavar="PATH",
+                   help="coreslice configuration naming the SR-IOV PFs (default: $CORESLICE_CONFIG, else "
+                        "/etc/coreslice/config.toml); PFs are listed with their VFs and the slice holding each")
     p.set_defaults(func=cmd_show)
     return p

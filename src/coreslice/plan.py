@@ -118,7 +118,8 @@ class Plan:
 PCI_PARAMS = "pci=nobios,norom,nobar,realloc=off,lastbus=0x100"
 
 
-def slice_cmdline(console_port: int, tsc_khz: int, user: str, earlyprintk: bool, pci: bool = False) -> str:
+def slice_cmdline(console_port: int, tsc_khz: int, user: str, earlyprintk: bool, pci: bool = False,
+                  pci_extra: str = "") -> str:
     """The parameters a stock kernel needs to live in a slice (DESIGN.md §3), then the user's."""
     params = [
         f"console=uart,io,0x{console_port:x},115200n8",
@@ -127,7 +128,8 @@ def slice_cmdline(console_port: int, tsc_khz: int, user: str, earlyprintk: bool,
         f"tsc_early_khz={tsc_khz}",  # no PIT/HPET/PM timer to calibrate against
         "tsc=reliable",
         "no5lvl",
-        PCI_PARAMS if pci else "pci=off",  # without functions, don't scan the host's buses
+        # pci_extra: the slice kernel's ",permit_probe_only=..." (sriov.slice_kernel_params)
+        PCI_PARAMS + pci_extra if pci else "pci=off",  # without functions, don't scan the host's buses
     ]
     if earlyprintk:
         params.append(f"earlyprintk=serial,0x{console_port:x},115200")
@@ -287,7 +289,8 @@ def make_plan(spec: BootSpec, host: Host, read_slot: SlotReader) -> Plan:
     pci = plan_pci(spec.devices, console.pci_address, host)
     mcfg = list(pci.mcfg) if pci else list(host.mcfg)
     pci_roots = pci.dsdt_roots() if pci else []
-    cmdline = slice_cmdline(console.port, tsc_khz, spec.cmdline, spec.earlyprintk, pci=pci is not None)
+    cmdline = slice_cmdline(console.port, tsc_khz, spec.cmdline, spec.earlyprintk, pci=pci is not None,
+                            pci_extra=spec.extra.get("pci_extra", ""))
     acpi_size = len(build_acpi(0, apic_ids, bsp_apic, mcfg, pci_roots).data)  # size does not depend on the base
     if len(cmdline) + 1 > kernel.cmdline_size:
         raise UsageError(f"command line is {len(cmdline)} bytes, the kernel accepts {kernel.cmdline_size - 1}; shorten --cmdline")

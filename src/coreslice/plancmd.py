@@ -60,16 +60,17 @@ def _node(text: str) -> int:
 
 def add_placement_args(p: argparse.ArgumentParser, *, with_base: bool = True) -> None:
     """--cpus/--ncpus, --memory, --numa-node, --name: what boot and plan share."""
-    g = p.add_mutually_exclusive_group(required=True)
+    g = p.add_mutually_exclusive_group()  # neither: slice.ncpus of the config (config.apply_slice_defaults)
     g.add_argument("--cpus", type=cpu_list_arg, metavar="LIST",
                    help="host logical CPUs as in /sys/devices/system/cpu (e.g. 1-2,5); present, offline, not the "
                         "boot CPU. The first one is woken; the slice kernel starts the others")
     g.add_argument("--ncpus", type=_positive, metavar="N",
                    help="let coreslice pick N free CPUs (lowest numbers, one NUMA node)")
-    p.add_argument("--memory", required=True, metavar="SIZE[@BASE]" if with_base else "SIZE",
+    p.add_argument("--memory", metavar="SIZE[@BASE]" if with_base else "SIZE",
                    help="physical RAM for the slice: SIZE@BASE (e.g. 1G@0x40000000: page aligned, RAM in the "
                         "firmware map, above the host's mem= limit) or SIZE alone, and coreslice picks a free "
-                        "range on the CPUs' NUMA node, 1 GiB aligned where possible")
+                        "range on the CPUs' NUMA node, 1 GiB aligned where possible (default: slice.memory of the "
+                        "config file)")
     p.add_argument("--numa-node", type=_node, metavar="K",
                    help="take CPUs and memory from NUMA node K (default: the lowest node where they fit)")
     p.add_argument("--name", metavar="NAME",
@@ -131,6 +132,8 @@ another slice is launched in between).
 
 
 def _cmd_plan(args) -> int:
+    from .config import apply_slice_defaults
+    apply_slice_defaults(args)
     size, base = parse_memory(args.memory)
     live = args.host_root.resolve() == Path("/")
     host = discover(args.host_root)

@@ -172,3 +172,18 @@ def test_numa_machine_puts_pxb_root_buses_on_the_nodes():
     _, cmd = _cmd(numa=2, smp=4, memory="6G")
     pxbs = [d for d in _pairs(cmd, "-device") if d.startswith("pxb-pcie")]
     assert [d.rsplit(",", 1)[1] for d in pxbs] == ["numa_node=0", "numa_node=1", "numa_node=0"]
+
+
+def test_sriov_devices():
+    from coreslice.testbed import sriov as sriovdevs
+
+    args = sriovdevs.device_args()
+    devs = [args[i + 1] for i in range(0, len(args), 2)]
+    assert all(args[i] == "-device" for i in range(0, len(args), 2))
+    nvme = next(d for d in devs if d.startswith("nvme,"))
+    # QEMU: max_ioqpairs - sriov_vq_flexible >= 2 (the PF's own queues)
+    props = dict(p.split("=", 1) for p in nvme.split(",")[1:])
+    assert int(props["max_ioqpairs"]) - int(props["sriov_vq_flexible"]) >= 2
+    assert props["subsys"] == "srsubsys" and any(d.startswith("nvme-subsys,id=srsubsys") for d in devs)
+    assert any(d.startswith("igb,") for d in devs)
+    assert sriovdevs.MODULES.index("dca") < sriovdevs.MODULES.index("igb")
