@@ -72,6 +72,20 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--numa", type=int, default=0, metavar="N",
                    help="split the machine into N NUMA nodes (contiguous CPUs, equal RAM in address "
                         "order), which gives it an ACPI SRAT (default: 0, no NUMA, no SRAT)")
+    p.add_argument("--sriov", action="store_true",
+                   help="give the host SR-IOV physical functions: an igb NIC (7 VFs) and an nvme "
+                        "controller in an NVMe subsystem with 4 secondary controllers (flexible queue "
+                        "and interrupt resources), each behind a root port on bus 0; the host loads igb "
+                        "and nvme (default: off)")
+    p.add_argument("--storage", action="store_true",
+                   help="give each slice a whole NVMe controller on its own root bus (next to its "
+                        "UART), backed by an ext4 image in the run dir holding /hello.txt; the "
+                        "slice mounts it, reads the file and writes /result.txt")
+    p.add_argument("--network", action="store_true",
+                   help="give each slice a whole e1000e NIC on its own root bus, linked to a host "
+                        "NIC (link K: host 10.99.K.1/24, slice 10.99.K.2); the slice pings the host. "
+                        "With --storage/--network the host also gets its own NVMe disk and NIC, "
+                        "checked after the slices reported")
     p.add_argument("--workdir", type=Path, default=None, metavar="DIR",
                    help="run directory (new or empty; not under /tmp or /run); default: "
                         "$CORESLICE_CACHE/runs/<time>-<pid> (cache: ~/.cache/coreslice)")
@@ -99,6 +113,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         slice_timeout=args.slice_timeout, workdir=args.workdir, wait_each=args.wait_each,
         pci_consoles=args.pci_consoles,
         numa=args.numa,
+        sriov=args.sriov,
+        storage=args.storage, network=args.network,
     )
     return main_run(opts, args.json)
 

@@ -97,10 +97,58 @@ mem=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
 apic=$(awk -F': *' '/^apicid/ {printf "%s%s", sep, $2; sep=","}' /proc/cpuinfo)
 pci=$(ls /sys/bus/pci/devices 2>/dev/null | tr '\n' ',' | sed 's/,$//')
 read -r cmdline </proc/cmdline
-line="@TAG@ cpus=$cpus mem_kib=$mem apic_ids=$apic pci=$pci cmdline=$cmdline"
+@DATA@line="@TAG@ cpus=$cpus mem_kib=$mem apic_ids=$apic pci=$pci@EXTRA@ cmdline=$cmdline"
 echo "<2>$line" >/dev/kmsg
 echo "$line" >/dev/console
 while true; do sleep 3600; done
+"""
+
+
+# Inserted into SLICE_INIT by slice_init_text(data=True) (coreslice testbed run --storage /
+# --network, see testbed/datapath.py): load the modules, then act on coreslice.storage=1 (mount
+# the only NVMe namespace, read /hello.txt, write /result.txt, unmount) and
+# coreslice.net=ADDR/LEN,PEER (address the only NIC, ping PEER), and append the outcome to the
+# report: " storage_read=<text|-> storage_written=<0|1> ping_ok=<0|1> rtt_ms=<ms|->".
+SLICE_DATA = r"""extra=""
+log() { echo "<2>coreslice-data: $*" >/dev/kmsg; }
+for m in @DATA_MODULES@; do insmod "/lib/modules/$m.ko" || log "insmod $m failed"; done
+storage=$(sed -n 's/.*coreslice\.storage=\([^ ]*\).*/\1/p' /proc/cmdline)
+net=$(sed -n 's/.*coreslice\.net=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$storage" ]; then
+    sread=-; swritten=0; n=0
+    while [ ! -b /dev/nvme0n1 ] && [ $n -lt 150 ]; do sleep 0.2; n=$((n+1)); done
+    mkdir -p /mnt/disk
+    if mount -t ext4 /dev/nvme0n1 /mnt/disk; then
+        sread=$(tr -cd 'A-Za-z0-9._:-' </mnt/disk/@DATA_FILE@ | head -c 96)
+        [ -n "$sread" ] || sread=-
+        echo "@RESULT_PREFIX@ read=$sread" >/mnt/disk/@RESULT_FILE@ && sync && swritten=1
+        umount /mnt/disk || swritten=0
+    else
+        log "mount /dev/nvme0n1 failed"
+    fi
+    log "storage read=$sread written=$swritten"
+    extra="$extra storage_read=$sread storage_written=$swritten"
+fi
+if [ -n "$net" ]; then
+    addr=${net%%,*}; peer=${net#*,}; ping_ok=0; rtt=-; dev=""; n=0
+    while [ -z "$dev" ] && [ $n -lt 150 ]; do
+        for d in /sys/class/net/*; do d=${d##*/}; [ "$d" = lo ] || dev=$d; done
+        [ -n "$dev" ] || { sleep 0.2; n=$((n+1)); }
+    done
+    if [ -n "$dev" ]; then
+        ip addr add "$addr" dev "$dev"; ip link set "$dev" up; n=0
+        while [ "$(cat /sys/class/net/$dev/carrier 2>/dev/null)" != 1 ] && [ $n -lt 100 ]; do
+            sleep 0.2; n=$((n+1))
+        done
+        out=$(ping -c 3 -w 20 "$peer" 2>&1)
+        rtt=$(echo "$out" | sed -n 's#.*min/avg/max = [0-9.]*/\([0-9.]*\)/.*#\1#p')
+        if [ -n "$rtt" ]; then ping_ok=1; else rtt=-; log "ping $peer: $out"; fi
+    else
+        log "no network interface"
+    fi
+    log "network dev=$dev ping_ok=$ping_ok rtt_ms=$rtt"
+    extra="$extra ping_ok=$ping_ok rtt_ms=$rtt"
+fi
 """
 
 
@@ -115,8 +163,19 @@ def host_init_text(modules: tuple[str, ...] = HOST_MODULES) -> str:
     )
 
 
-def slice_init_text() -> str:
-    return SLICE_INIT.replace("@TAG@", REPORT_TAG)
+def slice_init_text(data_modules: tuple[str, ...] = ()) -> str:
+    """The slice's /init; with ``data_modules`` (the module file stems, in load order) it also
+    runs the data path (SLICE_DATA)."""
+    from coreslice.testbed import datapath
+
+    data = ""
+    if data_modules:
+        data = (SLICE_DATA.replace("@DATA_MODULES@", " ".join(data_modules))
+                .replace("@DATA_FILE@", datapath.DATA_FILE)
+                .replace("@RESULT_FILE@", datapath.RESULT_FILE)
+                .replace("@RESULT_PREFIX@", datapath.RESULT_PREFIX))
+    return (SLICE_INIT.replace("@DATA@", data).replace("@EXTRA@", "$extra" if data else "")
+            .replace("@TAG@", REPORT_TAG))
 
 
 # --- slice report -----------------------------------------------------------------------------
@@ -124,7 +183,10 @@ def slice_init_text() -> str:
 _REPORT_RE = re.compile(
     re.escape(REPORT_TAG)
     + r" cpus=(?P<cpus>\d+) mem_kib=(?P<mem>\d+) apic_ids=(?P<apic>[0-9,]*)"
-    + r"(?: pci=(?P<pci>[0-9a-f:.,]*))? cmdline=(?P<cmdline>.*)$"
+    + r"(?: pci=(?P<pci>[0-9a-f:.,]*))?"
+    + r"(?: storage_read=(?P<sread>\S*) storage_written=(?P<swritten>[01]))?"
+    + r"(?: ping_ok=(?P<ping>[01]) rtt_ms=(?P<rtt>[0-9.]+|-))?"
+    + r" cmdline=(?P<cmdline>.*)$"
 )
 
 
@@ -132,18 +194,27 @@ def parse_report(line: str) -> dict | None:
     """Parse a ``CORESLICE-REPORT`` line (anywhere in ``line``); None if there is none.
 
     Returns ``{"cpus": int, "mem_kib": int, "apic_ids": [int, ...], "pci": [str, ...], "cmdline": str}``
-    (``pci``: the PCI functions in the slice's sysfs).
+    (``pci``: the PCI functions in the slice's sysfs), plus, when the slice ran the data path,
+    ``"storage": {"read": str | None, "written": bool}`` and
+    ``"network": {"ping_ok": bool, "rtt_ms": float | None}``.
     """
     m = _REPORT_RE.search(line.rstrip("\r\n").replace("\r", ""))
     if not m:
         return None
-    return {
+    out = {
         "cpus": int(m["cpus"]),
         "mem_kib": int(m["mem"]),
         "apic_ids": [int(a) for a in m["apic"].split(",") if a],
         "pci": [a for a in (m["pci"] or "").split(",") if a],
         "cmdline": m["cmdline"].strip(),
     }
+    if m["swritten"] is not None:
+        out["storage"] = {"read": None if m["sread"] in ("", "-") else m["sread"],
+                          "written": m["swritten"] == "1"}
+    if m["ping"] is not None:
+        out["network"] = {"ping_ok": m["ping"] == "1",
+                          "rtt_ms": None if m["rtt"] == "-" else float(m["rtt"])}
+    return out
 
 
 def find_report(text: str) -> dict | None:
@@ -256,7 +327,28 @@ def build_host_initramfs(kernel: Kernel, modules: tuple[str, ...] = HOST_MODULES
     return _cached_image("host", kernel, init_text + "\0" + ",".join(modules), build)
 
 
-def build_slice_initramfs(kernel: Kernel) -> Path:
-    """The slice initramfs (cached).  It holds no modules; ``kernel`` only keys the cache."""
-    init_text = slice_init_text()
-    return _cached_image("slice", kernel, init_text, lambda: _base_archive(init_text).finish())
+def build_slice_initramfs(kernel: Kernel, modules: tuple[str, ...] = ()) -> Path:
+    """The slice initramfs (cached).  Without ``modules`` it holds none and ``kernel`` only keys
+    the cache; with them (e.g. datapath.DATA_MODULES) it holds them and their dependencies
+    and its init runs the data path."""
+    if not modules:
+        init_text = slice_init_text()
+        return _cached_image("slice", kernel, init_text, lambda: _base_archive(init_text).finish())
+    order = module_load_order((kernel.modules_dir / "modules.dep").read_text(), modules)
+    init_text = slice_init_text(tuple(_stem(rel) for rel in order))
+
+    def build() -> bytes:
+        w = _base_archive(init_text)
+        for rel in order:
+            w.file(f"lib/modules/{_stem(rel)}.ko", _read_module(kernel.modules_dir / rel))
+        return w.finish()
+
+    return _cached_image("slice-data", kernel, init_text + "\0" + ",".join(order), build)
+
+
+def host_data_modules(kernel: Kernel, modules: tuple[str, ...]) -> tuple[str, ...]:
+    """HOST_MODULES plus ``modules`` and their dependencies, as file stems in load order (the
+    host init insmods exactly this list)."""
+    order = module_load_order((kernel.modules_dir / "modules.dep").read_text(), modules)
+    extra = tuple(_stem(rel) for rel in order)
+    return HOST_MODULES + tuple(m for m in extra if m not in HOST_MODULES)

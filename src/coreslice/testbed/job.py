@@ -173,8 +173,12 @@ def render_job_script(
     host_cmds: Sequence[str],
     continue_timeout: float = 3600.0,
     wait_each: bool = False,
+    setup_lines: Sequence[str] = (),
+    check_lines: Sequence[str] = (),
 ) -> str:
-    """The shell script the emulated host runs (POSIX sh: the chroot's /bin/sh is dash)."""
+    """The shell script the emulated host runs (POSIX sh: the chroot's /bin/sh is dash).
+    ``setup_lines`` run before the first slice boots, ``check_lines`` after the slices
+    reported (before the host commands); see testbed/datapath.py."""
     q = shlex.quote
     pybin = str(Path(python).parent)
     boot = "-m coreslice boot"
@@ -208,6 +212,7 @@ def render_job_script(
         't0=$(date +%s.%N); "$PY" "$RUN/python-check.py" >python-check.txt 2>&1; prc=$?',
         'echo "$prc $t0 $(date +%s.%N)" >python-start.txt',
         "event python-ready $prc",
+        *setup_lines,
     ]
     for job in slices:
         i = job.index
@@ -225,6 +230,7 @@ def render_job_script(
         _wait_for(CONTINUE_FILE, continue_timeout),
         "cat /proc/interrupts >interrupts-after.txt",
         "dmesg >dmesg-end.txt 2>&1",
+        *check_lines,
     ]
     for i, _cmd in enumerate(host_cmds):
         lines += [

@@ -16,6 +16,7 @@ Times are taken outside, on the wall clock, when an event or report line is firs
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -37,6 +38,8 @@ from coreslice.testbed.qemu import (
     check_size,
     host_append,
 )
+from coreslice.testbed import sriov as sriovdevs
+from coreslice.testbed import datapath
 from coreslice.testbed.tools import progress
 
 # Directories the host initramfs mounts over inside the chroot: paths below them are not the
@@ -67,6 +70,13 @@ class RunOptions:
     pci_consoles: bool = True
     # NUMA nodes of the emulated machine (0: none, no SRAT); see qemu.numa_args.
     numa: int = 0
+    # SR-IOV physical functions for the host (igb NIC, nvme with secondary controllers); testbed/sriov.py.
+    sriov: bool = False
+    # The slices' data path (testbed/datapath.py): an NVMe controller with an ext4 image and/or
+    # a NIC linked to a host NIC, on each slice's own pxb root bus; the host gets its own disk
+    # and NIC.
+    storage: bool = False
+    network: bool = False
 
 
 def python_for_host() -> tuple[str, str]:
@@ -202,8 +212,14 @@ def run(options: RunOptions) -> dict:
     check_size(options.memory, "--memory")
     check_size(options.host_mem, "--host-mem")
     kernel = kernels.ensure_kernel(options.kernel_version)
-    host_initrd = initramfs.build_host_initramfs(kernel)
+    host_initrd = (initramfs.build_host_initramfs(kernel, initramfs.HOST_MODULES + sriovdevs.MODULES)
+                   if options.sriov else initramfs.build_host_initramfs(kernel))
     slice_initrd = initramfs.build_slice_initramfs(kernel)
+    data = options.storage or options.network
+    if data:
+        extra_mods = datapath.DATA_MODULES + (sriovdevs.MODULES if options.sriov else ())
+        host_initrd = initramfs.build_host_initramfs(kernel, initramfs.host_data_modules(kernel, extra_mods))
+        slice_initrd = initramfs.build_slice_initramfs(kernel, datapath.DATA_MODULES)
     run_dir = make_run_dir(options.workdir)
     python, pythonpath = python_for_host()
     for path, what in (
@@ -224,6 +240,7 @@ def run(options: RunOptions) -> dict:
         cpu_model=options.cpu_model,
         x2apic=options.x2apic,
         numa=options.numa,
+        extra_args=tuple(sriovdevs.device_args()) if options.sriov else (),
         shares=(
             Share(initramfs.HOSTROOT_TAG, Path("/"), readonly=True),
             Share(initramfs.RUN_TAG, run_dir, readonly=False),
@@ -233,11 +250,22 @@ def run(options: RunOptions) -> dict:
     jobs = jobmod.complete_slice_args(options.slices, kernel.vmlinuz, slice_initrd,
                                       machine.serial_ports, allow_shared_console=options.wait_each,
                                       default_kind="pxb" if options.pci_consoles else "isa")
+    links: list[datapath.SliceLink] = []
+    if data:
+        links = [datapath.link_for_port(j.port, options.storage, options.network, run_dir) for j in jobs]
+        names = [ln.port.name for ln in links]
+        if len(set(names)) != len(names):
+            raise UsageError("--storage/--network: give each slice its own console (root bus)")
+        jobs = [dataclasses.replace(j, args=datapath.slice_args(j.args, ln)) for j, ln in zip(jobs, links)]
+        datapath.build_images(links, run_dir)
+        config.extra_args = tuple(config.extra_args) + tuple(datapath.machine_args(links, run_dir))
     (run_dir / "env").write_text(jobmod.render_env(run_dir))
     (run_dir / "python-check.py").write_text(jobmod.PYTHON_CHECK)
     (run_dir / "job.sh").write_text(
         jobmod.render_job_script(run_dir, python, pythonpath, jobs, options.host_cmds,
-                                 wait_each=options.wait_each)
+                                 wait_each=options.wait_each,
+                                 setup_lines=datapath.host_setup_lines(links) if data else (),
+                                 check_lines=datapath.host_check_lines(links) if data else ())
     )
     for i, cmd in enumerate(options.host_cmds):
         (run_dir / f"hostcmd-{i}.sh").write_text(cmd + "\n")
@@ -253,6 +281,7 @@ def run(options: RunOptions) -> dict:
         "x2apic_requested": options.x2apic,
         "pci_consoles": options.pci_consoles,
         "serial_ports": [p.describe() for p in machine.serial_ports],
+        "sriov": sriovdevs.describe() if options.sriov else None,
         "timings": {},
         "error": None,
     }
@@ -363,7 +392,29 @@ def run(options: RunOptions) -> dict:
     timings["qemu_total"] = round(time.monotonic() - t0, 3)  # type: ignore[operator]
     host["qemu_exit_code"] = machine.exit_code
     host["job_finished"] = job_ended
-    return _collect(run_dir, machine, states, options, host)
+    result = _collect(run_dir, machine, states, options, host)
+    if data:
+        _collect_data(run_dir, result, states, links)
+    return result
+
+
+def _collect_data(run_dir: Path, result: dict, states: list[_SliceState],
+                  links: list[datapath.SliceLink]) -> None:
+    """Add the data path's outcome (checked in the images now that QEMU stopped)."""
+    ok = True
+    for s, link, out in zip(states, links, result["slices"]):
+        d = datapath.slice_result(link, s.report)
+        out.update(d)
+        if "storage" in d:
+            ok = ok and d["storage"]["written"] and d["storage"]["read"] == d["storage"]["expected"]
+        if "network" in d:
+            ok = ok and d["network"]["ping_ok"]
+    h = datapath.host_result(run_dir, links)
+    result["host"]["data"] = h
+    ok = ok and h["disk"]["ok"] and h["network"]["ping_ok"]
+    result["data_ok"] = bool(ok)
+    result["ok"] = bool(result["ok"] and ok)
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def _collect(run_dir: Path, machine: QemuMachine, states: list[_SliceState], options: RunOptions,
@@ -484,9 +535,24 @@ def format_summary(result: dict) -> str:
             line += (f"; cpus={s['cpus']} mem_kib={s['mem_kib']} apic_ids={s['apic_ids']}"
                      f"; user space after {s['seconds_to_userspace']} s")
         out.append(line)
+        if s.get("storage"):
+            st = s["storage"]
+            out.append(f"         storage: read {st['read']!r} (expected {st['expected']!r}), "
+                       f"result file {'written' if st['written'] else 'NOT written'}")
+        if s.get("network"):
+            nt = s["network"]
+            out.append(f"         network: ping {nt['peer']} from {nt['address']} "
+                       f"{'ok, rtt ' + str(nt['rtt_ms']) + ' ms' if nt['ping_ok'] else 'FAILED'}")
         out.append(f"         console log {s['console_log']}")
         if s["exit_code"] and s.get("stderr"):
             out += ["         " + ln for ln in s["stderr"].strip().splitlines()[-5:]]
+    d = h.get("data")
+    if d:
+        out.append(f"host data: own disk read {d['disk']['read_after']!r} after the slices "
+                   f"({'ok' if d['disk']['ok'] else 'FAILED'}); ping {d['network']['peer']} "
+                   f"{'ok' if d['network']['ping_ok'] else 'FAILED'}; pings to slices: "
+                   + (", ".join(f"{ip} {'ok' if p['ok'] else 'FAILED'}"
+                                for ip, p in d['network']['slices'].items()) or "none"))
     for c in result["host_cmds"]:
         out.append(f"$ {c['cmd']}   (exit {c['exit_code']})")
         out += ["  " + ln for ln in (c["output"] or "").rstrip().splitlines()]
