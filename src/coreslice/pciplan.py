@@ -118,6 +118,10 @@ def _check_device(addr: str, host, seen: set[str], console: str | None) -> Funct
     ttys = set(consoles.pci_console_ttys(host.root, addr))
     if any(p.in_use_as_console and p.tty in ttys for p in host.serial_ports):
         raise UsageError(f"device {addr} is the host's own console ({', '.join(sorted(ttys))}); choose another function")
+    used = host.storage_functions.get(addr)
+    if used:
+        raise UsageError(f"device {addr} holds the host's own storage (mounted: {', '.join(used)}); "
+                         "the slice would reset it under the host: choose another function")
     return fn
 
 

@@ -173,3 +173,21 @@ def test_emulated_bus0_console_is_refused(spec):
     refused(spec, PXB_HOST, r"PCI root 0000:00 \(buses 00-1f\) that holds 0000:00:10.0 also holds "
                             r"0000:00:01.0 \(virtio-pci\), 0000:00:02.0 \(virtio-pci\)",
             console="0000:00:10.0", cpus=[1], host=discover(PXB_HOST))
+
+
+@pytest.mark.parametrize("mounts, swaps, what", [
+    ("/dev/nvme0n1p1 /boot ext4 rw 0 0\n", "", "/boot"),
+    ("", "Filename Type Size Used Priority\n/dev/nvme0n1p1 partition 1 0 -2\n", "swap"),
+])
+def test_device_holding_host_storage(spec, host_tree, mounts, swaps, what):
+    """A disk controller behind the host's mounted file systems or swap is never a slice's."""
+    dev = host_tree / "sys/devices/pci0000:20/0000:20:00.0/0000:21:00.0/nvme/nvme0/nvme0n1/nvme0n1p1"
+    dev.mkdir(parents=True)
+    (host_tree / "sys/class/block").mkdir(parents=True)
+    (host_tree / "sys/class/block/nvme0n1p1").symlink_to(
+        "../../devices/pci0000:20/0000:20:00.0/0000:21:00.0/nvme/nvme0/nvme0n1/nvme0n1p1")
+    (host_tree / "proc/mounts").write_text("proc /proc proc rw 0 0\n" + mounts)
+    (host_tree / "proc/swaps").write_text(swaps or "Filename Type Size Used Priority\n")
+    assert discover(host_tree).storage_functions == {SRIOV_NIC: [what]}
+    refused(spec, host_tree, rf"device {SRIOV_NIC} holds the host's own storage \(mounted: {what}\)",
+            devices=[SRIOV_NIC])

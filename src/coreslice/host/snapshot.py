@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..acpi.tables import Madt, McfgAllocation, parse_madt, parse_mcfg
-from . import consoles, cpus, memory, numa, pci, platform
+from . import consoles, cpus, memory, numa, pci, platform, storage
 from .sysfs import read_bytes, read_text
 
 
@@ -27,6 +27,8 @@ class Host:
     kernel_log: list[str] = field(repr=False, default_factory=list)
     numa: list[numa.NumaNode] = field(default_factory=list)  # from the SRAT; one node 0 without
     pci: pci.PciTopology = field(default_factory=pci.PciTopology)  # root complexes and functions
+    # PCI functions behind the host's mounted file systems and swap (host/storage.py)
+    storage_functions: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def live(self) -> bool:
@@ -80,6 +82,7 @@ def discover(root: Path | str = "/") -> Host:
         apic_mode_source=source,
         kernel_log=log,
         pci=pci.read_pci(root, log),
+        storage_functions=storage.host_storage_functions(root),
     )
     host.numa = numa.build_nodes(srat, host.cpus, host.firmware_ram(), host.host_ram())
     return host
