@@ -155,9 +155,14 @@ def _ecam_for(root: RootComplex, buses: set[int], mcfg: Sequence[McfgAllocation]
     return cut
 
 
-def plan_pci(devices: Sequence[str], console_address: str | None, host) -> PciPlan | None:
+def plan_pci(devices: Sequence[str], console_address: str | None, host,
+             probe_only_permitted: bool = False) -> PciPlan | None:
     """Check the functions given to a slice (``--device`` and a PCI ``--console``) and resolve
-    their roots and ECAM ranges; None when there are none."""
+    their roots and ECAM ranges; None when there are none.
+
+    ``probe_only_permitted``: the slice kernel probes only the functions its command line permits
+    (the prototype's slice kernel, ``pci=...,permit_probe_only=``), so a root may also hold
+    functions the host drives; a stock kernel would drive everything it finds there."""
     topo: PciTopology = host.pci
     assigned: list[tuple[str, str]] = []
     seen: set[str] = set()
@@ -181,7 +186,8 @@ def plan_pci(devices: Sequence[str], console_address: str | None, host) -> PciPl
     mcfg: list[McfgAllocation] = []
     for root in ordered:
         mine = [f.address for f in funcs if f.root == root.name]
-        _check_root_alone(root, mine, topo)
+        if not probe_only_permitted:
+            _check_root_alone(root, mine, topo)
         mcfg += _ecam_for(root, {_bus(a)[1] for a in mine}, host.mcfg)
     dsdt_roots(ordered)  # a window that cannot be described is refused here, before any write
     ecam: list[tuple[int, int]] = []

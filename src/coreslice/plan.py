@@ -286,7 +286,8 @@ def make_plan(spec: BootSpec, host: Host, read_slot: SlotReader) -> Plan:
     if not tsc_khz:
         raise UsageError("the host's TSC frequency is not in its kernel log; pass --tsc-khz (e.g. from 'dmesg | grep tsc')")
 
-    pci = plan_pci(spec.devices, console.pci_address, host)
+    pci = plan_pci(spec.devices, console.pci_address, host,
+                   probe_only_permitted="permit_probe_only=" in spec.extra.get("pci_extra", ""))
     mcfg = list(pci.mcfg) if pci else list(host.mcfg)
     pci_roots = pci.dsdt_roots() if pci else []
     cmdline = slice_cmdline(console.port, tsc_khz, spec.cmdline, spec.earlyprintk, pci=pci is not None,

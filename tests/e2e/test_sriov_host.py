@@ -46,6 +46,11 @@ def result(testbed_ready):
                'driver=$(basename "$(readlink $v/driver)"); done; done',
         # 4: host show lists the PFs with their VFs
         FIND + 'python3 -m coreslice host show --json',
+        # 5: a slice-kernel boot plan with those VFs (dry run: the prototype's slice kernel is not
+        # available here, a stock kernel is refused VFs)
+        FIND + f'python3 -m coreslice boot --kernel {testbed_ready[0].vmlinuz} --cpus 1 '
+               '--memory 512M@0x40000000 --console io:0x2f8 --guest-kernel slice '
+               '--nic-vf $NIC:1 --nvme-vf $NVME:1 --dry-run /tmp/dry --json',
     ]
     cmd = [sys.executable, "-m", "coreslice.testbed.cli", "run", "--sriov", "--json", "--quiet",
            "--smp", "2", "--memory", "2G", "--timeout", "240"]
@@ -94,3 +99,16 @@ def test_host_show_lists_vfs(result):
     pfs = show["sriov"]["pfs"]
     assert {p["kind"] for p in pfs} == {"nic", "nvme"}
     assert {len(p["vfs"]) for p in pfs} == {4, 7}
+
+
+def test_slice_kernel_plan_gets_the_vfs(result):
+    """The VFs sit on bus 0 next to host devices: allowed for a kernel that probes only what
+    permit_probe_only names; its command line carries the prototype's VF options."""
+    assert result[5]["exit_code"] == 0, result[5]["output"]
+    plan = json.loads(result[5]["output"])["plan"]
+    vfs = [f["address"] for f in plan["pci"]["functions"]]
+    assert len(vfs) == 2
+    cmdline = plan["cmdline"]
+    permit = re.search(r"permit_probe_only=(\S+)", cmdline).group(1)
+    assert all(a[5:] in permit for a in vfs), (permit, vfs)
+    assert "pci-vf-as-pf.pf=" in cmdline and "pci-vf-as-pf.vf=1" in cmdline

@@ -191,3 +191,13 @@ def test_device_holding_host_storage(spec, host_tree, mounts, swaps, what):
     assert discover(host_tree).storage_functions == {SRIOV_NIC: [what]}
     refused(spec, host_tree, rf"device {SRIOV_NIC} holds the host's own storage \(mounted: {what}\)",
             devices=[SRIOV_NIC])
+
+
+def test_shared_root_is_fine_for_a_kernel_that_probes_only_what_it_is_permitted(spec, host_tree):
+    """The prototype's slice kernel probes only permit_probe_only functions: a root that also
+    holds host-driven functions may be exposed to it (not to a stock kernel, see above)."""
+    add_pci_function(host_tree, "pci0000:00/0000:00:04.0", 0x010802, driver="nvme")
+    extra = {"pci_extra": ",permit_probe_only=00:03.0"}
+    result, _ = boot(dataclasses.replace(spec, console="0000:00:03.0", extra=extra), host_tree)
+    assert [r.name for r in result.plan.pci.roots] == ["0000:00"]
+    assert PCI_PARAMS + ",permit_probe_only=00:03.0" in result.plan.cmdline
