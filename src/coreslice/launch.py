@@ -182,12 +182,7 @@ def boot(spec: BootSpec, *, host: Host | None = None, machine: Machine | None = 
         progress(f"reserved slice '{row.name}' in the ledger {ledger.path}")
     try:
         # Everything that can still fail without a trace (the msr device) comes first.
-        if host.live:
-            try:
-                os.sched_setaffinity(0, {c.cpu for c in host.cpus if c.boot})
-            except OSError:
-                pass
-        apic = machine.apic(plan.apic_mode)
+        apic = _boot_cpu_apic(host, machine, plan.apic_mode)
     except BaseException:
         if result.slice is not None:
             ledger.release(result.slice.id)  # type: ignore[union-attr]
@@ -205,6 +200,17 @@ def boot(spec: BootSpec, *, host: Host | None = None, machine: Machine | None = 
         ledger.finish(result.slice.id)  # type: ignore[union-attr]
         result.slice = ledger.get(result.slice.id)  # type: ignore[union-attr]
     return result
+
+
+def _boot_cpu_apic(host: Host, machine: Machine, mode: str) -> lapic.LocalApic:
+    """The local APIC we send IPIs from: the boot CPU's, so pin this process there first (the
+    ICR is per CPU; with maxcpus=1 it is the only online one anyway)."""
+    if host.live:
+        try:
+            os.sched_setaffinity(0, {c.cpu for c in host.cpus if c.boot})
+        except OSError:
+            pass
+    return machine.apic(mode)
 
 
 def _launch(plan: Plan, image: BootImage, machine: Machine, apic: lapic.LocalApic, result: BootResult,
@@ -240,12 +246,7 @@ def stop(name: str, *, host: Host, machine: Machine, ledger: Ledger,
         raise UsageError(f"slice '{name}' is being launched by process {row.pid}; wait for it to finish, then stop it")
     if host.apic_mode is None:
         raise UsageError("cannot tell whether the host runs x2APIC or xAPIC; run 'modprobe msr' and retry")
-    if host.live:
-        try:
-            os.sched_setaffinity(0, {c.cpu for c in host.cpus if c.boot})
-        except OSError:
-            pass
-    apic = machine.apic(host.apic_mode)
+    apic = _boot_cpu_apic(host, machine, host.apic_mode)
     progress(f"INIT to CPUs {','.join(map(str, row.cpus))} (APIC IDs {','.join(map(str, row.apic_ids))})")
     lapic.init_cpus(apic, list(row.apic_ids))
     if row.low_slot is not None:

@@ -35,7 +35,8 @@ from pathlib import Path
 
 from coreslice.errors import UsageError
 from coreslice.testbed.qemu import SerialPort
-from coreslice.testbed.tools import ToolError
+from coreslice.testbed.job import option_value
+from coreslice.testbed.tools import ToolError, read_or_none
 
 DATA_FILE = "hello.txt"  # the known file in every image
 RESULT_FILE = "result.txt"  # what a slice writes into its image
@@ -163,16 +164,6 @@ def machine_args(links: Sequence[SliceLink], run_dir: Path, host_devices: bool =
     return args
 
 
-def _option_value(args: Sequence[str], name: str) -> str | None:
-    value = None
-    for i, a in enumerate(args):
-        if a == name and i + 1 < len(args):
-            value = args[i + 1]
-        elif a.startswith(name + "="):
-            value = a.split("=", 1)[1]
-    return value
-
-
 def slice_args(args: Sequence[str], link: SliceLink) -> tuple[str, ...]:
     """``coreslice boot`` arguments with the link's ``--device``s and its parameters added to
     ``--cmdline`` (merged with one the slice string gives)."""
@@ -191,7 +182,7 @@ def slice_args(args: Sequence[str], link: SliceLink) -> tuple[str, ...]:
     for dev in link.devices:
         if dev not in out:
             out += ["--device", dev]
-    given = _option_value(args, "--cmdline")
+    given = option_value(args, "--cmdline")
     out += ["--cmdline", " ".join(p for p in (given, link.cmdline) if p)]
     return tuple(out)
 
@@ -322,22 +313,15 @@ def slice_result(link: SliceLink, report: dict | None) -> dict:
     return out
 
 
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return None
-
-
 def host_result(run_dir: Path, links: Sequence[SliceLink]) -> dict:
     """The host's own disk and network, checked before and after the slices."""
-    before = (_read(run_dir / "host-disk-before.txt") or "").strip() or None
-    after = (_read(run_dir / "host-disk-after.txt") or "").strip() or None
-    own = _read(run_dir / "host-ping-own.txt") or ""
+    before = (read_or_none(run_dir / "host-disk-before.txt") or "").strip() or None
+    after = (read_or_none(run_dir / "host-disk-after.txt") or "").strip() or None
+    own = read_or_none(run_dir / "host-ping-own.txt") or ""
     pings = {}
     for link in links:
         if link.network:
-            t = _read(run_dir / f"host-ping-link{link.k}.txt") or ""
+            t = read_or_none(run_dir / f"host-ping-link{link.k}.txt") or ""
             pings[link.slice_ip] = {"ok": ping_rtt(t) is not None, "rtt_ms": ping_rtt(t)}
     expected = known_content("host")
     return {
@@ -345,7 +329,7 @@ def host_result(run_dir: Path, links: Sequence[SliceLink]) -> dict:
                  "ok": after == expected},
         "network": {"peer": HOST_NET_PEER, "ping_ok": ping_rtt(own) is not None,
                     "rtt_ms": ping_rtt(own), "slices": pings},
-        "setup": _read(run_dir / "data-host-setup.txt"),
+        "setup": read_or_none(run_dir / "data-host-setup.txt"),
     }
 
 

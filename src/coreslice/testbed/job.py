@@ -58,7 +58,7 @@ class SliceJob:
     port: SerialPort | None  # the console the slice reports on, when known
 
 
-def _option_value(args: Sequence[str], name: str) -> str | None:
+def option_value(args: Sequence[str], name: str) -> str | None:
     """The value of ``--name X`` / ``--name=X`` in ``args`` (last wins), or None."""
     value = None
     for i, a in enumerate(args):
@@ -116,7 +116,7 @@ def complete_slice_args(
             raise UsageError(f"--slice {raw!r}: {exc}") from exc
     taken: set[str] = set()
     for args in split:
-        console = _option_value(args, "--console")
+        console = option_value(args, "--console")
         if console is not None:
             port = port_for_console(console, ports)
             if port is not None:
@@ -135,7 +135,7 @@ def complete_slice_args(
             args += ["--kernel", str(kernel)]
         if not _has_option(args, "--initrd"):
             args += ["--initrd", str(initrd)]
-        console = _option_value(args, "--console")
+        console = option_value(args, "--console")
         if console is None:
             if not free:
                 defaults = ", ".join(p.console_arg for p in ports if p.kind == default_kind)

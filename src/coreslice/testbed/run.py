@@ -40,7 +40,7 @@ from coreslice.testbed.qemu import (
 )
 from coreslice.testbed import sriov as sriovdevs
 from coreslice.testbed import datapath
-from coreslice.testbed.tools import progress
+from coreslice.testbed.tools import progress, read_or_none as _read
 
 # Directories the host initramfs mounts over inside the chroot: paths below them are not the
 # build machine's inside the emulated host.
@@ -156,13 +156,6 @@ def pci_functions(text: str) -> dict[str, dict]:
         if len(f) >= 5:
             out[f[0]] = {"class": f[1], "vendor": f[2], "device": f[3], "driver": None if f[4] == "-" else f[4]}
     return out
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return None
 
 
 def _read_int(path: Path) -> int | None:

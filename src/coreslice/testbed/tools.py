@@ -7,6 +7,8 @@ logged before it runs, so a failure can be reproduced by hand.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import shlex
 import subprocess
 import sys
@@ -64,3 +66,11 @@ def run_tool(
             f"{format_command(argv)} exited with {proc.returncode}: " + " | ".join(detail)
         )
     return proc
+
+
+def read_or_none(path: Path) -> str | None:
+    """A run-dir file's text, or None when the job did not write it."""
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return None
