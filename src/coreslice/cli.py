@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_boot(sub)
     plancmd.register(sub)  # plan, list, stop
-    host = sub.add_parser("host", help="this host: readiness check and kernel command line",
+    host = sub.add_parser("host", help="this host: what it has (show), whether it is ready (check), its kernel command line (configure)",
                           description="Inspect and configure the host that launches slices.")
     hsub = host.add_subparsers(dest="host_command", required=True, metavar="COMMAND")
     hostcfg.register(hsub)  # configure, check
