@@ -32,7 +32,7 @@ if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-base_pkgs="busybox-static cpio kmod acpica-tools ca-certificates python3 python3-venv nvme-cli"
+base_pkgs="e2fsprogs busybox-static cpio kmod acpica-tools ca-certificates python3 python3-venv nvme-cli"
 # From backports: QEMU 10 (the emulated machine; the igb/nvme SR-IOV models need it).
 bp_pkgs="qemu-system-x86 qemu-utils"
 

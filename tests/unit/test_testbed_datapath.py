@@ -1,7 +1,6 @@
 """The slices' data path (testbed/datapath.py): devices on each slice's root bus, QEMU and
 `coreslice boot` arguments, job-script lines, report parsing, images."""
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -138,9 +137,8 @@ def test_mkfs_command_has_no_journal_and_populates_from_dir():
                    "/r/d.img", "16M"]
 
 
-@pytest.mark.skipif(shutil.which("mkfs.ext4") is None or shutil.which("debugfs") is None,
-                    reason="e2fsprogs not installed")
 def test_build_and_read_image(tmp_path):
+    # e2fsprogs is a required test dependency (scripts/install-system-deps.sh): fail, never skip.
     img = datapath.build_image(tmp_path / "d.img", "cs-t", {"hello.txt": "known\n"}, size_mb=4)
     assert img.stat().st_size == 4 << 20
     assert datapath.read_image_file(img, "hello.txt") == "known\n"
