@@ -1,12 +1,14 @@
 """Slice argument completion, console assignment and the job script."""
 
+import os
 import shlex
 from pathlib import Path
 
 import pytest
 
 from coreslice.errors import UsageError
-from coreslice.testbed.job import complete_slice_args, port_for_console, render_env, render_job_script
+from coreslice.testbed.job import (complete_slice_args, port_for_console, render_env, render_job_script,
+                                  write_coreslice_wrapper)
 from coreslice.testbed.qemu import slice_serial_ports
 
 K = Path("/cache/kernels/v/boot/vmlinuz-r")
@@ -89,7 +91,8 @@ def test_job_script_runs_boot_with_json_in_order():
     assert text.startswith("#!/bin/sh\n")
     assert "RUN='/runs/r 1'" in text
     assert "export PYTHONPATH=/src" in text
-    assert "export PATH=/py/bin:" in text
+    # The run's own `coreslice` wrapper first, then the interpreter's directory (a venv's bin).
+    assert 'export PATH="$RUN/bin":/py/bin:' in text
     lines = text.splitlines()
     boots = [ln for ln in lines if "-m coreslice boot" in ln]
     assert len(boots) == 2
@@ -109,6 +112,12 @@ def test_job_script_runs_boot_with_json_in_order():
     wait = next(i for i, ln in enumerate(lines) if "continue" in ln)
     assert lines.index("event slices-launched") < wait < lines.index("cat /proc/interrupts >interrupts-after.txt")
     assert '/bin/sh "$RUN/hostcmd-0.sh" >hostcmd-0.out 2>&1 </dev/null' in lines
+
+
+def test_coreslice_wrapper_runs_the_given_interpreter(tmp_path):
+    w = write_coreslice_wrapper(tmp_path, "/a b/.venv/bin/python")
+    assert w == tmp_path / "bin" / "coreslice" and os.access(w, os.X_OK)
+    assert w.read_text() == "#!/bin/sh\nexec '/a b/.venv/bin/python' -m coreslice \"$@\"\n"
 
 
 def test_env_file():

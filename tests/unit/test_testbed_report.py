@@ -56,6 +56,13 @@ def test_host_init_mounts_and_markers():
             "hostroot /newroot") in text
     assert "trans=virtio,version=9p2000.L,msize=1048576,cache=none run /mnt/run" in text
     assert 'chroot /newroot /bin/sh "$RUN_DIR/job.sh"' in text
+    # Shares of their own (hostview.py), each at its path, created on the tmpfs if need be,
+    # before the run share is bound (which may sit inside one of them).
+    loop = text.index("done </mnt/run/mounts")
+    assert 'mkdir -p "/newroot$path"' in text
+    assert ('mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=1048576,cache=loose "$tag" '
+            '"/newroot$path"') in text
+    assert text.index("mount -t tmpfs tmpfs /newroot/tmp") < loop < text.index('mount -o bind /mnt/run')
     assert text.rstrip().endswith("poweroff -f")
     assert "CORESLICE-HOST" in text
 

@@ -7,7 +7,8 @@ read-only over 9p (tag ``hostroot``) and the per-run directory read-write (tag `
 devtmpfs, tmpfs on /tmp and /run), runs ``$RUN_DIR/job.sh`` inside it and powers off.  The run
 share holds a file ``env`` (shell assignments, at least ``RUN_DIR=``, the run directory's path
 on the build machine, where the share is bind-mounted inside the chroot so that paths are the
-same inside and outside).  Console markers (ttyS0) are lines starting ``CORESLICE-HOST``.
+same inside and outside) and a file ``mounts`` naming the other shares (the source tree, the
+venv, the kernels' directories) and the path each is mounted at (testbed/hostview.py).  Console markers (ttyS0) are lines starting ``CORESLICE-HOST``.
 
 SLICE initramfs: mounts proc/sys and writes one line to /dev/kmsg (with ``noapic`` user-space
 console output is not seen on the UART; kernel messages are)::
@@ -77,6 +78,16 @@ mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs tmpfs /newroot/tmp || fail "mount tmpfs on /tmp"
 mount -t tmpfs tmpfs /newroot/run || fail "mount tmpfs on /run"
+# Directories shared on their own (testbed/hostview.py), at their own paths: "TAG PATH" lines,
+# parents first; a mount point below the tmpfs /tmp or /run is created first.
+if [ -r /mnt/run/mounts ]; then
+    while read -r tag path; do
+        [ -n "$tag" ] || continue
+        mkdir -p "/newroot$path" 2>/dev/null
+        mount -t 9p -o @HOSTROOT_OPTS@ "$tag" "/newroot$path" || fail "mount 9p $tag on $path"
+    done </mnt/run/mounts
+fi
+mkdir -p "/newroot$RUN_DIR" 2>/dev/null
 mount -o bind /mnt/run "/newroot$RUN_DIR" || fail "bind run share on $RUN_DIR"
 say "job-start $RUN_DIR/job.sh"
 chroot /newroot /bin/sh "$RUN_DIR/job.sh"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import coreslice
 from coreslice.errors import CoresliceError, UsageError
-from coreslice.testbed import initramfs, interrupts, job as jobmod, kernels
+from coreslice.testbed import hostview, initramfs, interrupts, job as jobmod, kernels
 from coreslice.testbed.paths import cache_dir
 from coreslice.testbed.qemu import (
     LogFollower,
@@ -41,10 +41,6 @@ from coreslice.testbed.qemu import (
 from coreslice.testbed import sriov as sriovdevs
 from coreslice.testbed import datapath
 from coreslice.testbed.tools import progress, read_or_none as _read
-
-# Directories the host initramfs mounts over inside the chroot: paths below them are not the
-# build machine's inside the emulated host.
-_HIDDEN = ("/tmp", "/run", "/proc", "/sys", "/dev")
 
 
 @dataclass
@@ -81,18 +77,18 @@ class RunOptions:
 
 def python_for_host() -> tuple[str, str]:
     """(interpreter, PYTHONPATH) for running this working tree's coreslice inside the host."""
-    return os.path.realpath(sys.executable), str(Path(coreslice.__file__).resolve().parents[1])
+    hp = hostview.host_python()
+    return hp.interpreter, hp.pythonpath
 
 
-def check_visible(path: Path, what: str) -> None:
-    p = str(Path(path).resolve())
-    for h in _HIDDEN:
-        if p == h or p.startswith(h + "/"):
-            raise UsageError(
-                f"{what} {p} is under {h}, which the emulated host mounts over: it would not be "
-                f"visible there; use a location outside {', '.join(_HIDDEN)} "
-                "(e.g. set CORESLICE_CACHE or --workdir)"
-            )
+def _named_files(args) -> list[Path]:
+    """Absolute paths that a ``coreslice boot`` argument list names as input files."""
+    out = []
+    for opt in ("--kernel", "--initrd", "--config"):
+        v = jobmod.option_value(args, opt)
+        if v and os.path.isabs(v):
+            out.append(Path(v))
+    return out
 
 
 KEEP_RUNS = 50
@@ -114,7 +110,7 @@ def make_run_dir(workdir: Path | None) -> Path:
         d = runs / f"{stamp}-{os.getpid()}"
     else:
         d = Path(workdir).resolve()
-        check_visible(d, "run directory")
+        hostview.mount_points([d])  # refuses /proc, /sys, /dev
         if d.exists() and any(d.iterdir()):
             raise UsageError(f"--workdir {d}: not empty; give a new or empty directory")
     d.mkdir(parents=True, exist_ok=True)
@@ -214,16 +210,7 @@ def run(options: RunOptions) -> dict:
         host_initrd = initramfs.build_host_initramfs(kernel, initramfs.host_data_modules(kernel, extra_mods))
         slice_initrd = initramfs.build_slice_initramfs(kernel, datapath.DATA_MODULES)
     run_dir = make_run_dir(options.workdir)
-    python, pythonpath = python_for_host()
-    for path, what in (
-        (run_dir, "run directory"),
-        (kernel.vmlinuz, "slice kernel"),
-        (slice_initrd, "slice initramfs"),
-        (Path(python), "Python interpreter"),
-        (Path(pythonpath), "coreslice source tree"),
-    ):
-        check_visible(path, what)
-
+    hp = hostview.host_python()
     config = MachineConfig(
         kernel=kernel.vmlinuz,
         initrd=host_initrd,
@@ -234,10 +221,6 @@ def run(options: RunOptions) -> dict:
         x2apic=options.x2apic,
         numa=options.numa,
         extra_args=tuple(sriovdevs.device_args()) if options.sriov else (),
-        shares=(
-            Share(initramfs.HOSTROOT_TAG, Path("/"), readonly=True),
-            Share(initramfs.RUN_TAG, run_dir, readonly=False),
-        ),
     )
     machine = QemuMachine(config, run_dir)
     jobs = jobmod.complete_slice_args(options.slices, kernel.vmlinuz, slice_initrd,
@@ -252,10 +235,22 @@ def run(options: RunOptions) -> dict:
         jobs = [dataclasses.replace(j, args=datapath.slice_args(j.args, ln)) for j, ln in zip(jobs, links)]
         datapath.build_images(links, run_dir)
         config.extra_args = tuple(config.extra_args) + tuple(datapath.machine_args(links, run_dir))
+    # The source tree, venv and slice kernels/initrds each get a share of their own, mounted
+    # at their own paths inside the host (hostview.py): a tree under /tmp works too.
+    files = [p for j in jobs for p in _named_files(j.args)]
+    pairs, mounts = hostview.render_mounts(hostview.mount_points(
+        [*hp.shares, *(f.parent for f in files if f.parent.is_dir())]))
+    config.shares = (
+        Share(initramfs.HOSTROOT_TAG, Path("/"), readonly=True),
+        Share(initramfs.RUN_TAG, run_dir, readonly=False),
+        *(Share(tag, path, readonly=True) for tag, path in pairs),
+    )
+    (run_dir / "mounts").write_text(mounts)
     (run_dir / "env").write_text(jobmod.render_env(run_dir))
+    jobmod.write_coreslice_wrapper(run_dir, hp.interpreter)
     (run_dir / "python-check.py").write_text(jobmod.PYTHON_CHECK)
     (run_dir / "job.sh").write_text(
-        jobmod.render_job_script(run_dir, python, pythonpath, jobs, options.host_cmds,
+        jobmod.render_job_script(run_dir, hp.interpreter, hp.pythonpath, jobs, options.host_cmds,
                                  wait_each=options.wait_each,
                                  setup_lines=datapath.host_setup_lines(links) if data else (),
                                  check_lines=datapath.host_check_lines(links) if data else ())
