@@ -157,6 +157,7 @@ def test_machine_teardown_kills_by_pid(tmp_path):
         m.launch()
         pid = m.pid
         assert pid in qemu.LIVE_PIDS
+        assert (tmp_path / "w" / qemu.PID_FILE).read_text() == f"{pid}\n"
         assert m.is_running()
         deadline = time.monotonic() + 10
         while not ready.exists() and time.monotonic() < deadline:

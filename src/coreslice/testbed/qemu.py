@@ -58,6 +58,7 @@ from coreslice.testbed.initramfs import find_report
 from coreslice.testbed.tools import ToolError, format_command, progress
 
 QEMU = "qemu-system-x86_64"
+PID_FILE = "qemu.pid"  # in the machine's work directory, written at launch
 PCI_SERIAL_SLOT = 0x10
 PCI_SERIAL_ADDRESS = f"0000:00:{PCI_SERIAL_SLOT:02x}.0"
 # (name, iobase, irq) of the ISA UARTs left for slices; COM1 (0x3f8, irq 4) is the host's.
@@ -363,6 +364,8 @@ class QemuMachine:
         finally:
             stderr.close()
         LIVE_PIDS.add(self._proc.pid)
+        # For whoever started this process (tests, scripts): stop QEMU by its PID if we die.
+        (self.workdir / PID_FILE).write_text(f"{self._proc.pid}\n")
         self.launched_at = time.monotonic()
         self.launched_wall = time.time()
 
