@@ -13,7 +13,8 @@ from coreslice.testbed.tools import set_quiet
 RUN_DESCRIPTION = """\
 Boot the emulated machine (QEMU q35 under TCG) with a stock Debian 6.12 host kernel on one CPU
 (maxcpus=1 mem=HOST-MEM), the build machine's root shared read-only so this working tree's
-coreslice runs inside it, and run `coreslice boot ARGS --json` there for each --slice, in order.
+coreslice runs inside it (the tree, its venv, the kernels and the run directory are shared on
+their own as well, at the same paths, so any folder works, /tmp included), and run `coreslice boot ARGS --json` there for each --slice, in order.
 --kernel, --initrd (the testbed's slice kernel and report initramfs) and a free --console
 (the PCI UARTs 0000:21:00.0, 0000:41:00.0, 0000:61:00.0, each alone on a pxb-pcie root bus
 0000:20/40/60 behind a root port; with --isa-consoles io:0x2f8, io:0x3e8, io:0x2e8; a PCI UART
@@ -87,7 +88,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "With --storage/--network the host also gets its own NVMe disk and NIC, "
                         "checked after the slices reported")
     p.add_argument("--workdir", type=Path, default=None, metavar="DIR",
-                   help="run directory (new or empty; not under /tmp or /run); default: "
+                   help="run directory (new or empty; anywhere but /proc, /sys, /dev); default: "
                         "$CORESLICE_CACHE/runs/<time>-<pid> (cache: ~/.cache/coreslice)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with host facts, slices and host commands")
