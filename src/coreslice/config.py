@@ -26,9 +26,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UsageError
-from .host import consoles
-from .units import parse_size
+from coreslice.errors import UsageError
+from coreslice.host import consoles
+from coreslice.units import parse_size
 
 ENV = "CORESLICE_CONFIG"
 DEFAULT_PATH = Path("/etc/coreslice/config.toml")
@@ -211,5 +211,5 @@ def apply_slice_defaults(args) -> None:
     if args.memory is None:
         if cfg.slice.memory is None:
             raise UsageError(f"no memory asked for: give --memory SIZE[@BASE], or set [slice] memory in {where}")
-        from .units import format_size
+        from coreslice.units import format_size
         args.memory = format_size(cfg.slice.memory)

@@ -34,9 +34,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UsageError
-from .host.sysfs import format_cpu_list
-from .units import format_size
+from coreslice.errors import UsageError
+from coreslice.host.sysfs import format_cpu_list
+from coreslice.units import format_size
 
 DEFAULT_PATH = Path("/var/lib/coreslice/ledger.sqlite3")
 # Where the ledger goes when /var/lib is read-only (e.g. a host whose root is shared read-only):

@@ -119,7 +119,7 @@ _BAD = re.compile(r"error|fail|not found|traceback|warning", re.I)
 
 
 def test_demo_reports_every_slice_and_no_error(testbed_ready):
-    from coreslice import demo
+    from coreslice.testbed import demo
 
     run_dir = cache_dir() / "test-runs" / f"demo-{time.strftime('%H%M%S')}-{os.getpid()}"
     proc = run_child([sys.executable, "-m", "coreslice", "demo", "--workdir", str(run_dir)],

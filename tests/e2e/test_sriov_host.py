@@ -52,7 +52,7 @@ def result(testbed_ready):
                '--memory 512M@0x40000000 --console io:0x2f8 --guest-kernel slice '
                '--nic-vf $NIC:1 --nvme-vf $NVME:1 --dry-run /tmp/dry --json',
     ]
-    cmd = [sys.executable, "-m", "coreslice.testbed.cli", "run", "--sriov", "--json", "--quiet",
+    cmd = [sys.executable, "-m", "coreslice.cli.testbed", "run", "--sriov", "--json", "--quiet",
            "--smp", "2", "--memory", "2G", "--timeout", "240"]
     for c in cmds:
         cmd += ["--host-cmd", c]

@@ -24,7 +24,7 @@ SRC = Path(coreslice.__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def cli_result(testbed_ready):
     cmd = [
-        sys.executable, "-m", "coreslice.testbed.cli", "run", "--json", "--quiet",
+        sys.executable, "-m", "coreslice.cli.testbed", "run", "--json", "--quiet",
         "--smp", "2", "--memory", "2G", "--timeout", "180",
         "--host-cmd", "python3 -c 'import coreslice,sys; print(coreslice.__file__, sys.version)'",
         "--host-cmd", "cat /sys/devices/system/cpu/online; grep -c ^processor /proc/cpuinfo",

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from coreslice import launch
+from coreslice.launch import session as launch
 from coreslice.acpi import acpica
 from coreslice.acpi.tables import McfgAllocation, build_mcfg, parse_mcfg
 from coreslice.boot.zeropage import E820Type
 from coreslice.host.snapshot import discover
 from coreslice.machine.pci import FakePci
-from coreslice.plan import PCI_PARAMS
+from coreslice.plan.boot import PCI_PARAMS
 
 from .hosttree import ROOT_PORT, SRIOV_NIC, SRIOV_VF, add_pci_function
 from .test_boot_validation import Fakes, host_tree, initrd, refused, spec  # noqa: F401 (fixtures)

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from coreslice import cli, launch
+from coreslice import cli
+from coreslice.launch import session as launch
 from coreslice.boot import bzimage, lowmem
 from coreslice.errors import UsageError
 from coreslice.host.snapshot import discover
 from coreslice.machine.lapic import FakeApic
 from coreslice.machine.pci import FakePci
 from coreslice.machine.physmem import FakeMemory
-from coreslice.spec import BootSpec
+from coreslice.request import BootSpec
 
 from .hosttree import BOOT_ID, make_host_tree
 

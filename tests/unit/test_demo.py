@@ -1,4 +1,4 @@
-from coreslice.demo import format_table
+from coreslice.testbed.demo import format_table
 
 
 def test_table_reports_slices_and_host_ipis():

@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from coreslice import cli, hostcfg
+from coreslice import cli
+from coreslice.host import profiles as hostcfg
 from coreslice.acpi.tables import build_madt
 from coreslice.errors import UsageError
 

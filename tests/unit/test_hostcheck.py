@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from coreslice import cli, hostcheck
+from coreslice import cli
+from coreslice.host import readiness as hostcheck
 
 from .hosttree import make_host_tree
 

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from coreslice import cli, launch
+from coreslice import cli
+from coreslice.launch import session as launch
 from coreslice.errors import LaunchError, UsageError
 from coreslice.host.snapshot import discover
 from coreslice.ledger import DEFAULT_PATH, ENV, FALLBACK_PATH, Ledger, LedgerConflict, SliceRecord, resolve_path
 from coreslice.machine.physmem import FakeMemory
-from coreslice.spec import BootSpec
+from coreslice.request import BootSpec
 
 from .hosttree import BOOT_ID, make_host_tree, two_node_srat
 from .test_boot_validation import Fakes
@@ -230,13 +231,13 @@ def test_a_launch_that_crashed_half_way_stays_reserved_until_reboot(spec, host, 
     code = textwrap.dedent(f"""
         import os
         from pathlib import Path
-        from coreslice import launch
+        from coreslice.launch import session as launch
         from coreslice.host.snapshot import discover
         from coreslice.ledger import Ledger
         from coreslice.machine.physmem import FakeMemory
         from coreslice.machine.lapic import FakeApic
         from coreslice.machine.pci import FakePci
-        from coreslice.spec import BootSpec
+        from coreslice.request import BootSpec
 
         class Crashing(FakeMemory):
             def write_and_check(self, addr, data):

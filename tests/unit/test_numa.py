@@ -6,8 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from coreslice.acpi.tables import (AcpiTableError, Srat, SratCpu, SratMemory, SratFixed, build_srat, checksum,
-                                   parse_srat, seal)
+from coreslice.acpi.tables import (
+    AcpiTableError,
+    Srat,
+    SratCpu,
+    SratMemory,
+    SratFixed,
+    build_srat,
+    checksum,
+    parse_srat,
+    seal,
+)
 from coreslice.host import numa
 from coreslice.host.memory import Range
 from coreslice.host.snapshot import discover

@@ -9,7 +9,7 @@ from coreslice.errors import UsageError
 from coreslice.host.memory import Range
 from coreslice.host.snapshot import discover
 from coreslice.ledger import SliceRecord
-from coreslice.placement import Held, Request, fit_memory, free_resources, held_resources, place
+from coreslice.plan.placement import Held, Request, fit_memory, free_resources, held_resources, place
 
 from .hosttree import BOOT_ID, make_host_tree, two_node_srat
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from coreslice import config, sriov, sriovcmd
+from coreslice import config
+from coreslice.plan import vfs as sriov
+from coreslice.cli import sriov as sriovcmd
 from coreslice.errors import LaunchError, UsageError
 from coreslice.host.pci import Function
 

@@ -165,7 +165,7 @@ def test_slice_result_checks_the_image(tmp_path, monkeypatch):
 def test_cli_flags_default_off():
     import argparse
 
-    from coreslice.testbed import cli
+    from coreslice.cli import testbed as cli
 
     p = argparse.ArgumentParser()
     cli.add_run_arguments(p)

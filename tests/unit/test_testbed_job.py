@@ -7,8 +7,13 @@ from pathlib import Path
 import pytest
 
 from coreslice.errors import UsageError
-from coreslice.testbed.job import (complete_slice_args, port_for_console, render_env, render_job_script,
-                                  write_coreslice_wrapper)
+from coreslice.testbed.job import (
+    complete_slice_args,
+    port_for_console,
+    render_env,
+    render_job_script,
+    write_coreslice_wrapper,
+)
 from coreslice.testbed.qemu import slice_serial_ports
 
 K = Path("/cache/kernels/v/boot/vmlinuz-r")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from coreslice.errors import UsageError
-from coreslice.testbed import cli as testbed_cli
+from coreslice.cli import testbed as testbed_cli
 from coreslice.testbed.job import LEDGER_PATH, render_job_script
 from coreslice.testbed.qemu import MachineConfig, build_command, numa_args
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from coreslice.errors import UsageError
-from coreslice.testbed import cli, run
+from coreslice.testbed import run
+from coreslice.cli import testbed as cli
 
 
 def test_apic_mode_from_msr_and_dmesg():

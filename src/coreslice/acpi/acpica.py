@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ..errors import CoresliceError
+from coreslice.errors import CoresliceError
 
 
 class AcpicaError(CoresliceError):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Union
 
-from . import tables
+from coreslice.acpi import tables
 
 # §20.2.3 Data Objects Encoding
 ZERO_OP, ONE_OP, ONES_OP = 0x00, 0x01, 0xFF

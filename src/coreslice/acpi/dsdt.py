@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import UsageError
-from .aml import (
+from coreslice.errors import UsageError
+from coreslice.acpi.aml import (
     AddressSpace,
     Aml,
     DefinitionBlock,

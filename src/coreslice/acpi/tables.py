@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ..errors import CoresliceError, UsageError
+from coreslice.errors import CoresliceError, UsageError
 
 # Identity written into every table we build.  The creator is coreslice itself ("CSLC"); bump
 # CREATOR_REVISION when the generated layout changes in a way someone reading a slice's

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UsageError
+from coreslice.errors import UsageError
 
 HEADER_START = 0x1F1
 HDRS_MAGIC = 0x53726448  # "HdrS" at 0x202

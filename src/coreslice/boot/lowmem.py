@@ -23,7 +23,7 @@ import json
 import struct
 from dataclasses import dataclass
 
-from .trampoline import RECORD_OFFSET, RECORD_SIZE
+from coreslice.boot.trampoline import RECORD_OFFSET, RECORD_SIZE
 
 SLOT_SIZE = 0x10000
 SLOT_BASES = tuple(range(0x20000, 0x90000, SLOT_SIZE))

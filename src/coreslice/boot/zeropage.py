@@ -11,8 +11,8 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from . import bzimage
-from ..errors import UsageError
+from coreslice.boot import bzimage
+from coreslice.errors import UsageError
 
 ZERO_PAGE_SIZE = 0x1000
 

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .sysfs import link_name, read_text
+from coreslice.host.sysfs import link_name, read_text
 
 PCI_ADDR = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
 # PCI Code and ID Assignment spec §1.8: base class 07 (communication), subclass 00 (serial).

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..acpi.tables import Madt
-from .sysfs import parse_cpu_list, read_text
+from coreslice.acpi.tables import Madt
+from coreslice.host.sysfs import parse_cpu_list, read_text
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..acpi.tables import McfgAllocation
+from coreslice.acpi.tables import McfgAllocation
 
 _HEX = "[0-9a-fA-F]"
 _ROOT_RESOURCE = re.compile(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .sysfs import read_text
+from coreslice.host.sysfs import read_text
 
 
 @dataclass(frozen=True)

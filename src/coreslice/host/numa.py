@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..acpi.tables import Srat, parse_srat
-from .cpus import HostCpu
-from .memory import Range, intersect, subtract
-from .sysfs import read_bytes
+from coreslice.acpi.tables import Srat, parse_srat
+from coreslice.host.cpus import HostCpu
+from coreslice.host.memory import Range, intersect, subtract
+from coreslice.host.sysfs import read_bytes
 
 # Never hand out the first MiB: real-mode structures, the BIOS, and the low-memory slots live there.
 LOW_LIMIT = 1 << 20

@@ -21,10 +21,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..acpi.dsdt import PciRoot
-from ..acpi.tables import McfgAllocation
-from . import dmesg, memory
-from .sysfs import link_name, read_text
+from coreslice.acpi.dsdt import PciRoot
+from coreslice.acpi.tables import McfgAllocation
+from coreslice.host import dmesg, memory
+from coreslice.host.sysfs import link_name, read_text
 
 _4G = 1 << 32
 SOURCE_LOG = "kernel log (root bus resource lines)"

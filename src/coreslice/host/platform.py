@@ -9,7 +9,7 @@ import stat
 import struct
 from pathlib import Path
 
-from .sysfs import read_text
+from coreslice.host.sysfs import read_text
 
 IA32_APIC_BASE = 0x1B       # Intel SDM Vol. 3A §11.4.4
 APIC_BASE_EXTD = 1 << 10    # x2APIC mode enable (SDM Vol. 3A §11.12.1)

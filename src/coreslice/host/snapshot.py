@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..acpi.tables import Madt, McfgAllocation, parse_madt, parse_mcfg
-from . import consoles, cpus, memory, numa, pci, platform, storage
-from .sysfs import read_bytes, read_text
+from coreslice.acpi.tables import Madt, McfgAllocation, parse_madt, parse_mcfg
+from coreslice.host import consoles, cpus, memory, numa, pci, platform, storage
+from coreslice.host.sysfs import read_bytes, read_text
 
 
 @dataclass

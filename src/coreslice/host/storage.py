@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from .sysfs import read_text
+from coreslice.host.sysfs import read_text
 
 _PCI_IN_PATH = re.compile(r"/([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])(?=/)")
 

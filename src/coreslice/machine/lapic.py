@@ -15,8 +15,8 @@ import subprocess
 import time
 from typing import Protocol
 
-from ..errors import LaunchError
-from .physmem import PhysicalMemory
+from coreslice.errors import LaunchError
+from coreslice.machine.physmem import PhysicalMemory
 
 APIC_PAGE = 0xFEE00000
 ICR_LOW = 0x300

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from ..errors import LaunchError
+from coreslice.errors import LaunchError
 
 
 class PciControl(Protocol):

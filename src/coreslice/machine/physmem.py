@@ -11,7 +11,7 @@ import mmap
 import os
 from typing import Protocol
 
-from ..errors import LaunchError
+from coreslice.errors import LaunchError
 
 PAGE = 0x1000
 

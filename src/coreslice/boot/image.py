@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .acpi.dsdt import PciRoot, build_dsdt
-from .acpi.tables import AcpiBlob, McfgAllocation, build_slice_tables
-from .boot import lowmem
-from .boot.pagetables import build_identity_page_tables
-from .boot.trampoline import build_trampoline
-from .boot.zeropage import build_zero_page
+from coreslice.acpi.dsdt import PciRoot, build_dsdt
+from coreslice.acpi.tables import AcpiBlob, McfgAllocation, build_slice_tables
+from coreslice.boot import lowmem
+from coreslice.boot.pagetables import build_identity_page_tables
+from coreslice.boot.trampoline import build_trampoline
+from coreslice.boot.zeropage import build_zero_page
 
 CHUNK = 2 << 20
 

@@ -12,11 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-from .acpi.tables import McfgAllocation
-from .errors import UsageError
-from .host import pci as hostpci
-from .host import platform
-from .host.sysfs import format_cpu_list
+from coreslice.acpi.tables import McfgAllocation
+from coreslice.errors import UsageError
+from coreslice.host import pci as hostpci
+from coreslice.host import platform
+from coreslice.host.sysfs import format_cpu_list
 
 SHOW_HELP = """\
 Print what coreslice knows about this host: CPUs (APIC IDs, online or parked, boot CPU, NUMA
@@ -66,7 +66,7 @@ class LogView:
 
 def load(root: Path | None, from_dmesg: str | None):
     """The Host (discovered from ``root``, its log replaced by ``from_dmesg``) or a LogView."""
-    from .host.snapshot import discover
+    from coreslice.host.snapshot import discover
 
     if from_dmesg is not None and root is None:
         lines = read_log_file(from_dmesg)
@@ -209,8 +209,9 @@ def host_json(host) -> dict:
 
 def _sriov_rows(host, config_path) -> list[dict]:
     """The host's SR-IOV PFs with their VFs and the slices (ledger) that hold them."""
-    from . import config as configmod, sriov
-    from .ledger import Ledger, resolve_path
+    from coreslice import config as configmod
+    from coreslice.plan import vfs as sriov
+    from coreslice.ledger import Ledger, resolve_path
 
     cfg = configmod.load(config_path)
     held: dict[str, str] = {}
@@ -224,7 +225,7 @@ def _sriov_rows(host, config_path) -> list[dict]:
 
 
 def cmd_show(args) -> int:
-    from .sriov import format_pf_table
+    from coreslice.plan.vfs import format_pf_table
 
     what = load(args.root, args.from_dmesg)
     rows = None if isinstance(what, LogView) else _sriov_rows(what, getattr(args, "config", None))

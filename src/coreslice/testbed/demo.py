@@ -71,8 +71,8 @@ def format_table(result: dict) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .testbed.paths import cache_dir
-    from .testbed.run import RunOptions, run
+    from coreslice.testbed.paths import cache_dir
+    from coreslice.testbed.run import RunOptions, run
 
     run_dir = args.workdir or cache_dir() / "runs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     print("coreslice demo: an emulated 4-CPU machine boots a host on CPU 0 (mem=1G), which then "

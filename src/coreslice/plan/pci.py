@@ -17,11 +17,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .acpi.dsdt import PciRoot
-from .acpi.tables import McfgAllocation
-from .errors import UsageError
-from .host import consoles
-from .host.pci import Function, PciTopology, RootComplex
+from coreslice.acpi.dsdt import PciRoot
+from coreslice.acpi.tables import McfgAllocation
+from coreslice.errors import UsageError
+from coreslice.host import consoles
+from coreslice.host.pci import Function, PciTopology, RootComplex
 
 ECAM_BUS_SIZE = 1 << 20  # PCI Firmware Spec 3.3 §4.1.2: 4 KiB x 32 devices x 8 functions per bus
 

@@ -13,9 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import hostcmd, pciplan
-from .acpi.dsdt import build_dsdt
-from .errors import UsageError
+from coreslice.cli import host as hostcmd
+from coreslice.plan import pci as pciplan
+from coreslice.acpi.dsdt import build_dsdt
+from coreslice.errors import UsageError
 
 DSDT_HELP = """\
 Write the DSDT that exposes exactly the PCI root complexes holding the given functions (PNP0A08,

@@ -31,9 +31,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CoresliceError, UsageError
-from .hostcheck import XAPIC_MAX_ID
-from .units import format_size, parse_size
+from coreslice.errors import CoresliceError, UsageError
+from coreslice.host.readiness import XAPIC_MAX_ID
+from coreslice.units import format_size, parse_size
 
 DROPIN = "etc/default/grub.d/coreslice.cfg"
 PROFILES = ("slice-host", "vm-host", "native-eval")
@@ -219,7 +219,7 @@ def _check_limits(profile: str, cpus: int, mem: int, host) -> None:
 
 
 def configure(args: argparse.Namespace) -> dict:
-    from .host.snapshot import discover
+    from coreslice.host.snapshot import discover
 
     root = Path(args.root)
     profile = args.profile
@@ -288,7 +288,7 @@ def cmd_configure(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from . import hostcheck
+    from coreslice.host import readiness as hostcheck
 
     report = hostcheck.check(Path(args.root))
     print(json.dumps(report.to_json(), indent=2) if args.json else report.format())

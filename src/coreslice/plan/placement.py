@@ -17,11 +17,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .errors import UsageError
-from .host.memory import Range, subtract
-from .host.snapshot import Host
-from .host.sysfs import format_cpu_list
-from .units import format_size
+from coreslice.errors import UsageError
+from coreslice.host.memory import Range, subtract
+from coreslice.host.snapshot import Host
+from coreslice.host.sysfs import format_cpu_list
+from coreslice.units import format_size
 
 PAGE = 0x1000
 MIB2 = 2 << 20

@@ -14,10 +14,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .host import memory
-from .host.snapshot import Host, discover
-from .host.sysfs import format_cpu_list, read_text
-from .units import format_size
+from coreslice.host import memory
+from coreslice.host.snapshot import Host, discover
+from coreslice.host.sysfs import format_cpu_list, read_text
+from coreslice.units import format_size
 
 XAPIC_MAX_ID = 254  # 0xff is the xAPIC broadcast ID: xAPIC reaches APIC IDs 0-254 only
 LOW_MEMORY_END = 1 << 20  # slices never get the first MiB (real-mode area)

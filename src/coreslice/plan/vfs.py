@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .config import SriovConfig, format_mac, parse_mac
-from .errors import LaunchError, UsageError
-from .host import consoles
+from coreslice.config import SriovConfig, format_mac, parse_mac
+from coreslice.errors import LaunchError, UsageError
+from coreslice.host import consoles
 
 # PCI Code and ID Assignment Spec §1.3/§1.2: base class 02h network; 01:08:02 NVM Express (NVMe I/O).
 NIC_BASE_CLASS = 0x02

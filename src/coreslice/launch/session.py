@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .boot import lowmem
-from .errors import LaunchError, UsageError
-from .host import consoles
-from .host.snapshot import Host, discover
-from .image import BootImage, build_image
-from .ledger import Ledger, SliceRecord
-from .machine import lapic
-from .machine.pci import PciControl, SysfsPci
-from .machine.physmem import DevMem, PhysicalMemory
-from .plan import Plan, SlotReader, make_plan
-from .spec import BootSpec
+from coreslice.boot import lowmem
+from coreslice.errors import LaunchError, UsageError
+from coreslice.host import consoles
+from coreslice.host.snapshot import Host, discover
+from coreslice.boot.image import BootImage, build_image
+from coreslice.ledger import Ledger, SliceRecord
+from coreslice.machine import lapic
+from coreslice.machine.pci import PciControl, SysfsPci
+from coreslice.machine.physmem import DevMem, PhysicalMemory
+from coreslice.plan.boot import Plan, SlotReader, make_plan
+from coreslice.request import BootSpec
 
 
 @dataclass

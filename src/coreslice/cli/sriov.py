@@ -7,10 +7,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import config as configmod
-from . import sriov
-from .errors import UsageError
-from .ledger import Ledger, resolve_path
+from coreslice import config as configmod
+from coreslice.plan import vfs as sriov
+from coreslice.errors import UsageError
+from coreslice.ledger import Ledger, resolve_path
 
 STOCK_VF_REFUSAL = ("a stock kernel cannot drive an SR-IOV VF: it sees the VF's physical function on the same "
                     "root bus, probes it and resets SR-IOV, which removes the VFs of every slice; use "
@@ -71,7 +71,7 @@ def check_guest_kernel(guest_kernel: str, reqs: list[sriov.VfRequest], devices: 
     if reqs:
         raise UsageError(f"{reqs[0].flag} with --guest-kernel stock: {STOCK_VF_REFUSAL}")
     for d in devices:
-        from .pciplan import normalize
+        from coreslice.plan.pci import normalize
         fn = host.pci.function(normalize(d))
         if fn is not None and fn.physfn:
             raise UsageError(f"--device {fn.address} is an SR-IOV VF of {fn.physfn}; {STOCK_VF_REFUSAL}")
@@ -128,7 +128,7 @@ def register(sub) -> None:
 
 
 def cmd_prepare(args, ops=None) -> int:
-    from .launch import stderr_progress
+    from coreslice.launch.session import stderr_progress
 
     reqs = requests_from(args)
     if not reqs:

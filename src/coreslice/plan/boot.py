@@ -12,18 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .boot import lowmem
-from .boot.bzimage import BzImage, ENTRY_64_OFFSET, parse_bzimage
-from .boot.pagetables import page_tables_size
-from .boot.zeropage import E820Entry, E820Type, ZERO_PAGE_SIZE
-from .errors import UsageError
-from .image import build_acpi
-from .pciplan import PciPlan, plan_pci
-from .host import consoles
-from .host.snapshot import Host
-from .host.sysfs import format_cpu_list
-from .spec import BootSpec
-from .units import format_size
+from coreslice.boot import lowmem
+from coreslice.boot.bzimage import BzImage, ENTRY_64_OFFSET, parse_bzimage
+from coreslice.boot.pagetables import page_tables_size
+from coreslice.boot.zeropage import E820Entry, E820Type, ZERO_PAGE_SIZE
+from coreslice.errors import UsageError
+from coreslice.boot.image import build_acpi
+from coreslice.plan.pci import PciPlan, plan_pci
+from coreslice.host import consoles
+from coreslice.host.snapshot import Host
+from coreslice.host.sysfs import format_cpu_list
+from coreslice.request import BootSpec
+from coreslice.units import format_size
 
 PAGE = 0x1000
 MIB = 1 << 20

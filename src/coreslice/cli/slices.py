@@ -11,12 +11,12 @@ import os
 import time
 from pathlib import Path
 
-from .errors import CoresliceError, UsageError
-from .host.snapshot import Host, discover
-from .host.sysfs import format_cpu_list, parse_cpu_list
-from .ledger import ENV as LEDGER_ENV, Ledger, SliceRecord, resolve_path
-from .placement import Placement, Request, free_resources, held_resources, place
-from .units import format_size, parse_memory
+from coreslice.errors import CoresliceError, UsageError
+from coreslice.host.snapshot import Host, discover
+from coreslice.host.sysfs import format_cpu_list, parse_cpu_list
+from coreslice.ledger import ENV as LEDGER_ENV, Ledger, SliceRecord, resolve_path
+from coreslice.plan.placement import Placement, Request, free_resources, held_resources, place
+from coreslice.units import format_size, parse_memory
 
 # Test-only: with --host-root, drive the in-memory machine fakes instead of refusing to launch
 # (tests/unit/test_ledger.py races two real `coreslice boot` processes on a synthetic host).
@@ -89,10 +89,10 @@ def fake_machine_requested(live: bool) -> bool:
 
 def make_machine(live: bool):
     """The real machine on the live host, the in-memory fakes for a captured tree."""
-    from .launch import Machine
-    from .machine.lapic import FakeApic
-    from .machine.pci import FakePci
-    from .machine.physmem import FakeMemory
+    from coreslice.launch.session import Machine
+    from coreslice.machine.lapic import FakeApic
+    from coreslice.machine.pci import FakePci
+    from coreslice.machine.physmem import FakeMemory
 
     if live:
         return Machine.real()
@@ -101,7 +101,7 @@ def make_machine(live: bool):
 
 def slot_records(host: Host, machine) -> list:
     """This boot's low-memory slot records, or none when they cannot be read (not root)."""
-    from .launch import read_slot_records
+    from coreslice.launch.session import read_slot_records
 
     if machine is None:
         return []
@@ -132,7 +132,7 @@ another slice is launched in between).
 
 
 def _cmd_plan(args) -> int:
-    from .config import apply_slice_defaults
+    from coreslice.config import apply_slice_defaults
     apply_slice_defaults(args)
     size, base = parse_memory(args.memory)
     live = args.host_root.resolve() == Path("/")
@@ -215,7 +215,7 @@ def _cmd_list(args) -> int:
 # -- coreslice stop -------------------------------------------------------------------------------
 
 def _cmd_stop(args) -> int:
-    from .launch import stderr_progress, stop
+    from coreslice.launch.session import stderr_progress, stop
 
     live = args.host_root.resolve() == Path("/")
     if not live and not fake_machine_requested(live):

@@ -7,10 +7,16 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__, demo, dsdtcmd, hostcfg, hostcmd, plancmd, sriovcmd
-from .testbed import cli as testbed_cli
-from .errors import CoresliceError, UsageError
-from .units import format_size, parse_memory
+from coreslice import __version__
+from coreslice.testbed import demo
+from coreslice.cli import dsdt as dsdtcmd
+from coreslice.host import profiles as hostcfg
+from coreslice.cli import host as hostcmd
+from coreslice.cli import slices as plancmd
+from coreslice.cli import sriov as sriovcmd
+from coreslice.cli import testbed as testbed_cli
+from coreslice.errors import CoresliceError, UsageError
+from coreslice.units import format_size, parse_memory
 
 BOOT_HELP = """\
 Boot a Linux kernel on parked CPUs and free RAM of this host, with no hypervisor.
@@ -74,12 +80,12 @@ def _add_boot(sub) -> None:
 
 
 def _cmd_boot(args) -> int:
-    from .host.snapshot import discover
-    from .launch import boot, stderr_progress
-    from .ledger import LedgerConflict
-    from .spec import BootSpec
+    from coreslice.host.snapshot import discover
+    from coreslice.launch.session import boot, stderr_progress
+    from coreslice.ledger import LedgerConflict
+    from coreslice.request import BootSpec
 
-    from .config import apply_slice_defaults
+    from coreslice.config import apply_slice_defaults
     apply_slice_defaults(args)  # --ncpus / --memory from the config's [slice] when not given
     size, base = parse_memory(args.memory)
     live = args.host_root.resolve() == Path("/")
