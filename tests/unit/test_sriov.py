@@ -8,6 +8,8 @@ import pytest
 
 from coreslice import config
 from coreslice.plan import vfs as sriov
+from coreslice.launch import vfprep
+from coreslice.machine import sriov as ops_mod
 from coreslice.cli import sriov as sriovcmd
 from coreslice.errors import LaunchError, UsageError
 from coreslice.host.pci import Function
@@ -17,7 +19,7 @@ CFG = config.parse(f'[sriov]\nnic = ["{NIC}"]\nnvme = ["{NVME}"]\nmac_base = "02
 
 
 def host():
-    ops = sriov.FakeOps()
+    ops = ops_mod.FakeOps()
     ops.add_pf(NIC, 0x020000, 7, driver="igb", ifname="eth0")
     ops.add_pf(NVME, 0x010802, 4, driver="nvme", nvme="nvme0")
     ops.add_pf("0000:03:00.0", 0x070002, 2, driver="serial")
@@ -71,7 +73,7 @@ def test_refusals_before_any_change(r, held, words):
 
 def test_refuses_held_vf_and_partial_enablement():
     ops = host()
-    sriov.prepare(checked(ops, req("nic", NIC, 1)), ops)
+    vfprep.prepare(checked(ops, req("nic", NIC, 1)), ops)
     vf = ops.virtfn(NIC, 1)
     with pytest.raises(UsageError, match=f"VF {vf} is held by slice 'web'"):
         checked(ops, req("nic", NIC, 1), held={vf: "web"})
@@ -98,7 +100,7 @@ def test_refuses_twice_and_both_kinds():
 
 def test_nvme_not_enough_flexible_resources():
     ops = host()
-    ops.caps["nvme0"] = sriov.PrimaryCaps(4, 0, 2, 1, 4, 0, 1, 1)  # 4 VQ for 4 secondaries: 1 each
+    ops.caps["nvme0"] = ops_mod.PrimaryCaps(4, 0, 2, 1, 4, 0, 1, 1)  # 4 VQ for 4 secondaries: 1 each
     with pytest.raises(UsageError, match="needs 2"):
         checked(ops, req("nvme", NVME, 0))
     assert ops.log == []
@@ -106,7 +108,7 @@ def test_nvme_not_enough_flexible_resources():
 
 def test_nic_prepare_steps():
     ops = host()
-    prep = sriov.prepare(checked(ops, req("nic", NIC, 2)), ops)
+    prep = vfprep.prepare(checked(ops, req("nic", NIC, 2)), ops)
     vf = prep.vfs[0]
     assert vf.mac == "02:c5:00:00:10:02" and vf.address == ops.virtfn(NIC, 2)
     assert ops.log[:2] == [f"write {NIC} sriov_drivers_autoprobe=0", f"write {NIC} sriov_numvfs=7"]
@@ -114,7 +116,7 @@ def test_nic_prepare_steps():
     assert ops.driver(vf.address) is None  # autoprobe off: nothing bound it
     # a second VF of the same PF does not enable again
     ops.log.clear()
-    sriov.prepare(checked(ops, req("nic", NIC, 3, "02:00:00:00:00:33")), ops)
+    vfprep.prepare(checked(ops, req("nic", NIC, 3, "02:00:00:00:00:33")), ops)
     assert ops.log == ["mac eth0 vf 3 02:00:00:00:00:33"]
 
 
@@ -122,13 +124,13 @@ def test_vf_bound_to_host_driver_is_unbound():
     ops = host()
     ops.devs[NIC]["sriov_numvfs"] = "7"
     ops.write_attr(NIC, "sriov_numvfs", "7")  # enabled with autoprobe on: VFs bound to vfdrv
-    prep = sriov.prepare(checked(ops, req("nic", NIC, 0)), ops)
+    prep = vfprep.prepare(checked(ops, req("nic", NIC, 0)), ops)
     assert prep.vfs[0].unbound_from == "vfdrv" and ops.driver(prep.vfs[0].address) is None
 
 
 def test_nvme_prepare_steps():
     ops = host()
-    prep = sriov.prepare(checked(ops, req("nvme", NVME, 1)), ops)
+    prep = vfprep.prepare(checked(ops, req("nvme", NVME, 1)), ops)
     assert prep.vfs[0].secondary == 2
     log = ops.log
     # resources for every secondary before the VFs exist, then online for this one
@@ -144,7 +146,7 @@ def test_nvme_online_failure_undoes_everything():
     ops = host()
     ops.fail_online = True
     with pytest.raises(LaunchError) as e:
-        sriov.prepare(checked(ops, req("nic", NIC, 0), req("nvme", NVME, 0)), ops)
+        vfprep.prepare(checked(ops, req("nic", NIC, 0), req("nvme", NVME, 0)), ops)
     msg = str(e.value)
     assert "did not come online" in msg and "undid all" in msg
     assert ops.devs[NVME]["sriov_numvfs"] == "0" and ops.devs[NIC]["sriov_numvfs"] == "0"
@@ -154,13 +156,13 @@ def test_nvme_online_failure_undoes_everything():
 
 
 def test_slice_kernel_params():
-    vfs = [sriov.PreparedVf("nic", "0000:99:00.0", 1, "0000:99:00.3"),
-           sriov.PreparedVf("nvme", "0000:8d:00.0", 1, "0000:8d:00.2")]
+    vfs = [vfprep.PreparedVf("nic", "0000:99:00.0", 1, "0000:99:00.3"),
+           vfprep.PreparedVf("nvme", "0000:8d:00.0", 1, "0000:8d:00.2")]
     permit, vf = sriov.slice_kernel_params(vfs, ["0000:21:00.0"])
     assert permit == "21:00.0;99:00.3;8d:00.2"
     assert vf == "pci-vf-as-pf.pf=99:00.0,8d:00.0 pci-vf-as-pf.vf=1"
     with pytest.raises(UsageError, match="same INDEX"):
-        sriov.slice_kernel_params([vfs[0], sriov.PreparedVf("nvme", "0000:8d:00.0", 2, "x")], [])
+        sriov.slice_kernel_params([vfs[0], vfprep.PreparedVf("nvme", "0000:8d:00.0", 2, "x")], [])
 
 
 def _args(**kw):
@@ -200,14 +202,14 @@ def test_slice_kernel_boot_vfs(tmp_path):
 
 
 def test_parse_nvme_cli_json():
-    caps = sriov.parse_primary_caps({"vqfrt": 8, "vqrfap": 0, "vqfrsm": 2, "vqgran": 1, "vifrt": 4,
+    caps = ops_mod.parse_primary_caps({"vqfrt": 8, "vqrfap": 0, "vqfrsm": 2, "vqgran": 1, "vifrt": 4,
                                      "virfap": 0, "vifrsm": 1, "vigran": 1, "cntlid": 0})
     assert caps.vqfrt == 8 and caps.vifrsm == 1
-    secs = sriov.parse_secondaries({"num": 1, "secondary-controllers": [
+    secs = ops_mod.parse_secondaries({"num": 1, "secondary-controllers": [
         {"secondary-controller-identifier": 1, "primary-controller-identifier": 0,
          "secondary-controller-state": 1, "virtual-function-number": 1,
          "num-virtual-queues": 2, "num-virtual-interrupts": 1}]})
-    assert secs == [sriov.Secondary(1, 1, True, 2, 1)]
+    assert secs == [ops_mod.Secondary(1, 1, True, 2, 1)]
 
 
 def test_pf_table():

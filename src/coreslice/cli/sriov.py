@@ -9,6 +9,8 @@ from pathlib import Path
 
 from coreslice import config as configmod
 from coreslice.plan import vfs as sriov
+from coreslice.launch import vfprep
+from coreslice.machine.sriov import RealOps
 from coreslice.errors import UsageError
 from coreslice.ledger import Ledger, resolve_path
 
@@ -55,13 +57,13 @@ def _boot_id() -> str:
 class BootVfs:
     """What boot does with VF requests: the prepared VFs and the command-line additions."""
 
-    prep: sriov.Preparation | None = None
+    prep: vfprep.Preparation | None = None
     devices: list[str] = field(default_factory=list)
     pci_extra: str = ""
     cmdline: str = ""
 
     def undo(self) -> str:
-        return sriov.undo_message(self.prep) if self.prep else "nothing had been changed"
+        return vfprep.undo_message(self.prep) if self.prep else "nothing had been changed"
 
 
 def check_guest_kernel(guest_kernel: str, reqs: list[sriov.VfRequest], devices: list[str], host) -> None:
@@ -85,13 +87,13 @@ def boot_vfs(args, host, ledger, ops=None, progress=lambda _m: None) -> BootVfs:
     if not reqs:
         return BootVfs()
     cfg = configmod.load(args.config)
-    ops = ops or sriov.RealOps(args.host_root)
+    ops = ops or RealOps(args.host_root)
     checked = sriov.check(reqs, ops, cfg.sriov, held_functions(ledger))
     out = BootVfs()
     if args.dry_run is not None:  # no change: only VFs that exist already can go into the plan
-        vfs = [sriov.PreparedVf(c.req.kind, c.req.pf, c.req.index, c.vf) for c in checked if c.vf]
+        vfs = [vfprep.PreparedVf(c.req.kind, c.req.pf, c.req.index, c.vf) for c in checked if c.vf]
     else:
-        out.prep = sriov.prepare(checked, ops, progress)
+        out.prep = vfprep.prepare(checked, ops, progress)
         vfs = out.prep.vfs
     out.devices = [v.address for v in vfs]
     permit, vf_params = sriov.slice_kernel_params(vfs, [*args.devices] + ([args.console] if ":" in args.console and
@@ -134,11 +136,11 @@ def cmd_prepare(args, ops=None) -> int:
     if not reqs:
         raise UsageError("nothing to prepare; give --nic-vf PF:INDEX and/or --nvme-vf PF:INDEX")
     cfg = configmod.load(args.config)
-    ops = ops or sriov.RealOps()
+    ops = ops or RealOps()
     ledger = Ledger(resolve_path(args.ledger), _boot_id(), readonly=True)
     checked = sriov.check(reqs, ops, cfg.sriov, held_functions(ledger))
     progress = (lambda _m: None) if args.json else stderr_progress
-    vfs = [] if args.check else sriov.prepare(checked, ops, progress).vfs
+    vfs = [] if args.check else vfprep.prepare(checked, ops, progress).vfs
     if args.json:
         print(json.dumps({"ok": True, "checked_only": args.check, "vfs": [v.to_json() for v in vfs],
                           "config": cfg.to_json()}, indent=2))
