@@ -4,9 +4,9 @@ import struct
 
 import pytest
 
+from coreslice.boot.layout import PAGE
 from coreslice.boot.pagetables import (
     LARGE_PAGE,
-    PAGE_SIZE,
     build_identity_page_tables,
     page_tables_size,
 )
@@ -62,7 +62,7 @@ def test_low_and_high_ranges_are_identity_mapped():
     base = 0x10_0000
     tables = build_identity_page_tables(base, LOW_AND_HIGH)
     # 1 PML4, 1 PDPT (both ranges under PML4 slot 0), 2 PDs (1 GiB slots 0 and 4)
-    assert len(tables) == page_tables_size(LOW_AND_HIGH) == 4 * PAGE_SIZE
+    assert len(tables) == page_tables_size(LOW_AND_HIGH) == 4 * PAGE
     for va in (0x0, 0x7000, 0x1F_FFFF, 0x1_0000_0000, 0x1_0100_0200, 0x1_01FF_FFF8):
         assert walk(tables, base, va) == va
     for va in (0x20_0000, 0x4000_0000, 0xFFFF_F000, 0x1_0200_0000, 0x8000_0000_0000 - 8):
@@ -84,7 +84,7 @@ def test_end_on_a_boundary_maps_nothing_more_and_overlaps_merge():
     ranges = [(0x20_0000, 0x60_0000), (0x40_0000, 0x60_0000), (0x20_0000, 0x20_0001)]
     tables = build_identity_page_tables(base, ranges)
     assert mapped_pages(tables, base) == [0x20_0000, 0x40_0000]
-    assert len(tables) == page_tables_size(ranges) == 3 * PAGE_SIZE
+    assert len(tables) == page_tables_size(ranges) == 3 * PAGE
 
 
 def test_tables_are_packed_pml4_then_pdpts_then_pds():
@@ -93,7 +93,7 @@ def test_tables_are_packed_pml4_then_pdpts_then_pds():
     ranges = [(far, far + LARGE_PAGE), (0x3FE0_0000, 0x4020_0000), (0x0, 0x1000)]
     tables = build_identity_page_tables(base, ranges)
     # PML4 + 2 PDPTs (slots 0, 127) + 3 PDs (0/0, 0/1 across the 1 GiB line, 127/511)
-    assert len(tables) == page_tables_size(ranges) == 6 * PAGE_SIZE
+    assert len(tables) == page_tables_size(ranges) == 6 * PAGE
     pml4e = [entry(tables, base, base, i) & ADDR_MASK for i in (0, 127)]
     assert pml4e == [base + 0x1000, base + 0x2000]
     pdpte = [
@@ -121,7 +121,7 @@ def test_every_table_page_is_referenced_once():
                 e3 = entry(tables, base, e4 & ADDR_MASK, i3)
                 if e3 & P:
                     referenced.append(e3 & ADDR_MASK)
-    expected = [base + PAGE_SIZE * i for i in range(1, len(tables) // PAGE_SIZE)]
+    expected = [base + PAGE * i for i in range(1, len(tables) // PAGE)]
     assert sorted(referenced) == expected
     assert len(tables) == page_tables_size(ranges)
 

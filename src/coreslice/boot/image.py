@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 from coreslice.acpi.dsdt import PciRoot, build_dsdt
 from coreslice.acpi.tables import AcpiBlob, McfgAllocation, build_slice_tables
 from coreslice.boot import lowmem
+from coreslice.boot.layout import PAGE
 from coreslice.boot.pagetables import build_identity_page_tables
 from coreslice.boot.trampoline import build_trampoline
 from coreslice.boot.zeropage import build_zero_page
@@ -88,7 +89,7 @@ def build_image(plan) -> BootImage:
     tables = build_identity_page_tables(plan.page_tables_addr, plan.page_table_ranges)
     tramp = bytearray(build_trampoline(plan.slot, cr3=plan.page_tables_addr, entry=plan.entry,
                                        boot_params=plan.zero_page_addr))
-    tramp = tramp.ljust(0x1000, b"\0")
+    tramp = tramp.ljust(PAGE, b"\0")
     record = lowmem.SlotRecord(plan.boot_id, tuple(plan.apic_ids), plan.mem_base, plan.mem_size).encode()
     off = lowmem.RECORD_OFFSET
     tramp[off:off + len(record)] = record

@@ -19,10 +19,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
+from coreslice.boot.layout import MIB, PAGE
 from coreslice.errors import UsageError
 
-PAGE_SIZE = 0x1000
-LARGE_PAGE = 0x20_0000  # 2 MiB, mapped by one PDE with PS=1 (SDM §4.5.4)
+LARGE_PAGE = 2 * MIB  # mapped by one PDE with PS=1 (SDM §4.5.4)
 ENTRIES = 512  # 8-byte entries per 4 KiB table
 
 # Identity mapping means virtual == physical, and a 4-level virtual address must be canonical
@@ -76,7 +76,7 @@ def _table_keys(pages: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
 def page_tables_size(ranges: Sequence[tuple[int, int]]) -> int:
     """Bytes that ``build_identity_page_tables`` returns for these ranges (a multiple of 4 KiB)."""
     pdpts, pds = _table_keys(_large_pages(ranges))
-    return PAGE_SIZE * (1 + len(pdpts) + len(pds))
+    return PAGE * (1 + len(pdpts) + len(pds))
 
 
 def build_identity_page_tables(base: int, ranges: Sequence[tuple[int, int]]) -> bytes:
@@ -85,21 +85,21 @@ def build_identity_page_tables(base: int, ranges: Sequence[tuple[int, int]]) -> 
     Every ``[start, end)`` range is rounded out to 2 MiB boundaries; overlapping ranges are fine.
     CR3 = ``base``. Mapped pages are present, writable, supervisor, write-back (PWT=PCD=0).
     """
-    if base % PAGE_SIZE or base < 0:
+    if base % PAGE or base < 0:
         raise UsageError(f"page table base {base:#x} is not 4 KiB aligned: align it to 0x1000")
     pages = _large_pages(ranges)
     pdpts, pds = _table_keys(pages)
-    size = PAGE_SIZE * (1 + len(pdpts) + len(pds))
+    size = PAGE * (1 + len(pdpts) + len(pds))
     if base + size > ADDRESS_LIMIT:
         raise UsageError(
             f"page tables at {base:#x} (+{size:#x}) do not fit below {ADDRESS_LIMIT:#x}"
         )
 
     # Physical address of each table: PML4 first, then PDPTs, then PDs.
-    pdpt_addr = {k: base + PAGE_SIZE * (1 + i) for i, k in enumerate(pdpts)}
-    pd_addr = {k: base + PAGE_SIZE * (1 + len(pdpts) + i) for i, k in enumerate(pds)}
+    pdpt_addr = {k: base + PAGE * (1 + i) for i, k in enumerate(pdpts)}
+    pd_addr = {k: base + PAGE * (1 + len(pdpts) + i) for i, k in enumerate(pds)}
 
-    entries = [0] * (ENTRIES * (size // PAGE_SIZE))  # one flat array of 8-byte entries
+    entries = [0] * (ENTRIES * (size // PAGE))  # one flat array of 8-byte entries
 
     def slot(table_addr: int, index: int) -> int:
         return (table_addr - base) // 8 + index

@@ -33,10 +33,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from coreslice.boot.layout import MIB, PAGE, align_up
 from coreslice.errors import UsageError
 
-PAGE_SIZE = 0x1000
-REAL_MODE_LIMIT = 0x10_0000  # the SIPI vector is 8 bits: start page is below 1 MiB
+REAL_MODE_LIMIT = MIB  # the SIPI vector is 8 bits: start page is below 1 MiB
 CANONICAL_LIMIT = 1 << 47  # entry/boot_params are identity mapped: lower canonical half only
 
 # The loader's record: which slice owns this trampoline (e.g. an 8-byte magic, then its data).
@@ -240,7 +240,7 @@ def _layout(base: int) -> _Symbols:
     code16 = 0  # IP = 0 after the SIPI
     code32 = code16 + _size(_real_mode)
     code64 = code32 + _size(_protected_mode)
-    gdt = (code64 + _size(_long_mode) + 7) & ~7  # descriptors 8-aligned (SDM §3.5.1)
+    gdt = align_up(code64 + _size(_long_mode), 8)  # descriptors 8-aligned (SDM §3.5.1)
     gdtr = gdt + 8 * len(GDT)
     idtr = gdtr + 6
     return _Symbols(base, code16=code16, code32=code32, code64=code64, gdt=gdt, gdtr=gdtr,
@@ -248,12 +248,12 @@ def _layout(base: int) -> _Symbols:
 
 
 def _validate(base: int, cr3: int, entry: int, boot_params: int) -> None:
-    if not 0 <= base < REAL_MODE_LIMIT or base % PAGE_SIZE:
+    if not 0 <= base < REAL_MODE_LIMIT or base % PAGE:
         raise UsageError(
             f"trampoline base {base:#x} is not a 4 KiB-aligned page below 1 MiB: the SIPI vector "
             "is base >> 12 (8 bits); pick a free page-aligned address below 0x100000"
         )
-    if not 0 <= cr3 < 1 << 32 or cr3 % PAGE_SIZE:
+    if not 0 <= cr3 < 1 << 32 or cr3 % PAGE:
         raise UsageError(
             f"page tables at {cr3:#x} are not a 4 KiB-aligned address below 4 GiB: CR3 is loaded "
             "from 32-bit protected mode; place the page tables below 0x100000000"

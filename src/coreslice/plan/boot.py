@@ -14,6 +14,7 @@ from typing import Callable
 
 from coreslice.boot import lowmem
 from coreslice.boot.bzimage import BzImage, ENTRY_64_OFFSET, parse_bzimage
+from coreslice.boot.layout import DATA_ALIGN, MIB, PAGE, RUN_HEADROOM, align_down, align_up
 from coreslice.boot.pagetables import page_tables_size
 from coreslice.boot.zeropage import E820Entry, E820Type, ZERO_PAGE_SIZE
 from coreslice.errors import UsageError
@@ -24,21 +25,6 @@ from coreslice.host.snapshot import Host
 from coreslice.host.sysfs import format_cpu_list
 from coreslice.request import BootSpec
 from coreslice.units import format_size
-
-PAGE = 0x1000
-MIB = 1 << 20
-# Room the slice kernel needs beyond its own image and initrd before it can reach user space.
-RUN_HEADROOM = 64 * MIB
-# Loader-owned data at the top of the slice's range: zero page, command line, ACPI tables.
-DATA_ALIGN = 64 * 1024
-
-
-def align_up(x: int, a: int) -> int:
-    return (x + a - 1) // a * a
-
-
-def align_down(x: int, a: int) -> int:
-    return x // a * a
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from coreslice.boot.layout import align_up
 from coreslice.errors import UsageError
 from coreslice.host.memory import Range, subtract
 from coreslice.host.snapshot import Host
@@ -89,10 +90,6 @@ def _size(n: int) -> str:
     """format_size, rounded down to MiB when it does not divide evenly (for messages)."""
     text = format_size(n)
     return text if not text.isdigit() else f"{n >> 20}M"
-
-
-def align_up(x: int, a: int) -> int:
-    return (x + a - 1) // a * a
 
 
 def held_resources(host: Host, rows: Sequence = (), slot_records: Sequence = ()) -> list[Held]:
