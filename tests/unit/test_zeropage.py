@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes
 import struct
 
 import pytest
 
-from coreslice.boot import bzimage, zeropage
+from coreslice.boot import bzimage as bz, zeropage  # the name bzimage is the fixture's
+from coreslice.boot.structs import BootE820Entry, BootParams
 from coreslice.boot.zeropage import E820Entry, E820Type
 from coreslice.errors import UsageError
+
+from .bzimage_fixture import write_bzimage
 
 E820 = [
     E820Entry(0x28000, 0x8000, E820Type.RAM),
@@ -18,16 +22,32 @@ E820 = [
 ]
 
 
+# arch/x86/include/uapi/asm/bootparam.h / zero-page.rst: (field, offset) of what we write or check.
+BOOTPARAM_H = [
+    ("acpi_rsdp_addr", 0x070), ("ext_ramdisk_image", 0x0C0), ("ext_ramdisk_size", 0x0C4),
+    ("ext_cmd_line_ptr", 0x0C8), ("e820_entries", 0x1E8), ("sentinel", 0x1EF), ("hdr", 0x1F1),
+    ("edd_mbr_sig_buffer", 0x290), ("e820_table", 0x2D0), ("eddbuf", 0xD00),
+]
+
+
+def test_declaration_matches_bootparam_h():
+    assert [(name, getattr(BootParams, name).offset) for name, _ in BOOTPARAM_H] == BOOTPARAM_H
+    assert ctypes.sizeof(BootParams) == zeropage.ZERO_PAGE_SIZE == 0x1000
+    assert BootParams.e820_table.size == 128 * 20 == zeropage.E820_MAX_ENTRIES * ctypes.sizeof(BootE820Entry)
+    assert [(n, getattr(BootE820Entry, n).offset) for n in ("addr", "size", "type")] == [
+        ("addr", 0), ("size", 8), ("type", 16)]
+
+
 @pytest.fixture(scope="module")
-def zp(debian_kernel):
-    k = bzimage.parse_bzimage(debian_kernel.vmlinuz)
+def zp(bzimage):
+    k = bz.parse_bzimage(bzimage)
     page = zeropage.build_zero_page(k, load_addr=0x40000000, cmdline_addr=0x1_7FFF1000,
                                     initrd_addr=0x1_2345_6000, initrd_size=0x1_0000_1000,
                                     rsdp_addr=0x7FFF2000, e820=E820)
     return k, page
 
 
-def test_offsets_match_bootparam_h(zp):
+def test_page_bytes_at_bootparam_h_offsets(zp):
     # struct boot_params: acpi_rsdp_addr @0x70, ext_ramdisk_image @0xc0, ext_ramdisk_size @0xc4,
     # ext_cmd_line_ptr @0xc8, e820_entries @0x1e8, hdr @0x1f1, e820_table @0x2d0.
     k, page = zp
@@ -42,11 +62,12 @@ def test_offsets_match_bootparam_h(zp):
     assert page[0x1E8] == 4
     assert page[0x1EF] == 0                                           # sentinel
     assert page[0x210] == 0xFF                                        # type_of_loader
-    assert page[0x211] & bzimage.LOADED_HIGH
+    assert page[0x211] & bz.LOADED_HIGH and not page[0x211] & bz.CAN_USE_HEAP
+    assert struct.unpack_from("<I", page, 0x214)[0] == 0x40000000     # code32_start
     assert page[0x202:0x206] == b"HdrS"
     # The rest of the header is the kernel's own.
     for name in ("version", "xloadflags", "init_size", "kernel_alignment", "cmdline_size"):
-        assert bzimage.get_field(page, name) == bzimage.get_field(k.setup, name)
+        assert bz.get_field(page, name) == bz.get_field(k.setup, name)
 
 
 def test_e820_sorted(zp):
@@ -57,8 +78,15 @@ def test_e820_sorted(zp):
     assert page[0x2D0 + 20 * 4:0x2D0 + 20 * 5] == bytes(20)
 
 
-def test_overlapping_e820_refused(debian_kernel):
-    k = bzimage.parse_bzimage(debian_kernel.vmlinuz)
+def test_a_longer_header_is_copied_whole(tmp_path):
+    k = bz.parse_bzimage(write_bzimage(tmp_path / "k", header_extra=8))
+    page = zeropage.build_zero_page(k, load_addr=0x40000000, cmdline_addr=0x1000, initrd_addr=0, initrd_size=0,
+                                    rsdp_addr=0, e820=E820)
+    assert page[0x26C:0x274] == b"\xA5" * 8 and page[0x274:0x290] == bytes(0x1C)
+
+
+def test_overlapping_e820_refused(bzimage):
+    k = bz.parse_bzimage(bzimage)
     with pytest.raises(UsageError, match="overlap"):
         zeropage.build_zero_page(k, load_addr=0, cmdline_addr=0, initrd_addr=0, initrd_size=0, rsdp_addr=0,
                                  e820=[E820Entry(0, 0x2000, E820Type.RAM), E820Entry(0x1000, 0x1000, E820Type.RAM)])

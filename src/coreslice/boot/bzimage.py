@@ -1,90 +1,60 @@
-"""The bzImage setup header (Linux x86 boot protocol, Documentation/arch/x86/boot.rst).
+"""A bzImage's setup header, read and checked (Linux x86 boot protocol, Documentation/arch/x86/boot.rst).
 
-The header is declared once, as a table of (name, offset, struct format) rows, and used both to
-parse a kernel file and to write the copy that goes into the zero page.  Offsets are those of the
-boot sector / zero page: the header starts at 0x1f1.
+The header's layout is declared once, in structs.SetupHeader; this module decides whether a kernel
+file can be booted through the 64-bit entry and says why not.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from coreslice.boot.errors import BootFormatError
+from coreslice.boot.structs import (  # noqa: F401  (re-exported: callers use bzimage.<name>)
+    BOOT_FLAG,
+    CAN_USE_HEAP,
+    ENTRY_64_OFFSET,
+    HDRS_MAGIC,
+    HEADER_END,
+    HEADER_START,
+    KERNEL_VERSION_BASE,
+    LOADED_HIGH,
+    XLF_CAN_BE_LOADED_ABOVE_4G,
+    XLF_KERNEL_64,
+    SetupHeader,
+)
 from coreslice.errors import UsageError
-
-HEADER_START = 0x1F1
-HDRS_MAGIC = 0x53726448  # "HdrS" at 0x202
-BOOT_FLAG = 0xAA55       # at 0x1fe, as in a boot sector
 
 # Boot protocol 2.12 added xloadflags (XLF_KERNEL_64 tells us the 64-bit entry exists) and the
 # ext_* fields that let the initrd and command line live above 4 GiB.
 MIN_PROTOCOL = 0x020C
 
-# loadflags (boot.rst "loadflags")
-LOADED_HIGH = 1 << 0
-CAN_USE_HEAP = 1 << 7
-# xloadflags (boot.rst "xloadflags")
-XLF_KERNEL_64 = 1 << 0
-XLF_CAN_BE_LOADED_ABOVE_4G = 1 << 1
+SECTOR = 512  # boot.rst "Loading The Rest of The Kernel": setup is (setup_sects + 1) sectors
+FIRST_READ = 0x400  # enough for the boot sector and the whole header
 
-# The 64-bit entry point is at a fixed offset from the load address (boot.rst "64-bit Boot Protocol").
-ENTRY_64_OFFSET = 0x200
+_FIELDS = {name: getattr(SetupHeader, name) for name, _ in SetupHeader._fields_}
 
-# (name, offset, format) — boot.rst "The Real-Mode Kernel Header".
-SETUP_HEADER = (
-    ("setup_sects", 0x1F1, "B"),
-    ("root_flags", 0x1F2, "H"),
-    ("syssize", 0x1F4, "I"),
-    ("ram_size", 0x1F8, "H"),
-    ("vid_mode", 0x1FA, "H"),
-    ("root_dev", 0x1FC, "H"),
-    ("boot_flag", 0x1FE, "H"),
-    ("jump", 0x200, "H"),
-    ("header", 0x202, "I"),
-    ("version", 0x206, "H"),
-    ("realmode_swtch", 0x208, "I"),
-    ("start_sys_seg", 0x20C, "H"),
-    ("kernel_version", 0x20E, "H"),
-    ("type_of_loader", 0x210, "B"),
-    ("loadflags", 0x211, "B"),
-    ("setup_move_size", 0x212, "H"),
-    ("code32_start", 0x214, "I"),
-    ("ramdisk_image", 0x218, "I"),
-    ("ramdisk_size", 0x21C, "I"),
-    ("bootsect_kludge", 0x220, "I"),
-    ("heap_end_ptr", 0x224, "H"),
-    ("ext_loader_ver", 0x226, "B"),
-    ("ext_loader_type", 0x227, "B"),
-    ("cmd_line_ptr", 0x228, "I"),
-    ("initrd_addr_max", 0x22C, "I"),
-    ("kernel_alignment", 0x230, "I"),
-    ("relocatable_kernel", 0x234, "B"),
-    ("min_alignment", 0x235, "B"),
-    ("xloadflags", 0x236, "H"),
-    ("cmdline_size", 0x238, "I"),
-    ("hardware_subarch", 0x23C, "I"),
-    ("hardware_subarch_data", 0x240, "Q"),
-    ("payload_offset", 0x248, "I"),
-    ("payload_length", 0x24C, "I"),
-    ("setup_data", 0x250, "Q"),
-    ("pref_address", 0x258, "Q"),
-    ("init_size", 0x260, "I"),
-    ("handover_offset", 0x264, "I"),
-    ("kernel_info_offset", 0x268, "I"),
-)
-_FIELDS = {name: (off, fmt) for name, off, fmt in SETUP_HEADER}
+
+def _field(name: str) -> tuple[int, int]:
+    """(offset in the file or zero page, size) of a setup header field; KeyError if unknown."""
+    f = _FIELDS[name]
+    return HEADER_START + f.offset, f.size
 
 
 def get_field(buf: bytes | bytearray, name: str) -> int:
-    off, fmt = _FIELDS[name]
-    return struct.unpack_from("<" + fmt, buf, off)[0]
+    """One header field of a kernel file or zero page, by its boot.rst name."""
+    off, size = _field(name)
+    return int.from_bytes(buf[off:off + size], "little")
 
 
 def set_field(buf: bytearray, name: str, value: int) -> None:
-    off, fmt = _FIELDS[name]
-    struct.pack_into("<" + fmt, buf, off, value)
+    off, size = _field(name)
+    buf[off:off + size] = value.to_bytes(size, "little")
+
+
+def _protocol_str(version: int) -> str:
+    return f"{version >> 8}.{version & 0xFF:02d}"
 
 
 @dataclass(frozen=True)
@@ -109,14 +79,17 @@ class BzImage:
 
     @property
     def protocol_str(self) -> str:
-        return f"{self.protocol >> 8}.{self.protocol & 0xFF:02d}"
+        return _protocol_str(self.protocol)
 
     @property
     def can_load_above_4g(self) -> bool:
         return bool(self.xloadflags & XLF_CAN_BE_LOADED_ABOVE_4G)
 
     def header_bytes(self) -> bytes:
-        """The setup header as it must be copied into the zero page (from 0x1f1)."""
+        """The setup header as it must be copied into the zero page (from 0x1f1).
+
+        All of it, up to header_end: a newer kernel's header may be longer than SetupHeader.
+        """
         return self.setup[HEADER_START:self.header_end]
 
     def to_json(self) -> dict:
@@ -133,25 +106,22 @@ class BzImage:
         }
 
 
-def _fail(path: Path, problem: str, fix: str = "pass a bzImage of an x86-64 Linux kernel (e.g. /boot/vmlinuz-*)") -> UsageError:
-    return UsageError(f"kernel {path}: {problem}; {fix}")
-
-
 def parse_bzimage(path: str | os.PathLike) -> BzImage:
     """Read and check the setup header of a kernel file.
 
     Only the real-mode setup part is read into memory; the protected-mode kernel is streamed by
-    the writer later.
+    the writer later.  Raises BootFormatError for a file that is not a usable bzImage (its
+    message does not name the file: the caller does), UsageError for one that cannot be read.
     """
     path = Path(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            first = f.read(0x400)
-            if len(first) < 0x270:
-                raise _fail(path, f"file is {size} bytes, too short for a setup header")
-            setup_sects = first[0x1F1] or 4  # boot.rst: 0 means 4 for very old kernels
-            setup_len = (setup_sects + 1) * 512
+            first = f.read(FIRST_READ)
+            if len(first) < HEADER_END:
+                raise BootFormatError(f"file is {size} bytes, too short for a setup header")
+            hdr = SetupHeader.parse(first, HEADER_START)
+            setup_len = ((hdr.setup_sects or 4) + 1) * SECTOR  # boot.rst "setup_sects": 0 means 4
             f.seek(0)
             setup = f.read(setup_len)
     except FileNotFoundError:
@@ -161,48 +131,44 @@ def parse_bzimage(path: str | os.PathLike) -> BzImage:
     except PermissionError:
         raise UsageError(f"kernel {path}: permission denied; run as root or make it readable") from None
 
-    if get_field(setup, "boot_flag") != BOOT_FLAG or get_field(setup, "header") != HDRS_MAGIC:
-        raise _fail(path, "not a bzImage (no 'HdrS' boot header)")
-    protocol = get_field(setup, "version")
-    if protocol < MIN_PROTOCOL:
-        raise _fail(path, f"boot protocol {protocol >> 8}.{protocol & 0xff:02d} is too old "
-                          "(2.12 or newer needed for the 64-bit entry)",
-                    "use a kernel newer than 3.8")
+    if hdr.boot_flag != BOOT_FLAG or hdr.header != HDRS_MAGIC:
+        raise BootFormatError("not a bzImage (no 'HdrS' boot header)")
+    if hdr.version < MIN_PROTOCOL:
+        raise BootFormatError(f"boot protocol {_protocol_str(hdr.version)} is too old "
+                              "(2.12 or newer needed for the 64-bit entry)", "use a kernel newer than 3.8")
     if len(setup) < setup_len or size <= setup_len:
-        raise _fail(path, f"truncated: {size} bytes, setup alone needs {setup_len}")
-    syssize = get_field(setup, "syssize")
+        raise BootFormatError(f"truncated: {size} bytes, setup alone needs {setup_len}")
     kernel_size = size - setup_len
     # syssize counts 16-byte paragraphs of the protected-mode part; a shorter file was cut.
-    if syssize * 16 > kernel_size:
-        raise _fail(path, f"truncated: header says {syssize * 16} bytes of kernel, file has {kernel_size}")
-    xloadflags = get_field(setup, "xloadflags")
-    if not xloadflags & XLF_KERNEL_64:
-        raise _fail(path, "has no 64-bit entry point (XLF_KERNEL_64 clear)", "use an x86-64 kernel")
-    if not get_field(setup, "relocatable_kernel"):
-        raise _fail(path, "is not relocatable", "use a kernel built with CONFIG_RELOCATABLE=y")
-    header_end = 0x202 + setup[0x201]
-    if header_end > setup_len or header_end < 0x26C:
-        raise _fail(path, f"setup header length 0x{header_end - HEADER_START:x} is implausible")
+    if hdr.syssize * 16 > kernel_size:
+        raise BootFormatError(f"truncated: header says {hdr.syssize * 16} bytes of kernel, file has {kernel_size}")
+    if not hdr.xloadflags & XLF_KERNEL_64:
+        raise BootFormatError("has no 64-bit entry point (XLF_KERNEL_64 clear)", "use an x86-64 kernel")
+    if not hdr.relocatable_kernel:
+        raise BootFormatError("is not relocatable", "use a kernel built with CONFIG_RELOCATABLE=y")
+    # boot.rst "jump": the header ends at 0x202 plus the byte at 0x201 (the short jump's offset).
+    header_end = 0x202 + (hdr.jump >> 8)
+    if header_end > setup_len or header_end < HEADER_END:
+        raise BootFormatError(f"setup header length 0x{header_end - HEADER_START:x} is implausible")
 
     version_string = ""
-    kv = get_field(setup, "kernel_version")
-    if kv and kv + 0x200 < len(setup):
-        raw = setup[kv + 0x200: kv + 0x200 + 256]
-        version_string = raw.split(b"\0", 1)[0].decode("ascii", "replace")
+    kv = hdr.kernel_version + KERNEL_VERSION_BASE
+    if hdr.kernel_version and kv < len(setup):
+        version_string = setup[kv:kv + 256].split(b"\0", 1)[0].decode("ascii", "replace")
 
     return BzImage(
         path=path,
         file_size=size,
         setup=bytes(setup),
         header_end=header_end,
-        protocol=protocol,
-        loadflags=get_field(setup, "loadflags"),
-        xloadflags=xloadflags,
-        kernel_alignment=get_field(setup, "kernel_alignment"),
-        initrd_addr_max=get_field(setup, "initrd_addr_max"),
-        cmdline_size=get_field(setup, "cmdline_size"),
-        init_size=get_field(setup, "init_size"),
-        pref_address=get_field(setup, "pref_address"),
+        protocol=hdr.version,
+        loadflags=hdr.loadflags,
+        xloadflags=hdr.xloadflags,
+        kernel_alignment=hdr.kernel_alignment,
+        initrd_addr_max=hdr.initrd_addr_max,
+        cmdline_size=hdr.cmdline_size,
+        init_size=hdr.init_size,
+        pref_address=hdr.pref_address,
         kernel_offset=setup_len,
         kernel_size=kernel_size,
         version_string=version_string,

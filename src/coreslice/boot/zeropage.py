@@ -1,34 +1,28 @@
 """The zero page (struct boot_params) and its e820 map.
 
-Layout: arch/x86/include/uapi/asm/bootparam.h and Documentation/arch/x86/zero-page.rst.  Only the
-fields a 64-bit boot needs are written; everything else stays zero, which the kernel reads as
-"not provided".
+Layout: structs.BootParams (bootparam.h, zero-page.rst).  Only the fields a 64-bit boot needs are
+written; everything else stays zero, which the kernel reads as "not provided".
 """
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
 from coreslice.boot import bzimage
+from coreslice.boot.structs import (
+    CAN_USE_HEAP,
+    E820_MAX_ENTRIES,
+    HEADER_START,
+    LOADED_HIGH,
+    TYPE_OF_LOADER_UNDEFINED,
+    ZERO_PAGE_SIZE,
+    BootE820Entry,
+    BootParams,
+)
 from coreslice.errors import UsageError
 
-ZERO_PAGE_SIZE = 0x1000
-
-# zero-page.rst offsets
-ACPI_RSDP_ADDR = 0x070
-EXT_RAMDISK_IMAGE = 0x0C0
-EXT_RAMDISK_SIZE = 0x0C4
-EXT_CMD_LINE_PTR = 0x0C8
-E820_ENTRIES = 0x1E8
-SENTINEL = 0x1EF          # must stay 0, or the kernel wipes fields it thinks a loader forgot
-E820_TABLE = 0x2D0
-E820_MAX_ENTRIES = 128    # E820_MAX_ENTRIES_ZEROPAGE
-E820_ENTRY = struct.Struct("<QQI")  # struct boot_e820_entry: addr, size, type
-
-# boot.rst "type_of_loader": 0xff means "undefined loader".
-TYPE_OF_LOADER_UNDEFINED = 0xFF
+_LOW32 = 0xFFFFFFFF
 
 
 class E820Type(IntEnum):
@@ -76,24 +70,29 @@ def build_zero_page(
 ) -> bytes:
     """Return the 4 KiB zero page for a 64-bit entry (boot.rst "64-bit Boot Protocol")."""
     check_e820(e820)
-    zp = bytearray(ZERO_PAGE_SIZE)
-    hdr = kernel.header_bytes()
-    zp[bzimage.HEADER_START:bzimage.HEADER_START + len(hdr)] = hdr
+    # boot.rst: the kernel's own setup header, all of it (up to header_end), is the loader's
+    # starting point; then it fills in the fields marked "write".
+    raw = bytearray(ZERO_PAGE_SIZE)
+    hdr_bytes = kernel.header_bytes()
+    raw[HEADER_START:HEADER_START + len(hdr_bytes)] = hdr_bytes
+    zp = BootParams.from_buffer(raw)
+    hdr = zp.hdr
 
-    bzimage.set_field(zp, "type_of_loader", TYPE_OF_LOADER_UNDEFINED)
-    bzimage.set_field(zp, "loadflags", (kernel.loadflags | bzimage.LOADED_HIGH) & ~bzimage.CAN_USE_HEAP)
-    bzimage.set_field(zp, "code32_start", load_addr & 0xFFFFFFFF)
-    bzimage.set_field(zp, "cmd_line_ptr", cmdline_addr & 0xFFFFFFFF)
-    bzimage.set_field(zp, "ramdisk_image", initrd_addr & 0xFFFFFFFF)
-    bzimage.set_field(zp, "ramdisk_size", initrd_size & 0xFFFFFFFF)
-    bzimage.set_field(zp, "setup_data", 0)
-    struct.pack_into("<I", zp, EXT_CMD_LINE_PTR, cmdline_addr >> 32)
-    struct.pack_into("<I", zp, EXT_RAMDISK_IMAGE, initrd_addr >> 32)
-    struct.pack_into("<I", zp, EXT_RAMDISK_SIZE, initrd_size >> 32)
-    struct.pack_into("<Q", zp, ACPI_RSDP_ADDR, rsdp_addr)
+    hdr.type_of_loader = TYPE_OF_LOADER_UNDEFINED
+    # We load the protected-mode code high and run no real-mode setup, which is the only user
+    # of the heap.
+    hdr.loadflags = (kernel.loadflags | LOADED_HIGH) & ~CAN_USE_HEAP
+    hdr.code32_start = load_addr & _LOW32
+    hdr.setup_data = 0
+    # 64-bit addresses and sizes: low halves in the header, high halves in the ext_* fields.
+    hdr.cmd_line_ptr, zp.ext_cmd_line_ptr = cmdline_addr & _LOW32, cmdline_addr >> 32
+    hdr.ramdisk_image, zp.ext_ramdisk_image = initrd_addr & _LOW32, initrd_addr >> 32
+    hdr.ramdisk_size, zp.ext_ramdisk_size = initrd_size & _LOW32, initrd_size >> 32
+    zp.acpi_rsdp_addr = rsdp_addr
 
-    zp[E820_ENTRIES] = len(e820)
+    zp.e820_entries = len(e820)
     for i, entry in enumerate(sorted(e820, key=lambda e: e.addr)):
-        E820_ENTRY.pack_into(zp, E820_TABLE + i * E820_ENTRY.size, entry.addr, entry.size, int(entry.type))
-    assert zp[SENTINEL] == 0
-    return bytes(zp)
+        zp.e820_table[i] = BootE820Entry(entry.addr, entry.size, int(entry.type))
+    assert zp.sentinel == 0  # the header copy starts after it; see structs.BootParams
+    del zp, hdr  # release the view of raw before copying it out
+    return bytes(raw)

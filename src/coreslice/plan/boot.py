@@ -14,6 +14,7 @@ from typing import Callable
 
 from coreslice.boot import lowmem
 from coreslice.boot.bzimage import BzImage, ENTRY_64_OFFSET, parse_bzimage
+from coreslice.boot.errors import BootFormatError
 from coreslice.boot.layout import DATA_ALIGN, MIB, PAGE, RUN_HEADROOM, align_down, align_up
 from coreslice.boot.pagetables import page_tables_size
 from coreslice.boot.zeropage import E820Entry, E820Type, ZERO_PAGE_SIZE
@@ -249,7 +250,11 @@ def _ecam_entries(pci: PciPlan | None, e820_ranges: list[tuple[int, int]]) -> li
 def make_plan(spec: BootSpec, host: Host, read_slot: SlotReader) -> Plan:
     """Check the spec against the host and decide every address.  Raises UsageError."""
     _check_root(host)
-    kernel = parse_bzimage(spec.kernel)
+    try:
+        kernel = parse_bzimage(spec.kernel)
+    except BootFormatError as e:
+        fix = e.fix or "pass a bzImage of an x86-64 Linux kernel (e.g. /boot/vmlinuz-*)"
+        raise UsageError(f"kernel {spec.kernel}: {e}; {fix}") from None
 
     initrd_size = 0
     if spec.initrd is not None:
