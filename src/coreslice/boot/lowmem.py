@@ -19,10 +19,11 @@ slots belong to slices started since this host boot, without any state on disk.
 
 from __future__ import annotations
 
+import ctypes
 import json
-import struct
 from dataclasses import dataclass
 
+from coreslice.boot.structs import U16, Struct
 from coreslice.boot.trampoline import RECORD_OFFSET, RECORD_SIZE
 
 SLOT_SIZE = 0x10000
@@ -32,7 +33,21 @@ PAGE_TABLES_MAX = 0x7000
 LOW_RAM_OFFSET = 0x8000
 
 RECORD_MAGIC = b"CSLICE01"
-_HDR = struct.Struct("<8sH")
+
+
+class SlotRecordLayout(Struct):
+    """The ownership record at slot + RECORD_OFFSET: coreslice's own format, read back by later
+    launches of this host boot (so its bytes must not change without a new magic)."""
+
+    _fields_ = [
+        ("magic", ctypes.c_char * 8),             # RECORD_MAGIC; anything else: no record
+        ("body_length", U16),                     # bytes of body in use
+        ("body", ctypes.c_char * (RECORD_SIZE - 8 - 2)),  # compact JSON, NUL padded
+    ]
+
+
+assert ctypes.sizeof(SlotRecordLayout) == RECORD_SIZE
+_BODY = SlotRecordLayout.body.offset
 
 
 @dataclass(frozen=True)
@@ -45,20 +60,20 @@ class SlotRecord:
     def encode(self) -> bytes:
         body = json.dumps({"boot_id": self.boot_id, "apic_ids": list(self.apic_ids),
                            "mem": [self.mem_base, self.mem_size]}, separators=(",", ":")).encode()
-        raw = _HDR.pack(RECORD_MAGIC, len(body)) + body
-        if len(raw) > RECORD_SIZE:
-            raise ValueError(f"slot record of {len(raw)} bytes exceeds {RECORD_SIZE}")
-        return raw.ljust(RECORD_SIZE, b"\0")
+        if _BODY + len(body) > RECORD_SIZE:
+            raise ValueError(f"slot record of {_BODY + len(body)} bytes exceeds {RECORD_SIZE}")
+        return bytes(SlotRecordLayout(magic=RECORD_MAGIC, body_length=len(body), body=body))
 
     @classmethod
-    def decode(cls, raw: bytes) -> "SlotRecord | None":
-        if len(raw) < _HDR.size:
+    def decode(cls, raw: bytes) -> SlotRecord | None:
+        """The record in ``raw`` (read from slot + RECORD_OFFSET), or None if it holds none."""
+        if len(raw) < _BODY:
             return None
-        magic, length = _HDR.unpack_from(raw)
-        if magic != RECORD_MAGIC or _HDR.size + length > len(raw):
+        rec = SlotRecordLayout.from_buffer_copy(bytes(raw[:RECORD_SIZE]).ljust(RECORD_SIZE, b"\0"))
+        if rec.magic != RECORD_MAGIC or _BODY + rec.body_length > min(len(raw), RECORD_SIZE):
             return None
         try:
-            d = json.loads(raw[_HDR.size:_HDR.size + length])
+            d = json.loads(bytes(rec)[_BODY:_BODY + rec.body_length])
             return cls(str(d["boot_id"]), tuple(int(x) for x in d["apic_ids"]), int(d["mem"][0]), int(d["mem"][1]))
         except (ValueError, KeyError, TypeError, IndexError):
             return None
