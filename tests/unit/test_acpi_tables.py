@@ -8,11 +8,12 @@ import struct
 
 import pytest
 
+from coreslice import cli
 from coreslice.acpi import acpica
 from coreslice.acpi.dsdt import build_dsdt
+from coreslice.acpi.errors import AcpiFormatError
 from coreslice.acpi.tables import (
     HOST_BSP_UID,
-    AcpiTableError,
     Fadt,
     MadtLocalX2Apic,
     McfgAllocation,
@@ -27,6 +28,8 @@ from coreslice.acpi.tables import (
     parse_mcfg,
 )
 from coreslice.errors import UsageError
+
+from .hosttree import make_host_tree
 
 BASE = 0x7FF00000
 APIC_IDS = [2, 4, 6]
@@ -249,8 +252,19 @@ def test_parse_madt_mixes_local_apic_and_x2apic_entries():
     (_header(b"APIC", bytes(8) + struct.pack("<BBBBH", 0, 6, 0, 0, 1)), "needs 8"),
 ])
 def test_parse_madt_rejects_malformed_tables(raw, message):
-    with pytest.raises(AcpiTableError, match=message):
+    with pytest.raises(AcpiFormatError, match=message) as exc:
         parse_madt(raw)
+    assert exc.value.exit_code == 2 and "\n" not in str(exc.value)
+
+
+def test_a_malformed_host_madt_reaches_the_cli_as_one_line(tmp_path, bzimage, capsys):
+    host = make_host_tree(tmp_path / "host")
+    (host / "sys/firmware/acpi/tables/APIC").write_bytes(_header(b"APIC", bytes(8) + bytes([0, 0])))
+    rc = cli.main(["boot", "--kernel", str(bzimage), "--cpus", "1-2", "--memory", "512M@0x40000000",
+                   "--console", "io:0x2f8", "--host-root", str(host), "--dry-run", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "MADT entry type 0 at offset 0x2c has bad length 0" in err
+    assert not (tmp_path / "out").exists()
 
 
 # --- MCFG ------------------------------------------------------------------------------------
@@ -269,5 +283,5 @@ def test_parse_mcfg_of_a_hand_built_table():
 
 
 def test_parse_mcfg_rejects_a_partial_allocation():
-    with pytest.raises(AcpiTableError, match="multiple of 16"):
+    with pytest.raises(AcpiFormatError, match="multiple of 16"):
         parse_mcfg(_header(b"MCFG", bytes(8) + bytes(10)))

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from coreslice.errors import CoresliceError, UsageError
+from coreslice.acpi.errors import AcpiFormatError
+from coreslice.errors import UsageError
 
 # Identity written into every table we build.  The creator is coreslice itself ("CSLC"); bump
 # CREATOR_REVISION when the generated layout changes in a way someone reading a slice's
@@ -34,8 +35,7 @@ ALIGN = 16  # RSDP must be 16-byte aligned (§5.2.5.1); we align every table the
 U8, U16, U32, U64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 
 
-class AcpiTableError(CoresliceError):
-    """A host table is truncated or malformed."""
+AcpiTableError = AcpiFormatError  # the earlier name, still used by callers
 
 
 class _Struct(ctypes.LittleEndianStructure):
@@ -45,7 +45,7 @@ class _Struct(ctypes.LittleEndianStructure):
     @classmethod
     def parse(cls: type[_S], data: bytes, offset: int = 0, what: str = "") -> _S:
         if offset < 0 or len(data) - offset < ctypes.sizeof(cls):
-            raise AcpiTableError(
+            raise AcpiFormatError(
                 f"{what or cls.__name__} at offset 0x{offset:x} is truncated: "
                 f"needs {ctypes.sizeof(cls)} bytes, {max(len(data) - offset, 0)} left"
             )
@@ -107,9 +107,9 @@ def _parse_table(raw: bytes, signature: bytes, fixed: type[_S]) -> tuple[_S, byt
     name = signature.decode()
     hdr = SdtHeader.parse(raw, what=f"{name} header")
     if hdr.signature != signature:
-        raise AcpiTableError(f"expected a {name} table, found signature {hdr.signature!r}")
+        raise AcpiFormatError(f"expected a {name} table, found signature {hdr.signature!r}")
     if not fixed.size() <= hdr.length <= len(raw):
-        raise AcpiTableError(f"{name} Length {hdr.length} is out of range (have {len(raw)} bytes)")
+        raise AcpiFormatError(f"{name} Length {hdr.length} is out of range (have {len(raw)} bytes)")
     return fixed.parse(raw, what=name), raw[: hdr.length]
 
 
@@ -333,11 +333,11 @@ def parse_madt(raw: bytes) -> Madt:
     while offset < len(raw):
         entry = MadtEntryHeader.parse(raw, offset, "MADT entry")
         if entry.length < MadtEntryHeader.size() or offset + entry.length > len(raw):
-            raise AcpiTableError(f"MADT entry type {entry.type} at offset 0x{offset:x} has bad length {entry.length}")
+            raise AcpiFormatError(f"MADT entry type {entry.type} at offset 0x{offset:x} has bad length {entry.length}")
         if entry.type in _MADT_KINDS:
             kind, layout = _MADT_KINDS[entry.type]
             if entry.length < layout.size():
-                raise AcpiTableError(
+                raise AcpiFormatError(
                     f"MADT {kind} entry at offset 0x{offset:x} is {entry.length} bytes, needs {layout.size()}")
             e = layout.parse(raw, offset)
             processors.append(MadtProcessor(
@@ -417,7 +417,7 @@ def parse_mcfg(raw: bytes) -> list[McfgAllocation]:
     _, raw = _parse_table(raw, b"MCFG", McfgFixed)
     body = raw[McfgFixed.size():]
     if len(body) % McfgEntry.size():
-        raise AcpiTableError(f"MCFG allocations take {len(body)} bytes, not a multiple of {McfgEntry.size()}")
+        raise AcpiFormatError(f"MCFG allocations take {len(body)} bytes, not a multiple of {McfgEntry.size()}")
     return [
         McfgAllocation(e.base_address, e.segment, e.start_bus, e.end_bus)
         for e in (McfgEntry.parse(body, off) for off in range(0, len(body), McfgEntry.size()))
@@ -538,11 +538,11 @@ def parse_srat(raw: bytes) -> Srat:
     while offset < len(raw):
         entry = SratEntryHeader.parse(raw, offset, "SRAT entry")
         if entry.length < SratEntryHeader.size() or offset + entry.length > len(raw):
-            raise AcpiTableError(f"SRAT entry type {entry.type} at offset 0x{offset:x} has bad length {entry.length}")
+            raise AcpiFormatError(f"SRAT entry type {entry.type} at offset 0x{offset:x} has bad length {entry.length}")
         layout = _SRAT_KINDS.get(entry.type)
         if layout is not None:
             if entry.length < layout.size():
-                raise AcpiTableError(f"SRAT entry type {entry.type} at offset 0x{offset:x} is {entry.length} "
+                raise AcpiFormatError(f"SRAT entry type {entry.type} at offset 0x{offset:x} is {entry.length} "
                                      f"bytes, needs {layout.size()}")
             e = layout.parse(raw, offset)
             if entry.type == SRAT_TYPE_LOCAL_APIC:
@@ -645,7 +645,7 @@ def build_slice_tables(
 def _check_dsdt(aml: bytes) -> None:
     try:
         _, trimmed = _parse_table(aml, b"DSDT", SdtHeader)
-    except AcpiTableError as e:
+    except AcpiFormatError as e:
         raise UsageError(f"dsdt_aml is not a DSDT: {e}") from None
     if len(trimmed) != len(aml) or checksum(aml):
         raise UsageError("dsdt_aml is not a complete DSDT: its Length or checksum does not match its bytes")
