@@ -130,7 +130,7 @@ def parse(text: str, path: Path | None = None) -> Config:
             raise UsageError(f"{where}: unknown section [{key}]; known sections: "
                              f"{', '.join('[' + k + ']' for k in _KNOWN)}")
         if not isinstance(value, dict):
-            raise UsageError(f"{where}: '{key}' must be a section [{key}], not a value")
+            raise UsageError(f"{where}: '{key}' must be a section [{key}], not a value; write it as a [{key}] table")
         for sub in value:
             if sub not in _KNOWN[key]:
                 raise UsageError(f"{where}: unknown key {key}.{sub}; known keys of [{key}]: "
@@ -140,7 +140,7 @@ def parse(text: str, path: Path | None = None) -> Config:
 
 def _positive_int(value, key: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"{where}: {key} = {value!r} must be a positive integer, e.g. {key.split('.')[-1]} = 2")
+        raise UsageError(f"{where}: {key} = {value!r} must be a positive integer; write e.g. {key.split('.')[-1]} = 2")
     return value
 
 
@@ -149,13 +149,13 @@ def _slice(d: dict, where: str) -> SliceDefaults:
     memory = None
     if "memory" in d:
         if not isinstance(d["memory"], str):
-            raise UsageError(f"{where}: slice.memory = {d['memory']!r} must be a size string, e.g. memory = \"4G\"")
+            raise UsageError(f"{where}: slice.memory = {d['memory']!r} must be a size string; write e.g. memory = \"4G\"")
         try:
             memory = parse_size(d["memory"], "slice.memory")
         except UsageError as e:
             raise UsageError(f"{where}: {e}") from None
         if memory == 0 or memory % 4096:
-            raise UsageError(f"{where}: slice.memory = {d['memory']!r} must be a positive multiple of 4 KiB, e.g. \"4G\"")
+            raise UsageError(f"{where}: slice.memory = {d['memory']!r} must be a positive multiple of 4 KiB; write e.g. \"4G\"")
     return SliceDefaults(ncpus, memory)
 
 
@@ -163,7 +163,7 @@ def _pf_list(value, key: str, where: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        raise UsageError(f"{where}: {key} must be a list of PCI addresses, e.g. {key.split('.')[-1]} = [\"0000:99:00.0\"]")
+        raise UsageError(f"{where}: {key} must be a list of PCI addresses; write e.g. {key.split('.')[-1]} = [\"0000:99:00.0\"]")
     out = []
     for item in value:
         addr = consoles.normalize_pci_address(item) if isinstance(item, str) else None
@@ -193,23 +193,3 @@ def _sriov(d: dict, where: str) -> SriovConfig:
         raise UsageError(f"{where}: sriov.nvme_vq_per_vf = {vq}: a secondary controller needs at least 2 queues "
                          "(admin + one I/O queue, NVMe Base Spec 2.0 §8.26.4); give 2 or more")
     return SriovConfig(nic, nvme, base, vq, vi)
-
-
-def apply_slice_defaults(args) -> None:
-    """Fill ``args.ncpus`` / ``args.memory`` from [slice] when neither --cpus/--ncpus nor
-    --memory was given (CLI flags always win)."""
-    if getattr(args, "cpus", None) is not None and args.memory is not None:
-        return
-    if getattr(args, "ncpus", None) is not None and args.memory is not None:
-        return
-    cfg = load(getattr(args, "config", None))
-    where = cfg.path or "the config"
-    if getattr(args, "cpus", None) is None and getattr(args, "ncpus", None) is None:
-        if cfg.slice.ncpus is None:
-            raise UsageError(f"no CPUs asked for: give --cpus LIST or --ncpus N, or set [slice] ncpus in {where}")
-        args.ncpus = cfg.slice.ncpus
-    if args.memory is None:
-        if cfg.slice.memory is None:
-            raise UsageError(f"no memory asked for: give --memory SIZE[@BASE], or set [slice] memory in {where}")
-        from coreslice.units import format_size
-        args.memory = format_size(cfg.slice.memory)

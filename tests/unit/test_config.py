@@ -1,5 +1,7 @@
 """config.toml: typed, validated; errors name the key and the fix."""
 
+from pathlib import Path
+
 import pytest
 
 from coreslice import config
@@ -83,16 +85,15 @@ def test_load_resolution(tmp_path, monkeypatch):
 
 
 def test_slice_defaults_fill_missing_flags(tmp_path, monkeypatch):
-    import argparse
+    from coreslice.request import boot_request
     f = tmp_path / "c.toml"
     f.write_text('[slice]\nncpus = 2\nmemory = "1G"\n')
-    a = argparse.Namespace(cpus=None, ncpus=None, memory=None, config=f)
-    config.apply_slice_defaults(a)
-    assert (a.ncpus, a.memory) == (2, "1G")
-    a = argparse.Namespace(cpus=[1], ncpus=None, memory="512M", config=f)
-    config.apply_slice_defaults(a)
-    assert (a.ncpus, a.memory) == (None, "512M")
+    base = dict(kernel=Path("/k"), initrd=None, console="io:0x2f8")
+    r = boot_request(**base, memory=None, config=config.load(f))
+    assert (r.ncpus, r.cpus, r.mem_size, r.mem_base) == (2, None, 1 << 30, None)
+    r = boot_request(**base, cpus=[1], memory="512M", config=config.load(f))  # flags win
+    assert (r.ncpus, r.cpus, r.mem_size) == (None, (1,), 512 << 20)
     monkeypatch.delenv(config.ENV, raising=False)
     monkeypatch.setattr(config, "DEFAULT_PATH", tmp_path / "absent.toml")
     with pytest.raises(UsageError, match="--ncpus N, or set \\[slice\\] ncpus"):
-        config.apply_slice_defaults(argparse.Namespace(cpus=None, ncpus=None, memory="1G", config=None))
+        boot_request(**base, memory="1G", config=config.load(None))

@@ -197,7 +197,8 @@ def test_refused_before_writing_leaves_no_reservation(spec, host, ledger, tmp_pa
 
     def no_msr(mode):
         raise LaunchError("/dev/cpu/0/msr missing and 'modprobe msr' failed; load the msr module")
-    machine = dataclasses.replace(fakes.machine(), apic=no_msr)
+    machine = fakes.machine()
+    machine.apic = no_msr
     with pytest.raises(LaunchError, match="msr"):
         launch.boot(spec, host=host, machine=machine, ledger=ledger)
     fakes.assert_untouched()
@@ -235,15 +236,15 @@ def test_a_launch_that_crashed_half_way_stays_reserved_until_reboot(spec, host, 
         from coreslice.host.snapshot import discover
         from coreslice.ledger import Ledger
         from coreslice.machine.physmem import FakeMemory
-        from coreslice.machine.lapic import FakeApic
-        from coreslice.machine.pci import FakePci
+        from coreslice.machine.fake import FakeMachine
         from coreslice.request import BootSpec
 
         class Crashing(FakeMemory):
             def write_and_check(self, addr, data):
                 os._exit(9)
 
-        machine = launch.Machine(mem=Crashing(), pci=FakePci(), apic=FakeApic)
+        machine = FakeMachine()
+        machine.mem = Crashing()
         spec = BootSpec(kernel=Path({str(spec.kernel)!r}), initrd=None, cpus=[1, 2], mem_size={GIB // 2},
                         mem_base=0x40000000, console="io:0x2f8", name="web")
         launch.boot(spec, host=discover({str(tree)!r}), machine=machine, ledger=Ledger({str(ledger_path)!r}, {BOOT_ID!r}))
@@ -395,3 +396,65 @@ def test_placed_boot_places_again_when_a_concurrent_launch_took_its_choice(tree,
     assert rc == 0, err
     assert "a concurrent launch took those resources; placing again" in err
     assert "slice 'slice-2' started: CPUs 2" in out
+
+
+# -- a damaged ledger file -------------------------------------------------------------------------
+
+def _damage(kind: str, path: Path, spec, host) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "random bytes":
+        path.write_bytes(bytes(range(256)) * 16)
+        return
+    launch.boot(spec, host=host, machine=Fakes().machine(), ledger=Ledger(path, BOOT_ID))
+    if kind == "cut in half":
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    else:  # a row whose JSON column is not JSON
+        import sqlite3
+        con = sqlite3.connect(path)
+        con.execute("UPDATE slices SET cpus = 'CPUs 1-2'")
+        con.commit()
+        con.close()
+
+
+@pytest.mark.parametrize("kind", ["random bytes", "cut in half", "column not JSON"])
+@pytest.mark.parametrize("command", ["boot", "plan", "list", "stop"])
+def test_a_damaged_ledger_is_refused_in_one_line(kind, command, spec, host, tree, ledger_path, debian_kernel,
+                                                 monkeypatch, capsys):
+    from coreslice import machine as machines
+    from coreslice.machine.fake import FakeMachine
+
+    _damage(kind, ledger_path, spec, host)
+    before = ledger_path.read_bytes()
+    capsys.readouterr()
+    argv = {"boot": ["boot", "--kernel", str(debian_kernel.vmlinuz), "--cpus", "3", "--memory", "512M@0x100000000",
+                     "--console", "io:0x3e8"],
+            "plan": ["plan", "--ncpus", "1", "--memory", "512M"], "list": ["list"], "stop": ["stop", "web"]}[command]
+    monkeypatch.setenv("CORESLICE_FAKE_MACHINE", "1")
+    with machines.using(FakeMachine()) as m:
+        rc = cli.main([*argv, "--host-root", str(tree), "--ledger", str(ledger_path), "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"coreslice: error: ledger {ledger_path} is damaged (") and "move it aside" in err
+    assert json.loads(out)["exit_code"] == 2
+    assert m.effects() == [] and ledger_path.read_bytes() == before
+
+
+def test_a_ledger_that_is_no_regular_file_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    for path in (fifo, tmp_path):
+        for readonly in (True, False):
+            with pytest.raises(UsageError, match="is not a regular file; pass --ledger PATH"):
+                Ledger(path, BOOT_ID, readonly=readonly).holding()
+
+
+def test_refusals_create_no_ledger(tree, debian_kernel, ledger_path, monkeypatch, capsys):
+    monkeypatch.setenv("CORESLICE_FAKE_MACHINE", "1")
+    common = ["--host-root", str(tree), "--ledger", str(ledger_path)]
+    assert cli.main(["stop", "nosuch", *common]) == 2
+    assert cli.main(["boot", "--kernel", str(debian_kernel.vmlinuz), "--cpus", "0", "--memory", "512M@0x100000000",
+                     "--console", "io:0x2f8", *common]) == 2  # CPU 0 is the host's
+    assert cli.main(["plan", "--ncpus", "9", "--memory", "512M", *common]) == 2
+    assert cli.main(["list", *common]) == 0
+    assert not ledger_path.exists() and not ledger_path.parent.exists()

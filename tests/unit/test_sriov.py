@@ -10,7 +10,7 @@ from coreslice import config
 from coreslice.plan import vfs as sriov
 from coreslice.launch import vfprep
 from coreslice.machine import sriov as ops_mod
-from coreslice.cli import sriov as sriovcmd
+from coreslice.launch import session
 from coreslice.errors import LaunchError, UsageError
 from coreslice.host.pci import Function
 
@@ -165,11 +165,11 @@ def test_slice_kernel_params():
         sriov.slice_kernel_params([vfs[0], vfprep.PreparedVf("nvme", "0000:8d:00.0", 2, "x")], [])
 
 
-def _args(**kw):
-    base = dict(nic_vfs=[], nvme_vfs=[], mac=None, guest_kernel="stock", devices=[], config=None,
-                host_root=Path("/"), dry_run=None, console="0000:21:00.0")
+def _req(**kw):
+    from coreslice.request import boot_request
+    base = dict(kernel=Path("/k"), initrd=None, console="0000:21:00.0", memory="1G", cpus=[1])
     base.update(kw)
-    return argparse.Namespace(**base)
+    return boot_request(**base)
 
 
 class _Host:
@@ -181,24 +181,31 @@ class _Host:
 def test_stock_kernel_refuses_vfs_before_any_change():
     ops = host()
     with pytest.raises(UsageError, match="stock kernel cannot drive an SR-IOV VF"):
-        sriovcmd.boot_vfs(_args(nic_vfs=[f"{NIC}:0"]), _Host([]), None, ops=ops)
+        session.plan_vfs(_req(nic_vfs=[f"{NIC}:0"]), _Host([]), {}, ops)
     assert ops.log == []
     vf = Function("0000:11:00.1", 0x020000, physfn=NIC)
     with pytest.raises(UsageError, match="is an SR-IOV VF of"):
-        sriovcmd.boot_vfs(_args(devices=["0000:11:00.1"]), _Host([vf]), None, ops=ops)
+        session.plan_vfs(_req(devices=["0000:11:00.1"]), _Host([vf]), {}, ops)
 
 
-def test_slice_kernel_boot_vfs(tmp_path):
+def test_slice_kernel_vfs_are_planned_without_any_change(tmp_path):
+    """The VFs' addresses come from the PF's SR-IOV First VF Offset and Stride before they
+    exist; the plan (devices, permit list, pci-vf-as-pf) is complete and nothing is changed."""
+    from coreslice import config as configmod
     ops = host()
     cfgfile = tmp_path / "c.toml"
     cfgfile.write_text(f'[sriov]\nnic = ["{NIC}"]\nmac_base = "02:c5:00:00:20:00"\n')
-    out = sriovcmd.boot_vfs(_args(nic_vfs=[f"{NIC}:0"], nvme_vfs=[f"{NVME}:0"], guest_kernel="slice",
-                                  config=cfgfile), _Host([]), None, ops=ops)
-    assert out.devices == [ops.virtfn(NIC, 0), ops.virtfn(NVME, 0)]
-    assert out.pci_extra.startswith(",permit_probe_only=21:00.0;")
-    assert out.cmdline == "pci-vf-as-pf.pf=01:00.0,02:00.0 pci-vf-as-pf.vf=0"
+    req = _req(nic_vfs=[f"{NIC}:0"], nvme_vfs=[f"{NVME}:0"], guest_kernel="slice", config=configmod.load(cfgfile))
+    h = _Host([Function(NIC, 0x020000, driver="igb"), Function(NVME, 0x010802, driver="nvme")])
+    checked, view, pci_extra, prefix = session.plan_vfs(req, h, {}, ops)
+    assert ops.log == []  # nothing enabled, no MAC set
+    vfs = [c.vf for c in checked]
+    assert [view.pci.function(v).physfn for v in vfs] == [NIC, NVME]
+    assert pci_extra.startswith(",permit_probe_only=21:00.0;")
+    assert prefix == "pci-vf-as-pf.pf=01:00.0,02:00.0 pci-vf-as-pf.vf=0"
+    prep = vfprep.prepare(checked, ops)  # the act phase: the VFs appear where the plan said
+    assert [v.address for v in prep.vfs] == vfs == [ops.virtfn(NIC, 0), ops.virtfn(NVME, 0)]
     assert ops.macs[("eth0", 0)] == "02:c5:00:00:20:00"
-    assert "undid all" in out.undo() and ops.devs[NIC]["sriov_numvfs"] == "0"
 
 
 def test_parse_nvme_cli_json():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from coreslice.errors import UsageError
-from coreslice.testbed import datapath, initramfs
+from coreslice.testbed import datapath, initramfs, report
 from coreslice.testbed.job import complete_slice_args, render_job_script
 from coreslice.testbed.qemu import slice_serial_ports
 
@@ -107,17 +107,17 @@ def test_report_with_data_fields_parses_and_stays_compatible():
     line = ("[ 8.2] CORESLICE-REPORT cpus=1 mem_kib=474496 apic_ids=1 pci=0000:20:00.0,0000:22:00.0 "
             "storage_read=coreslice-disk-pxb1-ok storage_written=1 ping_ok=1 rtt_ms=11.571 "
             "cmdline=noapic coreslice.storage=1")
-    r = initramfs.parse_report(line)
+    r = report.parse_report(line)
     assert r["storage"] == {"read": "coreslice-disk-pxb1-ok", "written": True}
     assert r["network"] == {"ping_ok": True, "rtt_ms": 11.571}
     assert r["cmdline"] == "noapic coreslice.storage=1" and r["pci"][-1] == "0000:22:00.0"
-    r = initramfs.parse_report("CORESLICE-REPORT cpus=1 mem_kib=5 apic_ids=1 pci= "
+    r = report.parse_report("CORESLICE-REPORT cpus=1 mem_kib=5 apic_ids=1 pci= "
                                "storage_read=- storage_written=0 ping_ok=0 rtt_ms=- cmdline=x")
     assert r["storage"] == {"read": None, "written": False}
     assert r["network"] == {"ping_ok": False, "rtt_ms": None}
-    r = initramfs.parse_report("CORESLICE-REPORT cpus=1 mem_kib=5 apic_ids=1 ping_ok=1 rtt_ms=2 cmdline=x")
+    r = report.parse_report("CORESLICE-REPORT cpus=1 mem_kib=5 apic_ids=1 ping_ok=1 rtt_ms=2 cmdline=x")
     assert "storage" not in r and r["network"]["rtt_ms"] == 2.0
-    assert "storage" not in initramfs.parse_report("CORESLICE-REPORT cpus=1 mem_kib=5 apic_ids=1 cmdline=x")
+    assert "storage" not in report.parse_report("CORESLICE-REPORT cpus=1 mem_kib=5 apic_ids=1 cmdline=x")
 
 
 def test_slice_init_with_data_loads_modules_and_reports_before_cmdline():

@@ -1,7 +1,7 @@
 """The slice report line: what the slice initramfs writes and how it is parsed."""
 
 from coreslice.testbed import initramfs
-from coreslice.testbed.initramfs import find_report, parse_report
+from coreslice.testbed.report import find_report, parse_report
 
 
 def test_parse_plain_line():

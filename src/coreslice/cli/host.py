@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 from coreslice.acpi.tables import McfgAllocation
+from coreslice.host import profiles
+from coreslice.machine import for_host as machine_for
+from coreslice.machine.grub import RealGrub
 from coreslice.errors import UsageError
 from coreslice.host import pci as hostpci
 from coreslice.host import platform
@@ -259,3 +262,71 @@ def register(host_subparsers) -> argparse.ArgumentParser:
                         "/etc/coreslice/config.toml); PFs are listed with their VFs and the slice holding each")
     p.set_defaults(func=cmd_show)
     return p
+
+
+def cmd_configure(args: argparse.Namespace) -> int:
+    live = Path(args.root).resolve() == Path("/")
+    machine = None if args.dry_run else machine_for(live, Path(args.root))
+    # Another root (tests, an image being prepared): the drop-in goes under it, for real.
+    grub = machine.grub if machine else None if args.dry_run else RealGrub(Path(args.root))
+    r = profiles.configure(profile=args.profile, host_cpus=args.host_cpus, host_mem=args.host_mem,
+                           intremap=args.intremap, dry_run=args.dry_run, root=Path(args.root), grub=grub)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    elif args.dry_run:
+        print(f"# {r['file']} (dry run: nothing written)")
+        print(r["content"], end="")
+    else:
+        print(f"wrote {r['file']}: {' '.join(r['parameters'])}")
+        for n in r["notes"]:
+            print(f"note: {n}")
+        print("update-grub done; reboot for the new kernel command line to take effect "
+              "(sudo reboot), then run 'coreslice host check'")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from coreslice.host import readiness as hostcheck
+
+    report = hostcheck.check(Path(args.root))
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.format())
+    return 0 if report.ready else 1
+
+
+def register_configure(host_subparsers) -> None:
+    """Add ``configure`` and ``check`` to the subparsers of ``coreslice host``."""
+    p = host_subparsers.add_parser(
+        "configure", help="write the host's kernel parameters (GRUB drop-in) for a configuration",
+        description=profiles.CONFIGURE_HELP + profiles.INTREMAP_HELP,
+        epilog="examples:\n  coreslice host configure --profile slice-host --host-cpus 2 --host-mem 8G --dry-run\n"
+               "  sudo coreslice host configure --profile slice-host && sudo reboot\n"
+               "exit status: 0 written (or dry run printed), 1 update-grub failed, 2 bad input",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", required=True, choices=profiles.PROFILES,
+                   help="slice-host, vm-host or native-eval (see above)")
+    p.add_argument("--host-cpus", type=int, metavar="N",
+                   help="maxcpus=N: CPUs the host keeps (default: 1 for slice-host, 8 for native-eval)")
+    p.add_argument("--host-mem", metavar="SIZE",
+                   help="mem=SIZE: the host uses RAM below this address (default: 6G for slice-host, "
+                        "16G for native-eval)")
+    p.add_argument("--intremap", choices=("auto", "off", "on"), default="auto",
+                   help="write intremap=off (off), keep interrupt remapping (on), or decide from "
+                        "this host's APIC IDs (auto, default); see above")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the drop-in and change nothing")
+    p.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
+                   help="file system root to read the host from and write under (for tests; default /)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: parameters, file, content, notes, update-grub output")
+    p.set_defaults(func=cmd_configure)
+
+    c = host_subparsers.add_parser(
+        "check", help="say whether this host is ready to launch slices, and what to change",
+        description=profiles.CHECK_HELP,
+        epilog="exit status: 0 ready (no item failed), 1 not ready",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
+                   help="read a captured tree of the host's /sys, /proc and /dev instead of the "
+                        "live host (for tests)")
+    c.add_argument("--json", action="store_true", help="print one JSON object with every item")
+    c.set_defaults(func=cmd_check)

@@ -12,15 +12,16 @@ import time
 from pathlib import Path
 
 from coreslice.errors import CoresliceError, UsageError
-from coreslice.host.snapshot import Host, discover
+from coreslice import config as configmod
+from coreslice.host.snapshot import discover
+from coreslice.plan.boot import check_resources
 from coreslice.host.sysfs import format_cpu_list, parse_cpu_list
-from coreslice.ledger import ENV as LEDGER_ENV, Ledger, SliceRecord, resolve_path
+from coreslice.launch.session import open_ledger, slot_records
+from coreslice.ledger import ENV as LEDGER_ENV, SliceRecord
+from coreslice.machine import FAKE_MACHINE_ENV, for_host as machine_for
 from coreslice.plan.placement import Placement, Request, free_resources, held_resources, place
 from coreslice.units import format_size, parse_memory
 
-# Test-only: with --host-root, drive the in-memory machine fakes instead of refusing to launch
-# (tests/unit/test_ledger.py races two real `coreslice boot` processes on a synthetic host).
-FAKE_MACHINE_ENV = "CORESLICE_FAKE_MACHINE"
 
 LEDGER_HELP = (f"the ledger file (default: ${LEDGER_ENV}, else /var/lib/coreslice/ledger.sqlite3 when "
                "/var/lib is writable, else /run/coreslice/ledger.sqlite3)")
@@ -58,6 +59,11 @@ def _node(text: str) -> int:
     return n
 
 
+def add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, metavar="PATH",
+                   help=f"coreslice configuration (default: ${configmod.ENV}, else {configmod.DEFAULT_PATH})")
+
+
 def add_placement_args(p: argparse.ArgumentParser, *, with_base: bool = True) -> None:
     """--cpus/--ncpus, --memory, --numa-node, --name: what boot and plan share."""
     g = p.add_mutually_exclusive_group()  # neither: slice.ncpus of the config (config.apply_slice_defaults)
@@ -79,46 +85,14 @@ def add_placement_args(p: argparse.ArgumentParser, *, with_base: bool = True) ->
     p.add_argument("--ledger", type=Path, metavar="PATH", help=LEDGER_HELP)
 
 
-def open_ledger(path: Path | None, host: Host, *, readonly: bool) -> Ledger:
-    return Ledger(resolve_path(path), host.boot_id, readonly=readonly)
-
-
-def fake_machine_requested(live: bool) -> bool:
-    return not live and os.environ.get(FAKE_MACHINE_ENV) == "1"
-
-
-def make_machine(live: bool):
-    """The real machine on the live host, the in-memory fakes for a captured tree."""
-    from coreslice.launch.session import Machine
-    from coreslice.machine.lapic import FakeApic
-    from coreslice.machine.pci import FakePci
-    from coreslice.machine.physmem import FakeMemory
-
-    if live:
-        return Machine.real()
-    return Machine(mem=FakeMemory(), pci=FakePci(), apic=lambda m: FakeApic(m), sleep=lambda _s: None)
-
-
-def slot_records(host: Host, machine) -> list:
-    """This boot's low-memory slot records, or none when they cannot be read (not root)."""
-    from coreslice.launch.session import read_slot_records
-
-    if machine is None:
-        return []
-    try:
-        return list(read_slot_records(host, machine.mem).values())
-    except (CoresliceError, OSError):
-        return []
-
-
 def request_from(args, size: int, base: int | None) -> Request:
     return Request(mem_size=size, ncpus=args.ncpus, cpus=tuple(args.cpus) if args.cpus else None,
                    mem_base=base, node=args.numa_node, name=args.name)
 
 
-def place_for(host: Host, args, size: int, base: int | None, ledger: Ledger, machine) -> Placement:
-    held = held_resources(host, ledger.holding(), slot_records(host, machine))
-    return place(host, request_from(args, size, base), held)
+def _machine(live: bool, root: Path):
+    """The machine to read low-memory slot records from (root only), else None."""
+    return machine_for(live, root) if not live or os.geteuid() == 0 else None
 
 
 # -- coreslice plan -------------------------------------------------------------------------------
@@ -132,15 +106,29 @@ another slice is launched in between).
 
 
 def _cmd_plan(args) -> int:
-    from coreslice.config import apply_slice_defaults
-    apply_slice_defaults(args)
+    config = configmod.load(args.config)
+    if args.cpus is None and args.ncpus is None:
+        if config.slice.ncpus is None:
+            raise UsageError(f"no CPUs asked for: give --cpus LIST or --ncpus N, or set [slice] ncpus in "
+                             f"{config.path or 'the config'}")
+        args.ncpus = config.slice.ncpus
+    if args.memory is None:
+        if config.slice.memory is None:
+            raise UsageError(f"no memory asked for: give --memory SIZE[@BASE], or set [slice] memory in "
+                             f"{config.path or 'the config'}")
+        args.memory = format_size(config.slice.memory)
     size, base = parse_memory(args.memory)
     live = args.host_root.resolve() == Path("/")
     host = discover(args.host_root)
     ledger = open_ledger(args.ledger, host, readonly=True)
-    machine = make_machine(live) if live and os.geteuid() == 0 else None
+    machine = _machine(live, args.host_root)
     held = held_resources(host, ledger.holding(), slot_records(host, machine))
     p = place(host, request_from(args, size, base), held)
+    # What boot would refuse for these CPUs and memory, plan refuses too (plan/boot.py).
+    check_resources(p.cpus, p.mem_base, p.mem_size, host)
+    if p.relaunch is None:
+        ledger.check(SliceRecord(name=args.name or f"slice-{p.cpus[0]}", cpus=tuple(p.cpus),
+                                 apic_ids=tuple(p.apic_ids), mem_base=p.mem_base, mem_size=p.mem_size))
     free = free_resources(host, held)
     if args.json:
         print(json.dumps({"ok": True, "placement": p.to_json(), "devices": args.devices,
@@ -182,7 +170,7 @@ def _cmd_list(args) -> int:
     live = args.host_root.resolve() == Path("/")
     host = discover(args.host_root)
     ledger = open_ledger(args.ledger, host, readonly=True)
-    machine = make_machine(live) if live and os.geteuid() == 0 else None
+    machine = _machine(live, args.host_root)
     holding = ledger.holding()
     records = slot_records(host, machine)
     held = held_resources(host, holding, records)
@@ -217,14 +205,17 @@ def _cmd_list(args) -> int:
 def _cmd_stop(args) -> int:
     from coreslice.launch.session import stderr_progress, stop
 
+
     live = args.host_root.resolve() == Path("/")
-    if not live and not fake_machine_requested(live):
+    if not live and os.environ.get(FAKE_MACHINE_ENV) != "1":
         raise UsageError("--host-root describes another machine: stop acts on the live host only")
     if live and os.geteuid() != 0:
         raise UsageError("coreslice stop must run as root (it sends INIT IPIs and writes low memory); use sudo")
     host = discover(args.host_root)
-    ledger = open_ledger(args.ledger, host, readonly=False)
-    row = stop(args.name, host=host, machine=make_machine(live), ledger=ledger,
+    ledger = open_ledger(args.ledger, host, readonly=True)  # stop() writes only once it stops one
+    machine = machine_for(live, args.host_root)
+    assert machine is not None
+    row = stop(args.name, host=host, machine=machine, ledger=ledger,
                progress=(lambda _m: None) if args.json else stderr_progress)
     if args.json:
         print(json.dumps({"ok": True, "slice": row.to_json(), "ledger": str(ledger.path)}, indent=2))
@@ -239,6 +230,7 @@ def register(sub) -> None:
                        description=PLAN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="example:\n  coreslice plan --ncpus 2 --memory 1G --numa-node 1")
     add_placement_args(p)
+    add_config_arg(p)
     p.add_argument("--device", dest="devices", action="append", default=[], metavar="ADDR",
                    help="a PCI function for the slice (echoed; placement does not use it yet)")
     p.add_argument("--host-root", type=Path, default=Path("/"), metavar="DIR", help=HOST_ROOT_HELP)

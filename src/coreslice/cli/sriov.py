@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from coreslice import config as configmod
@@ -12,13 +11,9 @@ from coreslice.plan import vfs as sriov
 from coreslice.launch import vfprep
 from coreslice.machine.sriov import RealOps
 from coreslice.errors import UsageError
+from coreslice.cli import slices
 from coreslice.ledger import Ledger, resolve_path
-
-STOCK_VF_REFUSAL = ("a stock kernel cannot drive an SR-IOV VF: it sees the VF's physical function on the same "
-                    "root bus, probes it and resets SR-IOV, which removes the VFs of every slice; use "
-                    "--guest-kernel slice (the prototype's kernel with permit_probe_only and pci-vf-as-pf), "
-                    "or give the slice a whole function on a root bus of its own with --device")
-
+from coreslice.machine import for_host as machine_for
 
 def add_vf_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nic-vf", dest="nic_vfs", action="append", default=[], metavar="PF:INDEX",
@@ -29,12 +24,7 @@ def add_vf_args(p: argparse.ArgumentParser) -> None:
                         "queue/interrupt resources (nvme virt-mgmt), then brings VF INDEX's secondary online")
     p.add_argument("--mac", metavar="MAC",
                    help="MAC for the --nic-vf (default: the config's sriov.mac_base + INDEX)")
-    add_config_arg(p)
-
-
-def add_config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, metavar="PATH",
-                   help=f"coreslice configuration (default: ${configmod.ENV}, else {configmod.DEFAULT_PATH})")
+    slices.add_config_arg(p)
 
 
 def requests_from(args) -> list[sriov.VfRequest]:
@@ -51,56 +41,6 @@ def _boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return ""
-
-
-@dataclass
-class BootVfs:
-    """What boot does with VF requests: the prepared VFs and the command-line additions."""
-
-    prep: vfprep.Preparation | None = None
-    devices: list[str] = field(default_factory=list)
-    pci_extra: str = ""
-    cmdline: str = ""
-
-    def undo(self) -> str:
-        return vfprep.undo_message(self.prep) if self.prep else "nothing had been changed"
-
-
-def check_guest_kernel(guest_kernel: str, reqs: list[sriov.VfRequest], devices: list[str], host) -> None:
-    """A stock kernel gets whole functions only (never a VF, given as --*-vf or as --device)."""
-    if guest_kernel != "stock":
-        return
-    if reqs:
-        raise UsageError(f"{reqs[0].flag} with --guest-kernel stock: {STOCK_VF_REFUSAL}")
-    for d in devices:
-        from coreslice.plan.pci import normalize
-        fn = host.pci.function(normalize(d))
-        if fn is not None and fn.physfn:
-            raise UsageError(f"--device {fn.address} is an SR-IOV VF of {fn.physfn}; {STOCK_VF_REFUSAL}")
-
-
-def boot_vfs(args, host, ledger, ops=None, progress=lambda _m: None) -> BootVfs:
-    """Check (no change), then, unless a dry run, prepare the VFs.  The caller undoes with
-    ``.undo()`` when the boot is refused later."""
-    reqs = requests_from(args)
-    check_guest_kernel(args.guest_kernel, reqs, args.devices, host)
-    if not reqs:
-        return BootVfs()
-    cfg = configmod.load(args.config)
-    ops = ops or RealOps(args.host_root)
-    checked = sriov.check(reqs, ops, cfg.sriov, held_functions(ledger))
-    out = BootVfs()
-    if args.dry_run is not None:  # no change: only VFs that exist already can go into the plan
-        vfs = [vfprep.PreparedVf(c.req.kind, c.req.pf, c.req.index, c.vf) for c in checked if c.vf]
-    else:
-        out.prep = vfprep.prepare(checked, ops, progress)
-        vfs = out.prep.vfs
-    out.devices = [v.address for v in vfs]
-    permit, vf_params = sriov.slice_kernel_params(vfs, [*args.devices] + ([args.console] if ":" in args.console and
-                                                                           not args.console.startswith("io:") else []))
-    out.pci_extra = f",permit_probe_only={permit}" if permit else ""
-    out.cmdline = vf_params
-    return out
 
 
 # -- coreslice sriov prepare ---------------------------------------------------------------------
@@ -136,7 +76,8 @@ def cmd_prepare(args, ops=None) -> int:
     if not reqs:
         raise UsageError("nothing to prepare; give --nic-vf PF:INDEX and/or --nvme-vf PF:INDEX")
     cfg = configmod.load(args.config)
-    ops = ops or RealOps()
+    machine = None if args.check else machine_for(True)
+    ops = ops or (machine.sriov if machine else RealOps())
     ledger = Ledger(resolve_path(args.ledger), _boot_id(), readonly=True)
     checked = sriov.check(reqs, ops, cfg.sriov, held_functions(ledger))
     progress = (lambda _m: None) if args.json else stderr_progress

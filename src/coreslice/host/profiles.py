@@ -21,21 +21,14 @@ with interrupt remapping, and xAPIC addresses APIC IDs 0-254 only.  See INTREMAP
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from coreslice.errors import CoresliceError, UsageError
+from coreslice.errors import UsageError
+from coreslice.machine.grub import DROPIN, Grub
 from coreslice.host.readiness import XAPIC_MAX_ID
 from coreslice.units import format_size, parse_size
 
-DROPIN = "etc/default/grub.d/coreslice.cfg"
 PROFILES = ("slice-host", "vm-host", "native-eval")
 # (host CPUs, host memory) of the reference README's lines.
 DEFAULTS = {"slice-host": (1, "6G"), "native-eval": (8, "16G")}
@@ -178,33 +171,6 @@ def conflicting_settings(root: Path, params: list[Param]) -> list[str]:
     return out
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".coreslice-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def run_update_grub() -> str:
-    exe = shutil.which("update-grub")
-    if exe is None:
-        raise CoresliceError("update-grub not found: install grub2-common (Debian, Ubuntu) or run "
-                             "grub-mkconfig -o /boot/grub/grub.cfg yourself; the drop-in is written")
-    print(f"$ {exe}", file=sys.stderr, flush=True)
-    r = subprocess.run([exe], capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if r.returncode != 0:
-        last = (r.stderr or r.stdout).strip().splitlines()[-1:] or [""]
-        raise CoresliceError(f"update-grub exited with {r.returncode} ({last[0]}); fix that, "
-                             "then run update-grub again (the drop-in is written)")
-    return (r.stdout + r.stderr).strip()
-
-
 def _check_limits(profile: str, cpus: int, mem: int, host) -> None:
     """Refuse a slice-host configuration that would leave nothing for slices."""
     if profile != "slice-host":
@@ -218,18 +184,20 @@ def _check_limits(profile: str, cpus: int, mem: int, host) -> None:
                          f"{ram[-1].end:#x}; give less")
 
 
-def configure(args: argparse.Namespace) -> dict:
+def configure(*, profile: str, host_cpus: int | None, host_mem: str | None, intremap: str, dry_run: bool,
+              root: Path, grub: Grub | None) -> dict:
+    """Decide the drop-in for ``profile`` on the host under ``root``; unless ``dry_run``, write it
+    and run update-grub through ``grub`` (machine/grub.py)."""
     from coreslice.host.snapshot import discover
 
-    root = Path(args.root)
-    profile = args.profile
-    if profile == "vm-host" and (args.host_cpus is not None or args.host_mem is not None):
+    root = Path(root)
+    if profile == "vm-host" and (host_cpus is not None or host_mem is not None):
         raise UsageError("--host-cpus/--host-mem: the vm-host profile gives the host the whole "
                          "machine; use them with slice-host or native-eval")
-    if profile == "vm-host" and args.intremap != "auto":
+    if profile == "vm-host" and intremap != "auto":
         raise UsageError("--intremap: the vm-host profile leaves interrupt remapping alone; "
                          "use it with slice-host or native-eval")
-    if not args.dry_run and not (root / "etc/default/grub").is_file():
+    if not dry_run and not (root / "etc/default/grub").is_file():
         raise UsageError(f"no {root / 'etc/default/grub'}: this host does not boot through GRUB; "
                          "add the parameters to its boot loader yourself (see --dry-run)")
     host = discover(root)
@@ -237,98 +205,36 @@ def configure(args: argparse.Namespace) -> dict:
     intremap_off = False
     if profile != "vm-host":
         d_cpus, d_mem = DEFAULTS[profile]
-        cpus = d_cpus if args.host_cpus is None else args.host_cpus
+        cpus = d_cpus if host_cpus is None else host_cpus
         if cpus < 1:
             raise UsageError(f"--host-cpus {cpus}: the host needs at least 1 CPU")
-        mem = parse_size(args.host_mem or d_mem, "--host-mem")
+        mem = parse_size(host_mem or d_mem, "--host-mem")
         if mem < 256 << 20 or mem % (1 << 20):
-            raise UsageError(f"--host-mem {args.host_mem}: give a whole number of MiB, at least 256M")
+            raise UsageError(f"--host-mem {host_mem}: give a whole number of MiB, at least 256M")
         _check_limits(profile, cpus, mem, host)
         apic_ids = sorted({c.apic_id for c in host.cpus if c.apic_id is not None} |
                           {e.apic_id for e in (host.madt.processors if host.madt else [])
                            if e.enabled or e.online_capable})
-        intremap_off, remap_why = decide_intremap(args.intremap, apic_ids, host.kernel_log)
+        intremap_off, remap_why = decide_intremap(intremap, apic_ids, host.kernel_log)
     params = profile_params(profile, cpus, mem, intremap_off)
     command = " ".join(["coreslice host configure", f"--profile {profile}",
                         *([f"--host-cpus {cpus}"] if cpus is not None else []),
                         *([f"--host-mem {format_size(mem)}"] if mem is not None else []),
-                        *([f"--intremap {args.intremap}"] if args.intremap != "auto" else [])])
+                        *([f"--intremap {intremap}"] if intremap != "auto" else [])])
     notes = ([remap_why] if remap_why else []) + conflicting_settings(root, params)
     text = render_dropin(profile, params, command, notes)
     path = root / DROPIN
     result = {"profile": profile, "parameters": [p.text for p in params], "file": str(path),
               "content": text, "notes": notes, "written": False, "update_grub": None,
               "reboot_needed": False}
-    if args.dry_run:
+    if dry_run:
         return result
-    try:
-        write_atomic(path, text)
-    except PermissionError:
-        raise CoresliceError(f"cannot write {path}: permission denied; run as root (sudo)") from None
+    if grub is None:
+        raise UsageError(f"--root {root} is not this machine: only --dry-run goes with it")
+    result["file"] = str(grub.write_dropin(text))
     result["written"] = True
-    result["update_grub"] = run_update_grub()
+    result["update_grub"] = grub.update()
     result["reboot_needed"] = True
     return result
 
 
-def cmd_configure(args: argparse.Namespace) -> int:
-    r = configure(args)
-    if args.json:
-        print(json.dumps(r, indent=2))
-    elif args.dry_run:
-        print(f"# {r['file']} (dry run: nothing written)")
-        print(r["content"], end="")
-    else:
-        print(f"wrote {r['file']}: {' '.join(r['parameters'])}")
-        for n in r["notes"]:
-            print(f"note: {n}")
-        print("update-grub done; reboot for the new kernel command line to take effect "
-              "(sudo reboot), then run 'coreslice host check'")
-    return 0
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    from coreslice.host import readiness as hostcheck
-
-    report = hostcheck.check(Path(args.root))
-    print(json.dumps(report.to_json(), indent=2) if args.json else report.format())
-    return 0 if report.ready else 1
-
-
-def register(host_subparsers) -> None:
-    """Add ``configure`` and ``check`` to the subparsers of ``coreslice host``."""
-    p = host_subparsers.add_parser(
-        "configure", help="write the host's kernel parameters (GRUB drop-in) for a configuration",
-        description=CONFIGURE_HELP + INTREMAP_HELP,
-        epilog="examples:\n  coreslice host configure --profile slice-host --host-cpus 2 --host-mem 8G --dry-run\n"
-               "  sudo coreslice host configure --profile slice-host && sudo reboot\n"
-               "exit status: 0 written (or dry run printed), 1 update-grub failed, 2 bad input",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", required=True, choices=PROFILES,
-                   help="slice-host, vm-host or native-eval (see above)")
-    p.add_argument("--host-cpus", type=int, metavar="N",
-                   help="maxcpus=N: CPUs the host keeps (default: 1 for slice-host, 8 for native-eval)")
-    p.add_argument("--host-mem", metavar="SIZE",
-                   help="mem=SIZE: the host uses RAM below this address (default: 6G for slice-host, "
-                        "16G for native-eval)")
-    p.add_argument("--intremap", choices=("auto", "off", "on"), default="auto",
-                   help="write intremap=off (off), keep interrupt remapping (on), or decide from "
-                        "this host's APIC IDs (auto, default); see above")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the drop-in and change nothing")
-    p.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
-                   help="file system root to read the host from and write under (for tests; default /)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object: parameters, file, content, notes, update-grub output")
-    p.set_defaults(func=cmd_configure)
-
-    c = host_subparsers.add_parser(
-        "check", help="say whether this host is ready to launch slices, and what to change",
-        description=CHECK_HELP,
-        epilog="exit status: 0 ready (no item failed), 1 not ready",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
-                   help="read a captured tree of the host's /sys, /proc and /dev instead of the "
-                        "live host (for tests)")
-    c.add_argument("--json", action="store_true", help="print one JSON object with every item")
-    c.set_defaults(func=cmd_check)

@@ -1,7 +1,13 @@
-"""Boot orchestration: discover -> plan -> image -> (dry-run files | write + wake).
+"""One launch, as one transaction: resolve once, check everything, then act.
 
-This is the only module that drives the machine interfaces.  Everything that can be refused is
-refused in make_plan(), before the first write.
+    request ─► discover ─► place ─► plan (every check; files opened and sized)
+            ─► reserve (ledger) ─► act (VFs, detach, INIT, write, wake) ─► record
+
+The plan is complete before the first effect: every refusal (bad input, a resource in use, a
+file that cannot be read, a VF that cannot be had) is a UsageError raised before anything was
+changed, the ledger file included (it is only read until the reservation).  Effects go through
+the :class:`~coreslice.machine.Machine` the session was given; the act phase (acting.py) logs
+what it changes and undoes it when a step before the INIT fails.
 """
 
 from __future__ import annotations
@@ -11,42 +17,27 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from coreslice.boot import lowmem
+from coreslice.boot.image import BootImage, build_image
 from coreslice.errors import LaunchError, UsageError
 from coreslice.host import consoles
 from coreslice.host.snapshot import Host, discover
-from coreslice.boot.image import BootImage, build_image
-from coreslice.ledger import Ledger, SliceRecord
-from coreslice.machine import lapic
-from coreslice.machine.pci import PciControl, SysfsPci
-from coreslice.machine.physmem import DevMem, PhysicalMemory
+from coreslice.launch import acting
+from coreslice.launch.vfprep import PreparedVf
+from coreslice.ledger import Ledger, LedgerConflict, SliceRecord, resolve_path
+from coreslice.machine import Machine, lapic
+from coreslice.machine.physmem import PhysicalMemory
+from coreslice.plan import vfs as vfplan
 from coreslice.plan.boot import Plan, SlotReader, make_plan
-from coreslice.request import BootSpec
+from coreslice.plan.placement import Placement, Request, held_resources, place
+from coreslice.request import BootRequest, BootSpec
 
-
-@dataclass
-class Machine:
-    """The effectful interfaces, real by default, fakes in tests."""
-
-    mem: PhysicalMemory
-    pci: PciControl
-    apic: Callable[[str], lapic.LocalApic]
-    sleep: Callable[[float], None] = time.sleep
-
-    @classmethod
-    def real(cls) -> "Machine":
-        mem = DevMem()
-
-        def make_apic(mode: str) -> lapic.LocalApic:
-            if mode == "x2apic":
-                return lapic.X2Apic(lapic.ensure_msr_device(0))
-            return lapic.XApic(DevMem(uncached=True))
-
-        return cls(mem=mem, pci=SysfsPci(), apic=make_apic)
+Progress = Callable[[str], None]
+PLACE_TRIES = 3  # a concurrent launch may take what placement chose: place again
 
 
 @dataclass
@@ -59,6 +50,8 @@ class BootResult:
     detached_devices: dict[str, str | None] = field(default_factory=dict)  # --device -> old driver
     slice: SliceRecord | None = None     # the ledger row (None on dry runs and without a ledger)
     ledger_path: Path | None = None
+    placement: Placement | None = None
+    vfs: list = field(default_factory=list)  # PreparedVf (or planned ones on a dry run)
 
     def to_json(self) -> dict:
         return {
@@ -74,12 +67,16 @@ class BootResult:
             "devices_detached_from": self.detached_devices,
             "slice": self.slice.to_json() if self.slice else None,
             "ledger": str(self.ledger_path) if self.ledger_path else None,
+            "placement": self.placement.to_json() if self.placement else None,
+            "vfs": [v.to_json() for v in self.vfs],
             # ru_maxrss is in KiB on Linux: the loader's peak memory, reported for the benchmark.
             "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         }
 
 
-def slot_reader(mem: PhysicalMemory):
+# -- low-memory slots ---------------------------------------------------------------------------
+
+def slot_reader(mem: PhysicalMemory) -> SlotReader:
     def read(slot: int) -> lowmem.SlotRecord | None:
         return lowmem.SlotRecord.decode(mem.read(lowmem.record_address(slot), lowmem.RECORD_SIZE))
     return read
@@ -114,6 +111,16 @@ def read_slot_records(host: Host, mem: PhysicalMemory) -> dict[int, lowmem.SlotR
     return out
 
 
+def slot_records(host: Host, machine: Machine | None) -> list[lowmem.SlotRecord]:
+    """This boot's low-memory slot records, or none when they cannot be read (not root)."""
+    if machine is None or (host.live and os.geteuid() != 0):
+        return []
+    try:
+        return list(read_slot_records(host, machine.mem).values())
+    except (LaunchError, UsageError, OSError):
+        return []
+
+
 def slice_record(spec: BootSpec, plan: Plan) -> SliceRecord:
     """What the ledger keeps of a planned slice."""
     if plan.pci is not None:
@@ -125,6 +132,33 @@ def slice_record(spec: BootSpec, plan: Plan) -> SliceRecord:
         mem_base=plan.mem_base, mem_size=plan.mem_size, low_slot=plan.slot,
         console=plan.console.pci_address or f"io:0x{plan.console.port:x}", devices=devices,
         kernel=str(spec.kernel), initrd=str(spec.initrd) if spec.initrd else None, cmdline=plan.cmdline)
+
+
+# -- dry runs -----------------------------------------------------------------------------------
+
+def check_dry_run_dir(directory: Path) -> None:
+    """A dry run writes into a new or empty directory that can be created: refuse anything else
+    before the plan is made (so that a refusal writes nothing there either)."""
+    d = Path(directory)
+    if d.exists() or d.is_symlink():
+        if not d.is_dir():
+            raise UsageError(f"--dry-run {d}: exists and is not a directory; give a new or empty directory")
+        try:
+            if any(d.iterdir()):
+                raise UsageError(f"--dry-run {d}: not empty; give a new or empty directory")
+        except OSError as e:
+            raise UsageError(f"--dry-run {d}: cannot list it ({e.strerror}); give a directory you can write") from None
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise UsageError(f"--dry-run {d}: not writable; give a directory you can write")
+        return
+    parent = d.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--dry-run {d}: cannot create it under {parent} (not a writable directory); "
+                         "give a path you can write")
+    if str(parent).startswith(("/proc", "/sys")):
+        raise UsageError(f"--dry-run {d}: is under {parent}, a kernel file system; give a normal directory")
 
 
 def write_dry_run(directory: Path, plan: Plan, image: BootImage) -> None:
@@ -139,73 +173,16 @@ def write_dry_run(directory: Path, plan: Plan, image: BootImage) -> None:
          "acpi_tables": image.acpi_tables}, indent=2) + "\n")
 
 
-def write_image(mem: PhysicalMemory, image: BootImage, progress: Callable[[str], None]) -> None:
-    for seg in image.segments:
-        progress(f"writing {seg.name}: {seg.size} bytes at 0x{seg.addr:x}")
-        for addr, buf in seg.chunks():
-            if not mem.write_and_check(addr, buf):
-                raise LaunchError(f"read-back of {seg.name} at 0x{addr:x} differs from what was written; "
-                                  "the range may not be RAM or is in use by someone else")
+# -- the session --------------------------------------------------------------------------------
+
+def open_ledger(path: Path | None, host: Host, *, readonly: bool) -> Ledger:
+    return Ledger(resolve_path(path), host.boot_id, readonly=readonly)
 
 
-def boot(spec: BootSpec, *, host: Host | None = None, machine: Machine | None = None,
-         dry_run: Path | None = None, progress: Callable[[str], None] = lambda _m: None,
-         ledger: Ledger | None = None) -> BootResult:
-    """Plan, build and (unless ``dry_run``) launch.  With a ``ledger`` the slice is reserved
-    there after the plan and before the first write; a dry run only reads it."""
-    t0 = time.perf_counter()
-    machine = machine or Machine.real()
-    host = host or discover("/")
-    held = ledger.holding() if ledger else []
-    if ledger is not None:  # CPUs, memory or name of a recorded slice: refuse now, naming it
-        by_num = {c.cpu: c.apic_id for c in host.cpus}
-        ledger.check(SliceRecord(
-            name=spec.name or f"slice-{spec.cpus[0] if spec.cpus else '?'}", cpus=tuple(spec.cpus),
-            apic_ids=tuple(a for a in (by_num.get(c) for c in spec.cpus) if a is not None),
-            mem_base=spec.mem_base, mem_size=spec.mem_size))
-    plan = make_plan(spec, host, slot_view(slot_reader(machine.mem), held, host.boot_id))
-    t1 = time.perf_counter()
-    image = build_image(plan)
-    t2 = time.perf_counter()
-    result = BootResult(plan, image, {"plan": t1 - t0, "build": t2 - t1})
-    if dry_run is not None:
-        write_dry_run(dry_run, plan, image)
-        result.dry_run_dir = dry_run
-        result.phases["dry_run_write"] = time.perf_counter() - t2
-        return result
-
-    # Reserve first, in one transaction with the conflict check (ledger.py): of two launches
-    # that want the same resources, the second is refused here, before touching anything.
-    if ledger is not None:
-        result.slice = row = ledger.reserve(slice_record(spec, plan))
-        result.ledger_path = ledger.path
-        progress(f"reserved slice '{row.name}' in the ledger {ledger.path}")
-    try:
-        # Everything that can still fail without a trace (the msr device) comes first.
-        apic = _boot_cpu_apic(host, machine, plan.apic_mode)
-    except BaseException:
-        if result.slice is not None:
-            ledger.release(result.slice.id)  # type: ignore[union-attr]
-            result.slice = None
-        raise
-    if result.slice is not None:
-        ledger.begin_launch(result.slice.id)  # type: ignore[union-attr]
-    try:
-        _launch(plan, image, machine, apic, result, progress, t0, t2)
-    except BaseException as e:
-        if result.slice is not None:  # its CPUs may run: it stays held until reboot, relaunch or stop
-            ledger.finish(result.slice.id, error=str(e) or type(e).__name__)  # type: ignore[union-attr]
-        raise
-    if result.slice is not None:
-        ledger.finish(result.slice.id)  # type: ignore[union-attr]
-        result.slice = ledger.get(result.slice.id)  # type: ignore[union-attr]
-    return result
-
-
-def _boot_cpu_apic(host: Host, machine: Machine, mode: str) -> lapic.LocalApic:
+def boot_cpu_apic(host: Host, machine: Machine, mode: str) -> lapic.LocalApic:
     """The local APIC we send IPIs from: the boot CPU's, so pin this process there first (the
     ICR is per CPU; with maxcpus=1 it is the only online one anyway)."""
-    if host.live:
+    if host.live and not machine.fake:
         try:
             os.sched_setaffinity(0, {c.cpu for c in host.cpus if c.boot})
         except OSError:
@@ -213,28 +190,207 @@ def _boot_cpu_apic(host: Host, machine: Machine, mode: str) -> lapic.LocalApic:
     return machine.apic(mode)
 
 
-def _launch(plan: Plan, image: BootImage, machine: Machine, apic: lapic.LocalApic, result: BootResult,
-            progress: Callable[[str], None], t0: float, t2: float) -> None:
-    """The writes, in order: console, park the CPUs, memory, wake."""
-    if plan.console.pci_address:
-        progress(f"detaching console {plan.console.pci_address} from its host driver")
-        result.detached_driver = machine.pci.detach(plan.console.pci_address)
-    for dev in plan.pci.devices if plan.pci else []:
-        progress(f"detaching device {dev.address} from its host driver ({dev.driver or 'none'})")
-        result.detached_devices[dev.address] = machine.pci.detach(dev.address)
-    # INIT first: a CPU still running an earlier slice stops before its memory is overwritten.
-    lapic.init_cpus(apic, plan.apic_ids)
-    t3 = time.perf_counter()
-    write_image(machine.mem, image, progress)
-    t4 = time.perf_counter()
-    progress(f"waking CPU {plan.cpus[0]} (APIC ID {plan.apic_ids[0]}) at SIPI vector 0x{plan.sipi_vector:02x}")
-    lapic.start_cpu(apic, plan.apic_ids[0], plan.sipi_vector, sleep=machine.sleep)
-    t5 = time.perf_counter()
-    result.phases.update({"park": t3 - t2, "write": t4 - t3, "wake": t5 - t4, "total": t5 - t0})
+@dataclass
+class Planned:
+    spec: BootSpec
+    plan: Plan
+    image: BootImage
+    placement: Placement | None
+    vfs: list[vfplan.Checked]
 
 
-def stop(name: str, *, host: Host, machine: Machine, ledger: Ledger,
-         progress: Callable[[str], None] = lambda _m: None) -> SliceRecord:
+class LaunchSession:
+    """One ``coreslice boot``: see the module docstring."""
+
+    def __init__(self, request: BootRequest, machine: Machine | None,
+                 progress: Progress = lambda _m: None, host: Host | None = None):
+        self.req = request
+        self.machine = machine
+        self.progress = progress
+        self.host = host
+
+    # -- plan (no effect) -------------------------------------------------------------------
+    def plan(self, host: Host, ledger: Ledger) -> Planned:
+        """Everything decided and checked; nothing changed."""
+        req = self.req
+        ops = self.machine.sriov if self.machine is not None else None
+        if ops is None and req.vfs:
+            from coreslice.machine.sriov import RealOps
+            ops = RealOps(req.host_root)  # reads only: a dry run on a captured tree
+        held = {f: r.name for r in ledger.holding() for f in r.pci_functions()}
+        checked, view, pci_extra, prefix = plan_vfs(req, host, held, ops)
+        placement = None
+        if req.placed_by_us:
+            held = held_resources(host, ledger.holding(), slot_records(host, self.machine))
+            placement = place(host, Request(mem_size=req.mem_size, ncpus=req.ncpus, cpus=req.cpus,
+                                            mem_base=req.mem_base, node=req.numa_node, name=req.name), held)
+        cpus = placement.cpus if placement else list(req.cpus or ())
+        base = placement.mem_base if placement else req.mem_base
+        spec = req.spec(cpus, base, devices=[c.vf for c in checked], cmdline_prefix=prefix, pci_extra=pci_extra)
+        plan, image = plan_spec(spec, view, self.machine, ledger)
+        return Planned(spec, plan, image, placement, checked)
+
+    # -- the whole transaction --------------------------------------------------------------
+    def run(self) -> BootResult:
+        req, t0 = self.req, time.perf_counter()
+        if req.dry_run is not None:
+            check_dry_run_dir(req.dry_run)
+        host = self.host or discover(req.host_root)
+        ledger = open_ledger(req.ledger, host, readonly=True)  # read only until the reservation
+        for attempt in range(1, PLACE_TRIES + 1):
+            planned = self.plan(host, ledger)
+            t1 = time.perf_counter()
+            result = BootResult(planned.plan, planned.image, {"plan": t1 - t0}, placement=planned.placement)
+            if req.dry_run is not None:
+                result.vfs = [PreparedVf(c.req.kind, c.req.pf, c.req.index, c.vf) for c in planned.vfs]  # type: ignore[arg-type]
+                write_dry_run(req.dry_run, planned.plan, planned.image)
+                result.dry_run_dir = req.dry_run
+                result.phases["dry_run_write"] = time.perf_counter() - t1
+                return result
+            if self.machine is None:
+                raise UsageError("--host-root describes another machine, which boot cannot act on; "
+                                 "add --dry-run DIR to plan for it")
+            try:
+                return self._launch(planned, host, result, t0)
+            except LedgerConflict:
+                if not req.placed_by_us or attempt == PLACE_TRIES:
+                    raise
+                self.progress("a concurrent launch took those resources; placing again")
+        raise AssertionError("unreachable")
+
+    def _launch(self, planned: Planned, host: Host, result: BootResult, t0: float) -> BootResult:
+        machine, progress = self.machine, self.progress
+        assert machine is not None
+        ledger = open_ledger(self.req.ledger, host, readonly=False)
+        # Reserve first, in one transaction with the conflict check (ledger.py): of two launches
+        # that want the same resources, the second is refused here, before touching anything.
+        row = ledger.reserve(slice_record(planned.spec, planned.plan))
+        result.slice, result.ledger_path = row, ledger.path
+        progress(f"reserved slice '{row.name}' in the ledger {ledger.path}")
+        undo = acting.UndoLog()
+        acted = acting.Acted()
+        try:
+            # What can still fail without a trace (the msr device) comes first.
+            apic = boot_cpu_apic(host, machine, planned.plan.apic_mode)
+            acting.prepare_devices(planned.plan, planned.vfs, machine, progress, acted, undo)
+        except BaseException as e:
+            what = undo.undo()
+            ledger.release(row.id)  # type: ignore[arg-type]
+            result.slice = None
+            if isinstance(e, (UsageError, LaunchError)):
+                raise LaunchError(f"{e}; {what}") from e
+            raise
+        _fill_detached(result, planned.plan, acted)
+        ledger.begin_launch(row.id)  # type: ignore[arg-type]
+        try:
+            acting.start(planned.plan, planned.image, machine, apic, progress, acted)
+        except BaseException as e:  # its CPUs may run: it stays held until reboot, relaunch or stop
+            ledger.finish(row.id, error=str(e) or type(e).__name__)  # type: ignore[arg-type]
+            raise
+        ledger.finish(row.id)  # type: ignore[arg-type]
+        result.slice = ledger.get(row.id)  # type: ignore[arg-type]
+        result.vfs = acted.vfs
+        result.phases.update(acted.phases)
+        result.phases["total"] = time.perf_counter() - t0
+        return result
+
+
+def _fill_detached(result: BootResult, plan: Plan, acted: acting.Acted) -> None:
+    for address, driver in acted.detached.items():
+        if plan.console.pci_address == address:
+            result.detached_driver = driver
+        else:
+            result.detached_devices[address] = driver
+    for v in acted.vfs:
+        result.detached_devices[v.address] = v.unbound_from
+
+
+def plan_vfs(req: BootRequest, host: Host, held: dict[str, str], ops) -> tuple[list[vfplan.Checked], Host, str, str]:
+    """The VF part of the plan, no change: (checked requests with their VFs' addresses, the host
+    as it will be with those VFs, the ``pci=`` addition and the command-line prefix for the
+    slice kernel).  ``held``: PCI function -> the slice holding it."""
+    check_guest_kernel(req.guest_kernel, req.vfs, req.devices, host)
+    if not req.vfs:
+        return [], host, "", ""
+    checked = vfplan.check(req.vfs, ops, req.config.sriov, held)
+    planned = [PreparedVf(c.req.kind, c.req.pf, c.req.index, c.vf) for c in checked]  # type: ignore[arg-type]
+    console = [req.console] if consoles.normalize_pci_address(req.console) else []
+    permit, vf_params = vfplan.slice_kernel_params(planned, [*req.devices, *console])
+    return checked, vfplan.host_with_vfs(host, checked), f",permit_probe_only={permit}" if permit else "", vf_params
+
+
+def check_guest_kernel(guest_kernel: str, reqs, devices, host: Host) -> None:
+    """A stock kernel gets whole functions only (never a VF, given as --*-vf or as --device)."""
+    if guest_kernel != "stock":
+        return
+    from coreslice.plan.pci import normalize
+
+    if reqs:
+        raise UsageError(f"{reqs[0].flag} with --guest-kernel stock: {vfplan.STOCK_VF_REFUSAL}")
+    for d in devices:
+        fn = host.pci.function(normalize(d))
+        if fn is not None and fn.physfn:
+            raise UsageError(f"--device {fn.address} is an SR-IOV VF of {fn.physfn}; {vfplan.STOCK_VF_REFUSAL}")
+
+
+def plan_spec(spec: BootSpec, host: Host, machine: Machine | None, ledger: Ledger | None) -> tuple[Plan, BootImage]:
+    """A decided spec against the host: the ledger's conflicts, every plan check, the image."""
+    held = ledger.holding() if ledger else []
+    if ledger is not None:  # CPUs, memory or name of a recorded slice: refuse now, naming it
+        by_num = {c.cpu: c.apic_id for c in host.cpus}
+        ledger.check(SliceRecord(
+            name=spec.name or f"slice-{spec.cpus[0] if spec.cpus else '?'}", cpus=tuple(spec.cpus),
+            apic_ids=tuple(a for a in (by_num.get(c) for c in spec.cpus) if a is not None),
+            mem_base=spec.mem_base, mem_size=spec.mem_size))
+    read = slot_reader(machine.mem) if machine is not None and not (host.live and os.geteuid() != 0) \
+        else (lambda _slot: None)
+    plan = make_plan(spec, host, slot_view(read, held, host.boot_id))
+    return plan, build_image(plan)
+
+
+def boot(spec: BootSpec, *, host: Host, machine: Machine, dry_run: Path | None = None,
+         progress: Progress = lambda _m: None, ledger: Ledger | None = None) -> BootResult:
+    """Plan and launch a spec whose CPUs and memory are decided (no VFs, no placement): the
+    session's plan and act phases for callers that already hold a host and a machine (tests)."""
+    t0 = time.perf_counter()
+    plan, image = plan_spec(spec, host, machine, ledger)
+    result = BootResult(plan, image, {"plan": time.perf_counter() - t0})
+    if dry_run is not None:
+        write_dry_run(dry_run, plan, image)
+        result.dry_run_dir = dry_run
+        return result
+    row = None
+    if ledger is not None:
+        row = ledger.reserve(slice_record(spec, plan))
+        result.slice, result.ledger_path = row, ledger.path
+    undo, acted = acting.UndoLog(), acting.Acted()
+    try:
+        apic = boot_cpu_apic(host, machine, plan.apic_mode)
+        acting.prepare_devices(plan, [], machine, progress, acted, undo)
+    except BaseException:
+        undo.undo()
+        if row is not None:
+            ledger.release(row.id)  # type: ignore[union-attr,arg-type]
+            result.slice = None
+        raise
+    _fill_detached(result, plan, acted)
+    if row is not None:
+        ledger.begin_launch(row.id)  # type: ignore[union-attr,arg-type]
+    try:
+        acting.start(plan, image, machine, apic, progress, acted)
+    except BaseException as e:
+        if row is not None:
+            ledger.finish(row.id, error=str(e) or type(e).__name__)  # type: ignore[union-attr,arg-type]
+        raise
+    if row is not None:
+        ledger.finish(row.id)  # type: ignore[union-attr,arg-type]
+        result.slice = ledger.get(row.id)  # type: ignore[union-attr,arg-type]
+    result.phases.update(acted.phases)
+    result.phases["total"] = time.perf_counter() - t0
+    return result
+
+
+def stop(name: str, *, host: Host, machine: Machine, ledger: Ledger, progress: Progress = lambda _m: None) -> SliceRecord:
     """INIT a slice's CPUs (they go back to wait-for-SIPI), clear its low-memory slot record and
     mark it stopped in the ledger: its CPUs, memory and slot are free again."""
     row = next((r for r in ledger.holding() if r.name == name), None)
@@ -246,7 +402,7 @@ def stop(name: str, *, host: Host, machine: Machine, ledger: Ledger,
         raise UsageError(f"slice '{name}' is being launched by process {row.pid}; wait for it to finish, then stop it")
     if host.apic_mode is None:
         raise UsageError("cannot tell whether the host runs x2APIC or xAPIC; run 'modprobe msr' and retry")
-    apic = _boot_cpu_apic(host, machine, host.apic_mode)
+    apic = boot_cpu_apic(host, machine, host.apic_mode)
     progress(f"INIT to CPUs {','.join(map(str, row.cpus))} (APIC IDs {','.join(map(str, row.apic_ids))})")
     lapic.init_cpus(apic, list(row.apic_ids))
     if row.low_slot is not None:
@@ -255,8 +411,9 @@ def stop(name: str, *, host: Host, machine: Machine, ledger: Ledger,
                 and (rec.mem_base, rec.mem_size) == (row.mem_base, row.mem_size)):
             progress(f"clearing the record in low-memory slot 0x{row.low_slot:x}")
             machine.mem.write(lowmem.record_address(row.low_slot), bytes(lowmem.RECORD_SIZE))
-    ledger.mark_stopped(row.id)  # type: ignore[arg-type]
-    stopped = ledger.get(row.id)  # type: ignore[arg-type]
+    writable = Ledger(ledger.path, ledger.boot_id)
+    writable.mark_stopped(row.id)  # type: ignore[arg-type]
+    stopped = writable.get(row.id)  # type: ignore[arg-type]
     assert stopped is not None
     return stopped
 

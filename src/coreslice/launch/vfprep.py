@@ -101,6 +101,9 @@ def _prepare_one(ops: SriovOps, c: Checked, prep: Preparation, progress) -> Prep
     vf = ops.virtfn(r.pf, r.index)
     if vf is None:
         raise LaunchError(f"{r.flag}: {r.pf} has no virtfn{r.index} after enabling its VFs")
+    if c.vf and vf != c.vf:  # the plan (DSDT, command line) was made for the derived address
+        raise LaunchError(f"{r.flag}: VF {r.index} of {r.pf} appeared at {vf}, not at {c.vf} as its SR-IOV "
+                          "First VF Offset and Stride said; report this (sysfs sriov_offset/sriov_stride)")
     out.address = vf
     if r.kind == "nic":
         assert c.ifname and c.mac

@@ -44,7 +44,7 @@ def real(root: Path = Path("/")) -> Machine:
     def make_apic(mode: str) -> LocalApic:
         if mode == "x2apic":
             return lapic.X2Apic(lapic.ensure_msr_device(0))
-        return lapic.XApic(DevMem(uncached=True))
+        return lapic.XApic(lapic.MmioApicPage())
 
     return Machine(mem=DevMem(), pci=SysfsPci(root), apic=make_apic, sriov=RealOps(root), grub=RealGrub(root))
 

@@ -9,6 +9,7 @@ online and we pin ourselves to it, so the ICR we write is the boot CPU's.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import subprocess
@@ -16,7 +17,6 @@ import time
 from typing import Protocol
 
 from coreslice.errors import LaunchError
-from coreslice.machine.physmem import PhysicalMemory
 
 APIC_PAGE = 0xFEE00000
 ICR_LOW = 0x300
@@ -60,28 +60,98 @@ def start_cpu(apic: LocalApic, apic_id: int, vector: int, sleep=time.sleep) -> N
         sleep(SIPI_DELAY)
 
 
+class ApicRegisters(Protocol):
+    """The local APIC's 32-bit registers, by offset in its page (SDM Vol. 3A, "Local APIC
+    Register Address Map"): each access is exactly one aligned 32-bit load or store."""
+
+    def read32(self, offset: int) -> int: ...
+    def write32(self, offset: int, value: int) -> None: ...
+
+
+class MmioApicPage:
+    """The APIC page mapped uncached through /dev/mem.
+
+    Registers are read and written as items of a memoryview of format 'I': CPython copies a
+    fixed 4 bytes for one item (one aligned 32-bit mov).  A slice assignment of 4 bytes goes
+    through libc's memmove instead, which may store the same 4 bytes twice (two overlapping
+    32-bit stores, seen with a hardware watchpoint): a write to the ICR would then send its IPI
+    twice, back to back, without the wait for delivery status the SDM asks for."""
+
+    def __init__(self, path: str = "/dev/mem", base: int = APIC_PAGE):
+        self.path, self.base = path, base
+        self._map: mmap.mmap | None = None
+        self._regs: memoryview | None = None
+
+    @classmethod
+    def over(cls, buffer) -> "MmioApicPage":
+        """The same register access over a writable 4 KiB buffer (tests)."""
+        page = cls()
+        page._regs = memoryview(buffer).cast("I")
+        return page
+
+    def _registers(self) -> memoryview:
+        if self._regs is None:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_SYNC)  # O_SYNC: an uncached (UC-) mapping
+            except OSError as e:
+                raise LaunchError(f"cannot open {self.path}: {e.strerror}; run as root on a kernel with /dev/mem") from e
+            try:
+                self._map = mmap.mmap(fd, 0x1000, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=self.base)
+            except OSError as e:
+                raise LaunchError(f"cannot map the local APIC page 0x{self.base:x} through {self.path}: {e.strerror}; "
+                                  "the host must run xAPIC mode (x2APIC has no APIC page)") from e
+            finally:
+                os.close(fd)
+            self._regs = memoryview(self._map).cast("I")
+        return self._regs
+
+    def read32(self, offset: int) -> int:
+        assert offset % 16 == 0, "APIC registers are 16-byte aligned"
+        return self._registers()[offset // 4]
+
+    def write32(self, offset: int, value: int) -> None:
+        assert offset % 16 == 0, "APIC registers are 16-byte aligned"
+        self._registers()[offset // 4] = value
+
+
+# How long the ICR may stay busy: on hardware delivery takes microseconds; 100 ms is a wedge.
+ICR_IDLE_TIMEOUT = 0.1
+
+
 class XApic:
+    """IPIs through the xAPIC ICR: ICR2 (0x310, destination in bits 24-31) first, then ICR
+    (0x300), whose write sends the IPI (SDM Vol. 3A, "Interrupt Command Register (ICR)").
+
+    The pair is not atomic: an interrupt on this CPU between the two writes could run a host
+    kernel IPI that rewrites ICR2.  On a host booted with maxcpus=1 that does not happen: with
+    one CPU online the kernel's only IPIs are self-IPIs (irq_work), sent with the "self"
+    destination shorthand through ICR alone, never writing ICR2.  As a guard against anything
+    else, ICR2 is read back after the send: a changed destination is reported, not ignored.
+    """
+
     mode = "xapic"
 
-    def __init__(self, mem: PhysicalMemory):
-        self.mem = mem
+    def __init__(self, regs: ApicRegisters, clock=time.monotonic, sleep=time.sleep):
+        self.regs, self._clock, self._sleep = regs, clock, sleep
 
     def _wait_idle(self) -> None:
-        for _ in range(1000):
-            low = struct.unpack("<I", self.mem.read(APIC_PAGE + ICR_LOW, 4))[0]
-            if not low & DELIVERY_PENDING:
-                return
-            time.sleep(0.0001)
-        raise LaunchError("local APIC ICR stayed busy (delivery status pending) for 100 ms")
+        deadline = self._clock() + ICR_IDLE_TIMEOUT
+        while self.regs.read32(ICR_LOW) & DELIVERY_PENDING:
+            if self._clock() > deadline:
+                raise LaunchError(f"local APIC ICR stayed busy (delivery status pending) for "
+                                  f"{ICR_IDLE_TIMEOUT * 1000:.0f} ms; the APIC is wedged: reboot the host")
+            self._sleep(0.0001)
 
     def send_icr(self, apic_id: int, command: int) -> None:
         if apic_id > 0xFF:
             raise LaunchError(f"APIC ID {apic_id} does not fit xAPIC destination (8 bits); the host must run x2APIC")
         self._wait_idle()
-        # The high half (destination, bits 56-63) first: writing the low half sends the IPI.
-        self.mem.write(APIC_PAGE + ICR_HIGH, struct.pack("<I", apic_id << 24))
-        self.mem.write(APIC_PAGE + ICR_LOW, struct.pack("<I", command))
+        self.regs.write32(ICR_HIGH, apic_id << 24)
+        self.regs.write32(ICR_LOW, command)
         self._wait_idle()
+        if self.regs.read32(ICR_HIGH) >> 24 != apic_id:
+            raise LaunchError(f"the ICR destination changed while an IPI to APIC ID {apic_id} was sent (another "
+                              "IPI on this CPU); the IPI may have gone elsewhere: boot the host with maxcpus=1")
 
 
 def ensure_msr_device(cpu: int = 0) -> str:

@@ -10,6 +10,7 @@ from coreslice.errors import LaunchError
 
 class PciControl(Protocol):
     def detach(self, address: str) -> str | None: ...
+    def attach(self, address: str, driver: str) -> None: ...
 
 
 class SysfsPci:
@@ -34,11 +35,22 @@ class SysfsPci:
             raise LaunchError(f"enabling {address} (so that its I/O BAR decodes) failed: {e.strerror}") from e
         return driver
 
+    def attach(self, address: str, driver: str) -> None:
+        """Give the function back to ``driver`` (undoing detach)."""
+        try:
+            (self.root / "sys/bus/pci/drivers" / driver / "bind").write_text(address)
+        except OSError as e:
+            raise LaunchError(f"binding {address} to {driver} failed: {e.strerror}") from e
+
 
 class FakePci:
     def __init__(self):
         self.detached: list[str] = []
+        self.attached: list[tuple[str, str]] = []
 
     def detach(self, address: str) -> str | None:
         self.detached.append(address)
         return None
+
+    def attach(self, address: str, driver: str) -> None:
+        self.attached.append((address, driver))

@@ -215,16 +215,25 @@ class FakeOps:
         self.fail_online = False
 
     def add_pf(self, addr: str, cls: int, total: int, driver: str | None = "drv", ifname: str | None = None,
-               nvme: str | None = None, caps: PrimaryCaps | None = None) -> None:
+               nvme: str | None = None, caps: PrimaryCaps | None = None, offset: int | None = None,
+               stride: int = 1) -> None:
+        """A PF whose VF i appears at Routing ID = PF's + ``offset`` + i * ``stride`` (SR-IOV
+        First VF Offset and VF Stride); by default at bus+0x10, device (i >> 3) + 1, function i & 7."""
+        if offset is None:
+            pf_rid = int(addr[5:7], 16) << 8 | int(addr[8:10], 16) << 3 | int(addr[11], 16)
+            offset = ((int(addr[5:7], 16) + 0x10) << 8 | 1 << 3) - pf_rid
         self.devs[addr] = {"class": f"0x{cls:06x}", "sriov_totalvfs": str(total), "sriov_numvfs": "0",
+                           "sriov_offset": str(offset), "sriov_stride": str(stride),
                            "sriov_drivers_autoprobe": "1", "driver": driver, "net": ifname, "nvme": nvme}
         if nvme:
             self.caps[nvme] = caps or PrimaryCaps(2 * total, 0, 2, 1, total, 0, 1, 1)
             self.secs[nvme] = [Secondary(i + 1, i + 1, False, 0, 0) for i in range(total)]
 
     def _vf_addr(self, pf: str, i: int) -> str:
-        bus = int(pf[5:7], 16) + 0x10
-        return f"{pf[:5]}{bus:02x}:{(i >> 3) + 1:02x}.{i & 7}"
+        d = self.devs[pf]
+        rid = (int(pf[5:7], 16) << 8 | int(pf[8:10], 16) << 3 | int(pf[11], 16)) + \
+            int(d["sriov_offset"]) + i * int(d["sriov_stride"])
+        return f"{pf[:4]}:{rid >> 8:02x}:{(rid >> 3) & 0x1F:02x}.{rid & 7}"
 
     def attr(self, address, name):
         d = self.devs.get(address)

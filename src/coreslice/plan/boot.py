@@ -8,6 +8,7 @@ the problem and the fix.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -134,7 +135,11 @@ def _check_root(host: Host) -> None:
 
 
 def _check_cpus(spec: BootSpec, host: Host) -> tuple[list[int], list[int], int]:
-    if not spec.cpus:
+    return _check_cpu_list(spec.cpus, host)
+
+
+def _check_cpu_list(cpu_list: list[int], host: Host) -> tuple[list[int], list[int], int]:
+    if not cpu_list:
         raise UsageError("no CPUs given; pass --cpus LIST (offline host CPUs, e.g. 1-2)")
     seen = set()
     by_num = {c.cpu: c for c in host.cpus}
@@ -143,7 +148,7 @@ def _check_cpus(spec: BootSpec, host: Host) -> tuple[list[int], list[int], int]:
     if bsp is None or bsp.apic_id is None:
         raise UsageError("cannot find the host's boot CPU and its APIC ID in /proc/cpuinfo")
     apic_ids = []
-    for n in spec.cpus:
+    for n in cpu_list:
         if n in seen:
             raise UsageError(f"CPU {n} is listed twice in --cpus; list each CPU once")
         seen.add(n)
@@ -158,11 +163,14 @@ def _check_cpus(spec: BootSpec, host: Host) -> tuple[list[int], list[int], int]:
         if cpu.apic_id is None:
             raise UsageError(f"CPU {n} has no APIC ID in the host MADT; cannot address it")
         apic_ids.append(cpu.apic_id)
-    return list(spec.cpus), apic_ids, bsp.apic_id
+    return list(cpu_list), apic_ids, bsp.apic_id
 
 
 def _check_memory(spec: BootSpec, host: Host) -> None:
-    base, size = spec.mem_base, spec.mem_size
+    _check_range(spec.mem_base, spec.mem_size, host)
+
+
+def _check_range(base: int, size: int, host: Host) -> None:
     end = base + size
     rng = f"{format_size(size)}@0x{base:x}"
     if base % PAGE or size % PAGE or size == 0:
@@ -174,6 +182,13 @@ def _check_memory(spec: BootSpec, host: Host) -> None:
         if r.overlaps(base, end):
             raise UsageError(f"memory {rng} overlaps the host's System RAM 0x{r.start:x}-0x{r.end - 1:x}; "
                              f"choose memory above the host's mem= limit")
+
+
+def check_resources(cpus: list[int], base: int, size: int, host: Host) -> list[int]:
+    """The checks boot makes of CPUs and memory alone (for ``coreslice plan``): their APIC IDs."""
+    _, apic_ids, _ = _check_cpu_list(list(cpus), host)
+    _check_range(base, size, host)
+    return apic_ids
 
 
 def _check_console(spec: BootSpec, host: Host) -> Console:
@@ -247,23 +262,43 @@ def _ecam_entries(pci: PciPlan | None, e820_ranges: list[tuple[int, int]]) -> li
     return [E820Entry(start, end - start, E820Type.RESERVED) for start, end in pci.ecam]
 
 
+def input_file_size(path: Path, what: str, flag: str) -> int:
+    """The size of an input file the launch will read, found by opening it now: a file that
+    cannot be read (no permission, a directory, a FIFO, a link loop) is refused before anything
+    changes, not half-way through the writes.  O_NONBLOCK: opening a FIFO must not wait for a
+    writer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path}: no such file; pass {flag} with an existing file") from None
+    except OSError as e:
+        raise UsageError(f"{what} {path}: cannot be opened ({e.strerror}); pass {flag} with a readable "
+                         "regular file") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{what} {path}: not a regular file; pass {flag} with a regular file")
+        try:
+            os.pread(fd, 1, 0)
+        except OSError as e:
+            raise UsageError(f"{what} {path}: cannot be read ({e.strerror}); pass {flag} with a readable "
+                             "regular file") from None
+        return st.st_size
+    finally:
+        os.close(fd)
+
+
 def make_plan(spec: BootSpec, host: Host, read_slot: SlotReader) -> Plan:
     """Check the spec against the host and decide every address.  Raises UsageError."""
     _check_root(host)
     try:
+        input_file_size(spec.kernel, "kernel", "--kernel")
         kernel = parse_bzimage(spec.kernel)
     except BootFormatError as e:
         fix = e.fix or "pass a bzImage of an x86-64 Linux kernel (e.g. /boot/vmlinuz-*)"
         raise UsageError(f"kernel {spec.kernel}: {e}; {fix}") from None
 
-    initrd_size = 0
-    if spec.initrd is not None:
-        try:
-            if not spec.initrd.is_file():
-                raise FileNotFoundError
-            initrd_size = spec.initrd.stat().st_size
-        except OSError:
-            raise UsageError(f"initrd {spec.initrd}: no such file; pass --initrd with an existing file") from None
+    initrd_size = input_file_size(spec.initrd, "initrd", "--initrd") if spec.initrd is not None else 0
 
     cpus, apic_ids, bsp_apic = _check_cpus(spec, host)
     if host.apic_mode is None:

@@ -19,6 +19,7 @@ Every check runs in :func:`check`, before any change, reading through :class:`Sr
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,12 @@ from coreslice.machine.sriov import PrimaryCaps, SriovOps
 NIC_BASE_CLASS = 0x02
 NVME_CLASS = 0x010802
 KINDS = ("nic", "nvme")
+
+
+STOCK_VF_REFUSAL = ("a stock kernel cannot drive an SR-IOV VF: it sees the VF's physical function on the same "
+                    "root bus, probes it and resets SR-IOV, which removes the VFs of every slice; use "
+                    "--guest-kernel slice (the prototype's kernel with permit_probe_only and pci-vf-as-pf), "
+                    "or give the slice a whole function on a root bus of its own with --device")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,7 +59,8 @@ def parse_vf(text: str, kind: str) -> VfRequest:
     """``PF:INDEX`` (``0000:99:00.0:3``) -> VfRequest."""
     pf_text, sep, idx = text.rpartition(":")
     pf = consoles.normalize_pci_address(pf_text) if sep else None
-    if pf is None or not idx.isdigit():
+    # ASCII digits only (str.isdigit also takes '²'); NumVFs is a 16-bit field (SR-IOV §3.3.7).
+    if pf is None or not re.fullmatch(r"[0-9]{1,5}", idx) or int(idx) > 0xFFFF:
         raise UsageError(f"--{kind}-vf '{text}' is not PF:INDEX; write the physical function's PCI address and "
                          f"the VF index, e.g. --{kind}-vf 0000:99:00.0:0")
     return VfRequest(kind, pf, int(idx))
@@ -73,12 +81,24 @@ def with_mac(reqs: Sequence[VfRequest], mac: str | None) -> list[VfRequest]:
 # ---------------------------------------------------------------------------------------------
 # Checks (no change)
 
+def vf_address(pf: str, offset: int, stride: int, index: int) -> str | None:
+    """The PCI address VF ``index`` of ``pf`` will have, before the VFs exist: its Routing ID is
+    the PF's plus First VF Offset plus index times VF Stride (PCIe Base Spec, SR-IOV Extended
+    Capability, "First VF Offset" and "VF Stride"; sysfs sriov_offset, sriov_stride).  None when
+    that leaves the 8-bit bus range."""
+    seg, bus, devfn = pf[:4], int(pf[5:7], 16), int(pf[8:10], 16) << 3 | int(pf[11], 16)
+    rid = (bus << 8 | devfn) + offset + index * stride
+    if rid > 0xFFFF:
+        return None
+    return f"{seg}:{rid >> 8:02x}:{(rid >> 3) & 0x1F:02x}.{rid & 7}"
+
+
 @dataclass
 class Checked:
     req: VfRequest
     total: int
     enabled: int                    # sriov_numvfs now
-    vf: str | None = None           # known when the VFs are already enabled
+    vf: str | None = None           # the VF's address: read when enabled, else derived
     mac: str | None = None          # NIC: the MAC to set
     ifname: str | None = None
     dev: str | None = None          # NVMe: /dev/nvmeN
@@ -155,7 +175,20 @@ def check(reqs: Sequence[VfRequest], ops: SriovOps, cfg: SriovConfig, held: dict
                              f"coreslice enables all of them: write 0 to /sys/bus/pci/devices/{r.pf}/sriov_numvfs first")
         if r.pf in held:
             raise UsageError(f"{r.flag}: the PF {r.pf} itself is held by slice '{held[r.pf]}'; stop that slice first")
-        c = Checked(r, total, enabled, vf=ops.virtfn(r.pf, r.index) if enabled else None)
+        if enabled:
+            vf = ops.virtfn(r.pf, r.index)
+        else:
+            offset, stride = _int_attr(ops, r.pf, "sriov_offset"), _int_attr(ops, r.pf, "sriov_stride")
+            if offset is None or stride is None:
+                raise UsageError(f"{r.flag}: {r.pf} does not show its SR-IOV First VF Offset and Stride "
+                                 "(sysfs sriov_offset, sriov_stride), so the VF's address cannot be known before "
+                                 "its VFs exist; use a kernel that shows them (Linux 4.x+), or enable the VFs "
+                                 "first with 'coreslice sriov prepare'")
+            vf = vf_address(r.pf, offset, stride, r.index)
+            if vf is None:
+                raise UsageError(f"{r.flag}: VF {r.index} of {r.pf} (offset {offset}, stride {stride}) would lie past "
+                                 "bus ff; choose a lower index")
+        c = Checked(r, total, enabled, vf=vf)
         if c.vf and c.vf in held:
             raise UsageError(f"{r.flag}: VF {c.vf} is held by slice '{held[c.vf]}'; choose another index, "
                              f"or stop that slice (coreslice stop {held[c.vf]})")
@@ -186,10 +219,32 @@ def check(reqs: Sequence[VfRequest], ops: SriovOps, cfg: SriovConfig, held: dict
     return out
 
 
+def host_with_vfs(host, checked: Sequence[Checked]):
+    """The host as it will be once the checked VFs are enabled: their functions added (class of
+    their PF, no driver), so that the PCI plan checks them before anything is enabled."""
+    import copy
+    import dataclasses
+
+    from coreslice.host.pci import Function
+
+    topo = host.pci
+    new = []
+    for c in checked:
+        if c.vf and topo.function(c.vf) is None:
+            pf = topo.function(c.req.pf)
+            new.append(Function(c.vf, pf.class_code if pf else None, pf.vendor if pf else None,
+                                physfn=c.req.pf, numa_node=pf.numa_node if pf else None))
+    if not new:
+        return host
+    view = copy.copy(host)
+    view.pci = dataclasses.replace(topo, functions=[*topo.functions, *new])
+    return view
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernel command line (the prototype's slice kernel)
 
-def slice_kernel_params(prepared: Sequence[PreparedVf], other_functions: Sequence[str]) -> tuple[str, str]:
+def slice_kernel_params(prepared: Sequence, other_functions: Sequence[str]) -> tuple[str, str]:
     """(permit_probe_only value, pci-vf-as-pf parameters) as the prototype's runslice.sh wrote
     them: functions without the segment, ';'-separated; the PFs ','-separated; one VF index."""
     indices = {v.index for v in prepared}

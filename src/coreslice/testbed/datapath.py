@@ -34,13 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coreslice.errors import UsageError
-from coreslice.testbed.qemu import SerialPort
+from coreslice.testbed.topology import SerialPort
 from coreslice.testbed.job import option_value
+from coreslice.testbed.report import DATA_FILE, RESULT_FILE, RESULT_PREFIX  # noqa: F401
 from coreslice.testbed.tools import ToolError, read_or_none
 
-DATA_FILE = "hello.txt"  # the known file in every image
-RESULT_FILE = "result.txt"  # what a slice writes into its image
-RESULT_PREFIX = "coreslice-result"
 IMAGE_SIZE_MB = 16
 HOST_DISK_SLOT = 0x17
 HOST_NIC_SLOT = 0x18

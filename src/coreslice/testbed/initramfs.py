@@ -32,6 +32,7 @@ import subprocess
 from pathlib import Path
 
 from coreslice.testbed.cpio import CpioWriter, gzip_bytes
+from coreslice.testbed.report import DATA_FILE, REPORT_TAG, RESULT_FILE, RESULT_PREFIX
 from coreslice.testbed.kernels import Kernel
 from coreslice.testbed.paths import cache_dir
 from coreslice.testbed.tools import ToolError, progress
@@ -46,7 +47,6 @@ RUN_TAG = "run"
 HOSTROOT_OPTS = "trans=virtio,version=9p2000.L,ro,msize=1048576,cache=loose"
 RUN_OPTS = "trans=virtio,version=9p2000.L,msize=1048576,cache=none"
 
-REPORT_TAG = "CORESLICE-REPORT"
 HOST_MARK = "CORESLICE-HOST"
 
 HOST_INIT = r"""#!/bin/sh
@@ -177,65 +177,14 @@ def host_init_text(modules: tuple[str, ...] = HOST_MODULES) -> str:
 def slice_init_text(data_modules: tuple[str, ...] = ()) -> str:
     """The slice's /init; with ``data_modules`` (the module file stems, in load order) it also
     runs the data path (SLICE_DATA)."""
-    from coreslice.testbed import datapath
-
     data = ""
     if data_modules:
         data = (SLICE_DATA.replace("@DATA_MODULES@", " ".join(data_modules))
-                .replace("@DATA_FILE@", datapath.DATA_FILE)
-                .replace("@RESULT_FILE@", datapath.RESULT_FILE)
-                .replace("@RESULT_PREFIX@", datapath.RESULT_PREFIX))
+                .replace("@DATA_FILE@", DATA_FILE)
+                .replace("@RESULT_FILE@", RESULT_FILE)
+                .replace("@RESULT_PREFIX@", RESULT_PREFIX))
     return (SLICE_INIT.replace("@DATA@", data).replace("@EXTRA@", "$extra" if data else "")
             .replace("@TAG@", REPORT_TAG))
-
-
-# --- slice report -----------------------------------------------------------------------------
-
-_REPORT_RE = re.compile(
-    re.escape(REPORT_TAG)
-    + r" cpus=(?P<cpus>\d+) mem_kib=(?P<mem>\d+) apic_ids=(?P<apic>[0-9,]*)"
-    + r"(?: pci=(?P<pci>[0-9a-f:.,]*))?"
-    + r"(?: storage_read=(?P<sread>\S*) storage_written=(?P<swritten>[01]))?"
-    + r"(?: ping_ok=(?P<ping>[01]) rtt_ms=(?P<rtt>[0-9.]+|-))?"
-    + r" cmdline=(?P<cmdline>.*)$"
-)
-
-
-def parse_report(line: str) -> dict | None:
-    """Parse a ``CORESLICE-REPORT`` line (anywhere in ``line``); None if there is none.
-
-    Returns ``{"cpus": int, "mem_kib": int, "apic_ids": [int, ...], "pci": [str, ...], "cmdline": str}``
-    (``pci``: the PCI functions in the slice's sysfs), plus, when the slice ran the data path,
-    ``"storage": {"read": str | None, "written": bool}`` and
-    ``"network": {"ping_ok": bool, "rtt_ms": float | None}``.
-    """
-    m = _REPORT_RE.search(line.rstrip("\r\n").replace("\r", ""))
-    if not m:
-        return None
-    out = {
-        "cpus": int(m["cpus"]),
-        "mem_kib": int(m["mem"]),
-        "apic_ids": [int(a) for a in m["apic"].split(",") if a],
-        "pci": [a for a in (m["pci"] or "").split(",") if a],
-        "cmdline": m["cmdline"].strip(),
-    }
-    if m["swritten"] is not None:
-        out["storage"] = {"read": None if m["sread"] in ("", "-") else m["sread"],
-                          "written": m["swritten"] == "1"}
-    if m["ping"] is not None:
-        out["network"] = {"ping_ok": m["ping"] == "1",
-                          "rtt_ms": None if m["rtt"] == "-" else float(m["rtt"])}
-    return out
-
-
-def find_report(text: str) -> dict | None:
-    """The first report line in a console log's text."""
-    for line in text.splitlines():
-        if REPORT_TAG in line:
-            r = parse_report(line)
-            if r is not None:
-                return r
-    return None
 
 
 # --- module resolution ------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coreslice.errors import UsageError
-from coreslice.testbed.qemu import SerialPort
+from coreslice.testbed.topology import SerialPort
 
 CONTINUE_FILE = "continue"
 

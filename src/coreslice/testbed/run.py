@@ -28,7 +28,7 @@ from pathlib import Path
 
 import coreslice
 from coreslice.errors import CoresliceError, UsageError
-from coreslice.testbed import hostview, initramfs, interrupts, job as jobmod, kernels
+from coreslice.testbed import hostview, initramfs, interrupts, job as jobmod, kernels, report
 from coreslice.testbed.paths import cache_dir
 from coreslice.testbed.qemu import (
     LogFollower,
@@ -324,7 +324,7 @@ def run(options: RunOptions) -> dict:
                     timings["qemu_to_job_end"] = round(now - t0, 3)
             for pname, follower in consoles.items():
                 for line in follower.poll():
-                    rep = initramfs.parse_report(line) if initramfs.REPORT_TAG in line else None
+                    rep = report.parse_report(line) if report.REPORT_TAG in line else None
                     if rep is None:
                         continue
                     # The first launched, unreported slice on this console; failing that, one

@@ -1,0 +1,103 @@
+"""``coreslice boot``: flags -> one BootRequest -> the launch session."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from coreslice import config as configmod
+from coreslice.cli import slices, sriov
+from coreslice.launch.session import LaunchSession, stderr_progress
+from coreslice.machine import FAKE_MACHINE_ENV, for_host as machine_for
+from coreslice.request import BootRequest, boot_request
+from coreslice.units import format_size
+
+BOOT_HELP = """\
+Boot a Linux kernel on parked CPUs and free RAM of this host, with no hypervisor.
+
+The host must have been booted with few CPUs and little memory (e.g. 'maxcpus=1 mem=6G'), so that
+the CPUs named by --cpus are present but offline and the --memory range is RAM above the host's
+mem= limit.  coreslice writes the kernel, initrd, a zero page, ACPI tables (RSDP, XSDT, FADT,
+MADT, MCFG, DSDT), page tables and a real-mode trampoline into physical memory through /dev/mem,
+reads everything back, and wakes the first CPU with INIT-SIPI-SIPI.  Every check runs before the
+first write: on bad input it exits 2 with one line saying what is wrong, and changes nothing.
+
+With --ncpus N and/or --memory SIZE (no @BASE) coreslice chooses free CPUs and memory on one NUMA
+node (see `coreslice plan`).  Each launch is recorded in the ledger (`coreslice list`) in the same
+transaction that checks that no other slice of this host boot holds its CPUs, memory, low-memory
+slot or console, before the first write; of two launches that race for the same resources, one
+is refused.  Booting exactly the CPUs and memory of an existing slice relaunches it.
+"""
+
+BOOT_EPILOG = """\
+examples:
+  coreslice boot --kernel vmlinuz --initrd initrd.img --cpus 1-2 --memory 1G@0x40000000 --console io:0x2f8
+  coreslice boot --kernel vmlinuz --initrd initrd.img --ncpus 2 --memory 1G --console io:0x2f8
+  coreslice boot ... --dry-run out/          # write plan.json and every segment, touch nothing
+exit status: 0 booted (or dry run written), 1 failed while acting on the machine, 2 bad input
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("boot", help="boot a kernel as a slice on parked CPUs and free RAM",
+                       description=BOOT_HELP, epilog=BOOT_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernel", required=True, type=Path, metavar="PATH", help="x86-64 bzImage (e.g. /boot/vmlinuz-*)")
+    p.add_argument("--initrd", type=Path, metavar="PATH", help="initramfs for the slice")
+    p.add_argument("--cmdline", default="", metavar="STR",
+                   help="kernel parameters appended after coreslice's own (console, noapic, tsc, pci=off ...)")
+    slices.add_placement_args(p)  # --cpus|--ncpus, --memory, --numa-node, --name, --ledger
+    p.add_argument("--console", required=True, metavar="io:PORT|PCI-ADDR",
+                   help="the slice's serial console: a legacy 16550 port (io:0x2f8) or a PCI UART (0000:00:03.0), "
+                        "which is unbound from its host driver and counts as an assigned PCI function")
+    p.add_argument("--device", dest="devices", action="append", default=[], metavar="PCI-ADDR",
+                   help="a PCI function for the slice (repeatable): unbound from its host driver before the first "
+                        "write; the slice's DSDT then lists the root complexes holding its functions, and the slice "
+                        "gets pci=nobios,norom,nobar,realloc=off,lastbus=0x100 instead of pci=off")
+    sriov.add_vf_args(p)  # --nic-vf, --nvme-vf, --mac, --config
+    p.add_argument("--guest-kernel", choices=("stock", "slice"), default="stock",
+                   help="the slice's kernel: 'stock' (default) gets whole functions only, each on a root bus the "
+                        "slice owns (SR-IOV VFs are refused); 'slice' is the prototype's kernel, which may drive VFs: "
+                        "it gets pci=...,permit_probe_only=<functions> and pci-vf-as-pf.pf=<PFs> pci-vf-as-pf.vf=<index>")
+    p.add_argument("--tsc-khz", type=int, metavar="KHZ",
+                   help="TSC frequency passed to the slice (default: the host's calibration from its kernel log)")
+    p.add_argument("--earlyprintk", action="store_true", help="also print early boot messages on the console")
+    p.add_argument("--dry-run", type=Path, metavar="DIR",
+                   help="do everything except touching the machine: write plan.json, dsdt.asl and one file per "
+                        "segment (physical address in the name) into DIR")
+    p.add_argument("--host-root", type=Path, default=Path("/"), metavar="DIR",
+                   help="read the host from a captured tree of its /sys, /proc and /dev/kmsg instead of the live "
+                        "host (only with --dry-run; for tests and planning on another machine; tests may set "
+                        f"{FAKE_MACHINE_ENV}=1 to launch onto in-memory fakes instead)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the plan and phase timings")
+    p.set_defaults(func=cmd_boot)
+
+
+def request_from(args) -> BootRequest:
+    """The namespace and the configuration file, resolved once into the typed request."""
+    config = configmod.load(args.config)
+    return boot_request(
+        kernel=args.kernel, initrd=args.initrd, console=args.console, memory=args.memory, cpus=args.cpus,
+        ncpus=args.ncpus, numa_node=args.numa_node, name=args.name, cmdline=args.cmdline,
+        devices=args.devices, nic_vfs=args.nic_vfs, nvme_vfs=args.nvme_vfs, mac=args.mac,
+        guest_kernel=args.guest_kernel, tsc_khz=args.tsc_khz, earlyprintk=args.earlyprintk,
+        dry_run=args.dry_run, host_root=args.host_root, ledger=args.ledger, config=config)
+
+
+def cmd_boot(args) -> int:
+    req = request_from(args)
+    # None for a captured tree (no effects: dry runs only), the fake one when tests ask for it.
+    machine = machine_for(req.live, req.host_root)
+    progress = (lambda _m: None) if args.json else stderr_progress
+    result = LaunchSession(req, machine, progress).run()
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    p = result.plan
+    name = result.slice.name if result.slice else req.name or f"slice-{p.cpus[0]}"
+    what = f"dry run written to {result.dry_run_dir}" if result.dry_run_dir else f"slice '{name}' started"
+    print(f"{what}: CPUs {','.join(map(str, p.cpus))} (APIC IDs {','.join(map(str, p.apic_ids))}), "
+          f"{format_size(p.mem_size)}@0x{p.mem_base:x}, console 0x{p.console.port:x}, "
+          f"{result.image.total_bytes >> 20} MiB in {sum(result.phases.values()):.2f} s")
+    return 0

@@ -1,0 +1,109 @@
+"""The act phase of a launch: the only code that changes the machine for a boot, in order.
+
+    VFs prepared ─► functions detached ─► CPUs INIT ─► image written ─► first CPU woken
+
+Every change before the INIT is logged with how to undo it (:class:`UndoLog`): when a later
+step fails, they are undone newest first, and the error says what was undone.  From the INIT
+on nothing can be undone (a CPU that ran an earlier slice has stopped, its memory is being
+overwritten): a failure then leaves the slice ``failed`` in the ledger, holding its resources
+until it is stopped or relaunched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from coreslice.boot.image import BootImage
+from coreslice.errors import LaunchError
+from coreslice.launch import vfprep
+from coreslice.machine import Machine, lapic
+from coreslice.machine.physmem import PhysicalMemory
+from coreslice.plan.boot import Plan
+from coreslice.plan.vfs import Checked
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class UndoLog:
+    entries: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+
+    def add(self, what: str, undo: Callable[[], None]) -> None:
+        self.entries.append((what, undo))
+
+    def undo(self) -> str:
+        """Undo everything logged, newest first; say what was and what could not be undone."""
+        if not self.entries:
+            return "nothing had been changed"
+        n, failed = len(self.entries), []
+        while self.entries:
+            what, fn = self.entries.pop()
+            try:
+                fn()
+            except Exception as e:  # keep undoing the rest
+                failed.append(f"{what} ({e})")
+        if failed:
+            return f"undid {n - len(failed)} of {n} changes; could not undo: {'; '.join(failed)}: fix these by hand"
+        return f"undid all {n} changes made before the failure"
+
+
+@dataclass
+class Acted:
+    vfs: list[vfprep.PreparedVf] = field(default_factory=list)
+    detached: dict[str, str | None] = field(default_factory=dict)  # PCI address -> old driver
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+class UndoneError(LaunchError):
+    """A step before the INIT failed and every change was undone: the machine is as it was."""
+
+
+def write_image(mem: PhysicalMemory, image: BootImage, progress: Progress) -> None:
+    for seg in image.segments:
+        progress(f"writing {seg.name}: {seg.size} bytes at 0x{seg.addr:x}")
+        for addr, buf in seg.chunks():
+            if not mem.write_and_check(addr, buf):
+                raise LaunchError(f"read-back of {seg.name} at 0x{addr:x} differs from what was written; "
+                                  "the range may not be RAM or is in use by someone else")
+
+
+def prepare_devices(plan: Plan, vfs: Sequence[Checked], machine: Machine, progress: Progress,
+                    acted: Acted, undo: UndoLog) -> None:
+    """Before the INIT (undoable): the VFs, then every assigned function away from its host driver."""
+    t = time.perf_counter()
+    if vfs:
+        prep = vfprep.prepare(vfs, machine.sriov, progress)  # undoes itself if it fails
+        acted.vfs = prep.vfs
+        undo.add("the VF preparation", lambda: _undo_prep(prep))
+    for fn in plan.pci.functions if plan.pci else []:  # the console first, then the devices
+        if any(v.address == fn.address for v in acted.vfs):
+            continue  # vfprep unbound it already
+        progress(f"detaching {fn.role} {fn.address} from its host driver ({fn.driver or 'none'})")
+        old = machine.pci.detach(fn.address)
+        acted.detached[fn.address] = old
+        if old:
+            undo.add(f"driver {old} of {fn.address}", lambda a=fn.address, d=old: machine.pci.attach(a, d))
+    acted.phases["devices"] = time.perf_counter() - t
+
+
+def _undo_prep(prep: vfprep.Preparation) -> None:
+    failed = prep.undo()
+    if failed:
+        raise LaunchError("; ".join(failed))
+
+
+def start(plan: Plan, image: BootImage, machine: Machine, apic: lapic.LocalApic, progress: Progress,
+          acted: Acted) -> None:
+    """The point of no return: INIT the slice's CPUs, write the image, wake the first CPU."""
+    t2 = time.perf_counter()
+    # INIT first: a CPU still running an earlier slice stops before its memory is overwritten.
+    lapic.init_cpus(apic, plan.apic_ids)
+    t3 = time.perf_counter()
+    write_image(machine.mem, image, progress)
+    t4 = time.perf_counter()
+    progress(f"waking CPU {plan.cpus[0]} (APIC ID {plan.apic_ids[0]}) at SIPI vector 0x{plan.sipi_vector:02x}")
+    lapic.start_cpu(apic, plan.apic_ids[0], plan.sipi_vector, sleep=machine.sleep)
+    t5 = time.perf_counter()
+    acted.phases.update({"park": t3 - t2, "write": t4 - t3, "wake": t5 - t4})
