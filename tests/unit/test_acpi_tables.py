@@ -285,3 +285,16 @@ def test_parse_mcfg_of_a_hand_built_table():
 def test_parse_mcfg_rejects_a_partial_allocation():
     with pytest.raises(AcpiFormatError, match="multiple of 16"):
         parse_mcfg(_header(b"MCFG", bytes(8) + bytes(10)))
+
+
+def test_prepared_tables_are_sized_once_and_built_anywhere():
+    """The plan sizes the data area with SliceTables.size and the image lays the same encoded
+    tables out at their address: the size holds at every base, and the leaves are not re-encoded."""
+    from coreslice.acpi.tables import prepare_slice_tables
+    t = prepare_slice_tables(apic_ids=APIC_IDS, host_bsp_apic_id=HOST_BSP, dsdt_aml=build_dsdt(range(3)).aml)
+    for base in (0, 0x1000, 0x7FF0_0000):
+        blob = t.at(base)
+        assert len(blob.data) == t.size
+        assert blob.data == build_slice_tables(base, apic_ids=APIC_IDS, host_bsp_apic_id=HOST_BSP,
+                                               dsdt_aml=build_dsdt(range(3)).aml).data
+    assert t.at(0x1000).data[t.at(0x1000).tables["DSDT"] - 0x1000:][:4] == b"DSDT"

@@ -232,3 +232,15 @@ def test_cli_dry_run_writes_plan_and_segments(tmp_path, host_tree, debian_kernel
         match = [f for f in files if f.endswith(f"-{seg['name']}@0x{seg['addr']:x}.bin")]
         assert len(match) == 1 and (out / match[0]).stat().st_size == seg["size"]
     assert (out / next(f for f in files if "-initrd@" in f)).read_bytes() == initrd.read_bytes()
+
+
+def test_command_line_limit_is_cmdline_size_without_the_nul(spec, host_tree):
+    """boot.rst: cmdline_size is the longest command line without its terminating NUL, so a
+    line of exactly cmdline_size bytes fits and one byte more is refused."""
+    host = discover(host_tree)
+    ours = len(launch.boot(spec, host=host, machine=Fakes().machine()).plan.cmdline) - len(spec.cmdline)
+    limit = launch.boot(spec, host=host, machine=Fakes().machine()).plan.kernel.cmdline_size
+    fits = dataclasses.replace(spec, cmdline="x" * (limit - ours))
+    assert len(launch.boot(fits, host=host, machine=Fakes().machine()).plan.cmdline) == limit
+    refused(spec, host_tree, f"command line is {limit + 1} bytes, the kernel accepts {limit}",
+            cmdline="x" * (limit - ours + 1))

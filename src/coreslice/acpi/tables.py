@@ -599,47 +599,73 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def build_slice_tables(
-    base: int,
+@dataclass(frozen=True)
+class SliceTables:
+    """The slice's tables with every byte decided but their address: the leaf tables (MADT,
+    MCFG, DSDT) are encoded once; :meth:`at` lays out RSDP, XSDT, FADT and the leaves from a
+    base and fills in the pointers.  :attr:`size` does not depend on the base, so the plan
+    sizes the loader's data area with it and the image builds the tables once, at their place."""
+
+    leaves: dict[str, bytes]
+    xsdt_entries: tuple[str, ...]
+    sizes: dict[str, int]
+
+    @property
+    def size(self) -> int:
+        end = 0
+        for size in self.sizes.values():
+            end = _align(end + size)
+        return end
+
+    def at(self, base: int) -> AcpiBlob:
+        """Lay out RSDP, XSDT, FADT, MADT, [MCFG], DSDT from ``base`` on, each 16-byte aligned."""
+        if base < 0 or base % ALIGN:
+            raise UsageError(f"ACPI tables base {base:#x} must be {ALIGN}-byte aligned")
+        addrs, cursor = {}, base
+        for sig, size in self.sizes.items():
+            addrs[sig] = cursor
+            cursor = _align(cursor + size)
+        if cursor > 1 << 64:
+            raise UsageError(f"ACPI tables at {base:#x} run past the 64-bit address space")
+        tables = {
+            "RSDP": build_rsdp(addrs["XSDT"]),
+            "XSDT": build_xsdt([addrs[sig] for sig in self.xsdt_entries]),
+            "FACP": build_fadt(addrs["DSDT"]),
+            **self.leaves,
+        }
+        data = bytearray(cursor - base)
+        for sig, table in tables.items():
+            assert len(table) == self.sizes[sig], sig
+            off = addrs[sig] - base
+            data[off : off + len(table)] = table
+        return AcpiBlob(data=bytes(data), rsdp_addr=addrs["RSDP"], tables=addrs)
+
+
+def prepare_slice_tables(
     *,
     apic_ids: Sequence[int],
     host_bsp_apic_id: int,
     dsdt_aml: bytes,
     mcfg_allocations: Sequence[McfgAllocation] = (),
-) -> AcpiBlob:
-    """Lay out RSDP, XSDT, FADT, MADT, [MCFG], DSDT from ``base`` on, each 16-byte aligned."""
-    if base < 0 or base % ALIGN:
-        raise UsageError(f"ACPI tables base {base:#x} must be {ALIGN}-byte aligned")
+) -> SliceTables:
+    """Encode the leaf tables once and fix every table's size (see :class:`SliceTables`)."""
     _check_dsdt(dsdt_aml)
-
     # Tables that do not point at others are built first; their sizes fix everyone's address.
     leaves = {"APIC": build_madt(apic_ids, host_bsp_apic_id)}
     if mcfg_allocations:
         leaves["MCFG"] = build_mcfg(mcfg_allocations)
     leaves["DSDT"] = dsdt_aml
-    xsdt_entries = ["FACP", *(sig for sig in leaves if sig != "DSDT")]
+    xsdt_entries = ("FACP", *(sig for sig in leaves if sig != "DSDT"))
     sizes = {"RSDP": Rsdp.size(), "XSDT": SdtHeader.size() + 8 * len(xsdt_entries), "FACP": Fadt.size()}
     sizes |= {sig: len(t) for sig, t in leaves.items()}
+    return SliceTables(leaves, xsdt_entries, sizes)
 
-    addrs, cursor = {}, base
-    for sig, size in sizes.items():
-        addrs[sig] = cursor
-        cursor = _align(cursor + size)
-    if cursor > 1 << 64:
-        raise UsageError(f"ACPI tables at {base:#x} run past the 64-bit address space")
 
-    tables = {
-        "RSDP": build_rsdp(addrs["XSDT"]),
-        "XSDT": build_xsdt([addrs[sig] for sig in xsdt_entries]),
-        "FACP": build_fadt(addrs["DSDT"]),
-        **leaves,
-    }
-    data = bytearray(cursor - base)
-    for sig, table in tables.items():
-        assert len(table) == sizes[sig], sig
-        off = addrs[sig] - base
-        data[off : off + len(table)] = table
-    return AcpiBlob(data=bytes(data), rsdp_addr=addrs["RSDP"], tables=addrs)
+def build_slice_tables(base: int, **tables) -> AcpiBlob:
+    """Lay out RSDP, XSDT, FADT, MADT, [MCFG], DSDT from ``base`` on, each 16-byte aligned."""
+    if base < 0 or base % ALIGN:
+        raise UsageError(f"ACPI tables base {base:#x} must be {ALIGN}-byte aligned")
+    return prepare_slice_tables(**tables).at(base)
 
 
 def _check_dsdt(aml: bytes) -> None:

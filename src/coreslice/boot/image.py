@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from coreslice.acpi.dsdt import PciRoot, build_dsdt
-from coreslice.acpi.tables import AcpiBlob, McfgAllocation, build_slice_tables
 from coreslice.boot import lowmem
 from coreslice.boot.layout import PAGE
 from coreslice.boot.pagetables import build_identity_page_tables
@@ -69,19 +67,9 @@ class BootImage:
         return sum(s.size for s in self.segments)
 
 
-def build_acpi(base: int, apic_ids: Sequence[int], host_bsp_apic_id: int,
-               mcfg: Sequence[McfgAllocation], pci_roots: Sequence[PciRoot] = ()) -> AcpiBlob:
-    dsdt = build_dsdt(list(range(len(apic_ids))), pci_roots)
-    blob = build_slice_tables(base, apic_ids=apic_ids, host_bsp_apic_id=host_bsp_apic_id,
-                              dsdt_aml=dsdt.aml, mcfg_allocations=mcfg)
-    return blob
-
-
 def build_image(plan) -> BootImage:
     """Every segment the plan needs, in write order; the trampoline page goes last."""
-    pci_roots = plan.pci.dsdt_roots() if plan.pci else []
-    acpi = build_acpi(plan.acpi_addr, plan.apic_ids, plan.host_bsp_apic_id, plan.mcfg, pci_roots)
-    dsdt = build_dsdt(list(range(len(plan.apic_ids))), pci_roots)
+    acpi = plan.acpi.at(plan.acpi_addr)  # encoded once by the plan
     zero_page = build_zero_page(
         plan.kernel, load_addr=plan.load_addr, cmdline_addr=plan.cmdline_addr,
         initrd_addr=plan.initrd_addr, initrd_size=plan.initrd_size,
@@ -106,4 +94,4 @@ def build_image(plan) -> BootImage:
         Segment("page_tables", plan.page_tables_addr, len(tables), tables),
         Segment("trampoline", plan.slot, len(tramp), bytes(tramp)),
     ]
-    return BootImage(segs, plan.sipi_vector, acpi.tables, dsdt.asl)
+    return BootImage(segs, plan.sipi_vector, acpi.tables, plan.dsdt_asl)

@@ -20,7 +20,8 @@ from coreslice.boot.layout import DATA_ALIGN, MIB, PAGE, RUN_HEADROOM, align_dow
 from coreslice.boot.pagetables import page_tables_size
 from coreslice.boot.zeropage import E820Entry, E820Type, ZERO_PAGE_SIZE
 from coreslice.errors import UsageError
-from coreslice.boot.image import build_acpi
+from coreslice.acpi.dsdt import build_dsdt
+from coreslice.acpi.tables import SliceTables, prepare_slice_tables
 from coreslice.plan.pci import PciPlan, plan_pci
 from coreslice.host import consoles
 from coreslice.host.snapshot import Host
@@ -66,6 +67,8 @@ class Plan:
     page_table_ranges: list[tuple[int, int]]
     e820: list[E820Entry]
     mcfg: list
+    acpi: SliceTables       # the slice's ACPI tables, encoded and sized, laid out at acpi_addr
+    dsdt_asl: str           # the DSDT as ASL (dry runs write it)
     reuse_slot: bool = False
     pci: PciPlan | None = None  # assigned PCI functions, their roots and ECAM (pciplan.py)
 
@@ -318,14 +321,21 @@ def make_plan(spec: BootSpec, host: Host, read_slot: SlotReader) -> Plan:
     pci_roots = pci.dsdt_roots() if pci else []
     cmdline = slice_cmdline(console.port, tsc_khz, spec.cmdline, spec.earlyprintk, pci=pci is not None,
                             pci_extra=spec.extra.get("pci_extra", ""))
-    acpi_size = len(build_acpi(0, apic_ids, bsp_apic, mcfg, pci_roots).data)  # size does not depend on the base
-    if len(cmdline) + 1 > kernel.cmdline_size:
-        raise UsageError(f"command line is {len(cmdline)} bytes, the kernel accepts {kernel.cmdline_size - 1}; shorten --cmdline")
+    # The tables are encoded once here, sized (their size does not depend on where they go),
+    # and laid out at their address by the image (acpi/tables.py SliceTables).
+    dsdt = build_dsdt(list(range(len(apic_ids))), pci_roots)
+    acpi = prepare_slice_tables(apic_ids=apic_ids, host_bsp_apic_id=bsp_apic, dsdt_aml=dsdt.aml,
+                                mcfg_allocations=mcfg)
+    acpi_size = acpi.size
+    # boot.rst, cmdline_size: "the maximum size of the command line without the terminating zero".
+    cmdline_len = len(cmdline.encode())
+    if cmdline_len > kernel.cmdline_size:
+        raise UsageError(f"command line is {cmdline_len} bytes, the kernel accepts {kernel.cmdline_size}; shorten --cmdline")
 
     # Layout of the slice's range: kernel at the bottom, initrd under the loader data at the top.
     base, size = spec.mem_base, spec.mem_size
     top = base + size
-    cmdline_bytes = align_up(len(cmdline) + 1, PAGE)
+    cmdline_bytes = align_up(cmdline_len + 1, PAGE)
     data_size = align_up(ZERO_PAGE_SIZE + cmdline_bytes + align_up(acpi_size, PAGE), DATA_ALIGN)
     data_addr = align_down(top - data_size, DATA_ALIGN)
     align = max(kernel.kernel_alignment, 2 * MIB)
@@ -373,5 +383,5 @@ def make_plan(spec: BootSpec, host: Host, read_slot: SlotReader) -> Plan:
         load_addr=load_addr, initrd_addr=initrd_addr, data_addr=data_addr,
         zero_page_addr=zero_page_addr, cmdline_addr=cmdline_addr, acpi_addr=acpi_addr,
         page_tables_addr=slot + lowmem.PAGE_TABLES_OFFSET, page_table_ranges=pt_ranges,
-        e820=e820, mcfg=mcfg, reuse_slot=reuse, pci=pci,
+        e820=e820, mcfg=mcfg, acpi=acpi, dsdt_asl=dsdt.asl, reuse_slot=reuse, pci=pci,
     )
