@@ -43,6 +43,7 @@ class BootSpec:
     devices: list[str] = field(default_factory=list)  # PCI functions (--device), as given
     extra: dict = field(default_factory=dict)
     name: str | None = None  # the slice's name in the ledger; default slice-<first CPU>
+    devices_polled: bool = False  # its drivers poll: blocked or misrouted MSIs do no harm
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class BootRequest:
     guest_kernel: str = "stock"         # "stock" | "slice" (the prototype's kernel)
     tsc_khz: int | None = None
     earlyprintk: bool = False
+    devices_polled: bool = False
     dry_run: Path | None = None
     host_root: Path = Path("/")
     ledger: Path | None = None
@@ -81,7 +83,7 @@ class BootRequest:
         return BootSpec(kernel=self.kernel, initrd=self.initrd, cpus=list(cpus), mem_size=self.mem_size,
                         mem_base=mem_base, console=self.console, cmdline=cmdline, tsc_khz=self.tsc_khz,
                         earlyprintk=self.earlyprintk, name=self.name, devices=[*self.devices, *devices],
-                        extra={"pci_extra": pci_extra} if pci_extra else {})
+                        extra={"pci_extra": pci_extra} if pci_extra else {}, devices_polled=self.devices_polled)
 
 
 def check_cmdline(text: str) -> str:
@@ -115,7 +117,8 @@ def boot_request(*, kernel: Path, initrd: Path | None, console: str, memory: str
                  cpus: list[int] | None = None, ncpus: int | None = None, numa_node: int | None = None,
                  name: str | None = None, cmdline: str = "", devices=(), nic_vfs=(), nvme_vfs=(),
                  mac: str | None = None, guest_kernel: str = "stock", tsc_khz: int | None = None,
-                 earlyprintk: bool = False, dry_run: Path | None = None, host_root: Path = Path("/"),
+                 earlyprintk: bool = False, devices_polled: bool = False, dry_run: Path | None = None,
+                 host_root: Path = Path("/"),
                  ledger: Path | None = None, config: Config | None = None) -> BootRequest:
     """Flags + config -> request.  Defaults for CPUs and memory come from the config's [slice]
     when the flags give none (flags always win)."""
@@ -136,4 +139,5 @@ def boot_request(*, kernel: Path, initrd: Path | None, console: str, memory: str
         mem_size=size, mem_base=base, cpus=tuple(cpus) if cpus is not None else None, ncpus=ncpus,
         numa_node=numa_node, name=check_name(name), cmdline=check_cmdline(cmdline), devices=tuple(devices),
         vfs=tuple(vfs), guest_kernel=guest_kernel, tsc_khz=check_tsc_khz(tsc_khz), earlyprintk=earlyprintk,
+        devices_polled=devices_polled,
         dry_run=dry_run, host_root=Path(host_root), ledger=ledger, config=config)

@@ -60,16 +60,25 @@ def test_two_slices_read_write_disk_and_ping_host(testbed_ready, run_dir):
 
 
 def test_storage_and_network_in_x2apic_mode(testbed_ready, run_dir):
-    """With the host in x2APIC mode behind an interrupt-remapping IOMMU, QEMU's VT-d still
-    delivers the slice devices' (compatibility-format) MSIs."""
-    result = run(RunOptions(slices=["--cpus 1 --memory 512M@0x40000000"], storage=True,
-                            network=True, x2apic=True, workdir=run_dir))
+    """x2APIC needs interrupt remapping, and a host that runs it blocks the compatibility-format
+    MSIs a slice's devices send (real VT-d: Linux clears the Compatibility Format Interrupt bit
+    when it enables remapping).  So coreslice refuses such a slice (slice 0 here), unless its
+    drivers poll (--devices-polled, slice 1).
+
+    The emulator is kinder than hardware: QEMU's intel-iommu delivers compatibility-format MSIs
+    even with remapping on, so slice 1's interrupt-driven NVMe and e1000e drivers work here.
+    What this proves is the x2APIC wake-up (ICR MSR), the plan and the refusal; that interrupts
+    reach a slice on a remapping host is NOT proven, and on hardware they would not."""
+    result = run(RunOptions(slices=["--cpus 1 --memory 512M@0x40000000",
+                                    "--cpus 2 --memory 512M@0x100000000 --devices-polled"],
+                            storage=True, network=True, x2apic=True, workdir=run_dir))
     host = result["host"]
     assert host.get("error") is None, host
     assert host["apic_mode"] == "x2apic"
-    s = result["slices"][0]
-    assert s["booted"], s["console_log"]
-    assert s["storage"]["read"] == datapath.known_content("pxb1") and s["storage"]["written"] is True
-    assert s["network"]["ping_ok"] is True and s["network"]["rtt_ms"] > 0
+    refused, polled = result["slices"]
+    assert refused["exit_code"] == 2 and not refused["booted"], refused["stderr"]
+    assert "the host runs interrupt remapping" in refused["stderr"] and refused["stderr"].count("\n") == 1
+    assert polled["exit_code"] == 0 and polled["booted"], polled["console_log"]
+    assert polled["storage"]["read"] == datapath.known_content("pxb2") and polled["storage"]["written"] is True
+    assert polled["network"]["ping_ok"] is True and polled["network"]["rtt_ms"] > 0
     assert host["data"]["disk"]["ok"] and host["data"]["network"]["ping_ok"]
-    assert result["ok"]

@@ -63,6 +63,10 @@ def register(sub) -> None:
     p.add_argument("--tsc-khz", type=int, metavar="KHZ",
                    help="TSC frequency passed to the slice (default: the host's calibration from its kernel log)")
     p.add_argument("--earlyprintk", action="store_true", help="also print early boot messages on the console")
+    p.add_argument("--devices-polled", action="store_true",
+                   help="the slice's drivers poll its devices: boot even where their interrupts cannot reach it "
+                        "(a host with interrupt remapping on blocks their MSIs; CPUs with APIC IDs above 255 "
+                        "cannot be named by an MSI); without it such slices are refused")
     p.add_argument("--dry-run", type=Path, metavar="DIR",
                    help="do everything except touching the machine: write plan.json, dsdt.asl and one file per "
                         "segment (physical address in the name) into DIR")
@@ -82,6 +86,7 @@ def request_from(args) -> BootRequest:
         ncpus=args.ncpus, numa_node=args.numa_node, name=args.name, cmdline=args.cmdline,
         devices=args.devices, nic_vfs=args.nic_vfs, nvme_vfs=args.nvme_vfs, mac=args.mac,
         guest_kernel=args.guest_kernel, tsc_khz=args.tsc_khz, earlyprintk=args.earlyprintk,
+        devices_polled=args.devices_polled,
         dry_run=args.dry_run, host_root=args.host_root, ledger=args.ledger, config=config)
 
 

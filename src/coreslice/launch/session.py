@@ -223,7 +223,8 @@ class LaunchSession:
         if req.placed_by_us:
             held = held_resources(host, ledger.holding(), slot_records(host, self.machine))
             placement = place(host, Request(mem_size=req.mem_size, ncpus=req.ncpus, cpus=req.cpus,
-                                            mem_base=req.mem_base, node=req.numa_node, name=req.name), held)
+                                            mem_base=req.mem_base, node=req.numa_node, name=req.name,
+                                            low_apic_ids=bool(req.devices or req.vfs)), held)
         cpus = placement.cpus if placement else list(req.cpus or ())
         base = placement.mem_base if placement else req.mem_base
         spec = req.spec(cpus, base, devices=[c.vf for c in checked], cmdline_prefix=prefix, pci_extra=pci_extra)

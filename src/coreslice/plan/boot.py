@@ -187,6 +187,31 @@ def _check_range(base: int, size: int, host: Host) -> None:
                              f"choose memory above the host's mem= limit")
 
 
+def _check_device_interrupts(cpus: list[int], apic_ids: list[int], host: Host, polled: bool) -> None:
+    """Whether the slice's devices can interrupt it.  A slice has no interrupt remapping of its
+    own, so its devices send compatibility-format MSIs, whose destination field holds 8 bits of
+    APIC ID (Intel SDM Vol. 3A, "Message Address Register Format"; Linux warns in
+    __irq_msi_compose_msg): an MSI meant for APIC ID 258 reaches APIC ID 2.  And a host that
+    runs interrupt remapping (as x2APIC needs) blocks compatibility-format MSIs altogether
+    (VT-d: the kernel clears the Compatibility Format Interrupt bit)."""
+    if polled:
+        return
+    high = [(c, a) for c, a in zip(cpus, apic_ids) if a > 0xFF]
+    if high:
+        names = ", ".join(f"{c} (APIC ID {a})" for c, a in high)
+        raise UsageError(f"CPUs {names} have APIC IDs above 255, which a device's MSI cannot name without "
+                         f"interrupt remapping: their interrupts would reach APIC ID {high[0][1] & 0xFF}, another "
+                         "CPU; give the slice CPUs with APIC IDs below 256 (--ncpus picks those first for "
+                         "slices with devices), or --devices-polled if its drivers poll")
+    from coreslice.host.readiness import interrupt_remapping
+
+    if interrupt_remapping(host) == "on":
+        raise UsageError("the host runs interrupt remapping, so its IOMMU blocks the compatibility-format MSIs "
+                         "that the slice's devices send: they would never interrupt the slice; boot the host "
+                         "with intremap=off (coreslice host configure --intremap off, xAPIC), or pass "
+                         "--devices-polled if the slice's drivers poll")
+
+
 def check_resources(cpus: list[int], base: int, size: int, host: Host) -> list[int]:
     """The checks boot makes of CPUs and memory alone (for ``coreslice plan``): their APIC IDs."""
     _, apic_ids, _ = _check_cpu_list(list(cpus), host)
@@ -317,6 +342,8 @@ def make_plan(spec: BootSpec, host: Host, read_slot: SlotReader) -> Plan:
 
     pci = plan_pci(spec.devices, console.pci_address, host,
                    probe_only_permitted="permit_probe_only=" in spec.extra.get("pci_extra", ""))
+    if pci is not None and pci.devices:
+        _check_device_interrupts(cpus, apic_ids, host, spec.devices_polled)
     mcfg = list(pci.mcfg) if pci else list(host.mcfg)
     pci_roots = pci.dsdt_roots() if pci else []
     cmdline = slice_cmdline(console.port, tsc_khz, spec.cmdline, spec.earlyprintk, pci=pci is not None,
@@ -340,6 +367,12 @@ def make_plan(spec: BootSpec, host: Host, read_slot: SlotReader) -> Plan:
     data_addr = align_down(top - data_size, DATA_ALIGN)
     align = max(kernel.kernel_alignment, 2 * MIB)
     load_addr = align_up(base, align)
+    if kernel.pref_address and load_addr < kernel.pref_address:
+        # A relocatable kernel's decompressor runs it at LOAD_PHYSICAL_ADDR (the header's
+        # pref_address) when loaded lower (arch/x86/boot/compressed/head_64.S): host memory.
+        raise UsageError(f"memory {format_size(size)}@0x{base:x} puts the kernel at 0x{load_addr:x}, below its "
+                         f"preferred load address 0x{kernel.pref_address:x}, where it would move itself (into the "
+                         f"host's memory); give the slice memory at or above 0x{kernel.pref_address:x}")
     kernel_end = load_addr + max(kernel.init_size, kernel.kernel_size)
     initrd_addr = align_down(data_addr - initrd_size, PAGE) if initrd_size else data_addr
     kernel_need = (load_addr - base) + (kernel_end - load_addr) + data_size + RUN_HEADROOM

@@ -47,6 +47,8 @@ class Request:
     mem_base: int | None = None       # None: the planner picks
     node: int | None = None
     name: str | None = None
+    # The slice gets PCI devices: prefer CPUs whose APIC ID an MSI can name (below 256).
+    low_apic_ids: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,7 +191,8 @@ def place(host: Host, req: Request, held: Sequence[Held] = ()) -> Placement:
         if req.cpus is not None:
             cpus = list(req.cpus)
         elif len(f.cpus) >= req.ncpus:  # type: ignore[operator]
-            cpus = f.cpus[:req.ncpus]
+            order = sorted(f.cpus, key=lambda c: (by_num[c].apic_id > 0xFF, c)) if req.low_apic_ids else f.cpus
+            cpus = sorted(order[:req.ncpus])
         else:
             continue
         base = req.mem_base if req.mem_base is not None else fit_memory(f.memory, req.mem_size)
