@@ -122,6 +122,18 @@ def test_state_machine_and_relaunch(ledger):
     assert [r.name for r in ledger.holding()] == ["a2"]  # failed still holds: its CPUs may run
 
 
+def test_resources_placed_as_free_never_replace_a_slice_that_took_them_meanwhile(ledger):
+    """Two placed launches may choose the same free CPUs and memory; if the first has already
+    run to the end when the second reserves, the second must be refused (and place again), not
+    taken for a relaunch of a slice it never knew of (a race once seen in the test above)."""
+    a = ledger.reserve(rec("slice-1", (1,), low_slot=0x20000))
+    ledger.begin_launch(a.id)
+    ledger.finish(a.id)
+    with pytest.raises(LedgerConflict, match="held by slice 'slice-1'|a slice named 'slice-1' exists"):
+        ledger.reserve(rec("slice-1", (1,), low_slot=0x20000), relaunch=False)
+    assert ledger.reserve(rec("slice-1", (1,), low_slot=0x20000)).replaces == (a.id,)  # asked for: a relaunch
+
+
 def test_a_launch_in_flight_is_not_relaunched_under_its_feet(ledger):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
@@ -382,11 +394,11 @@ def test_placed_boot_places_again_when_a_concurrent_launch_took_its_choice(tree,
     real_reserve = Ledger.reserve
     calls = []
 
-    def reserve(self, rec):
+    def reserve(self, rec, **kw):
         if not calls:  # the other process wins the first round
             calls.append(real_reserve(Ledger(self.path, self.boot_id), SliceRecord(
                 name="other", cpus=(1,), apic_ids=(1,), mem_base=4 * GIB, mem_size=GIB, low_slot=0x80000)))
-        return real_reserve(self, rec)
+        return real_reserve(self, rec, **kw)
 
     monkeypatch.setattr(Ledger, "reserve", reserve)
     monkeypatch.setenv("CORESLICE_FAKE_MACHINE", "1")
@@ -441,12 +453,23 @@ def test_a_damaged_ledger_is_refused_in_one_line(kind, command, spec, host, tree
 
 
 def test_a_ledger_that_is_no_regular_file_is_refused_without_blocking(tmp_path):
+    import signal
+
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
-    for path in (fifo, tmp_path):
-        for readonly in (True, False):
-            with pytest.raises(UsageError, match="is not a regular file; pass --ledger PATH"):
-                Ledger(path, BOOT_ID, readonly=readonly).holding()
+
+    def hung(*_):
+        raise AssertionError("opening the ledger blocked")
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    try:
+        for path in (fifo, tmp_path):
+            for readonly in (True, False):
+                with pytest.raises(UsageError, match="is not a regular file; pass --ledger PATH"):
+                    Ledger(path, BOOT_ID, readonly=readonly).holding()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_refusals_create_no_ledger(tree, debian_kernel, ledger_path, monkeypatch, capsys):

@@ -265,7 +265,9 @@ class LaunchSession:
         ledger = open_ledger(self.req.ledger, host, readonly=False)
         # Reserve first, in one transaction with the conflict check (ledger.py): of two launches
         # that want the same resources, the second is refused here, before touching anything.
-        row = ledger.reserve(slice_record(planned.spec, planned.plan))
+        # Resources placement chose as free are a relaunch only when placement said so (--name).
+        relaunch = planned.placement is None or planned.placement.relaunch is not None
+        row = ledger.reserve(slice_record(planned.spec, planned.plan), relaunch=relaunch)
         result.slice, result.ledger_path = row, ledger.path
         progress(f"reserved slice '{row.name}' in the ledger {ledger.path}")
         undo = acting.UndoLog()
