@@ -49,6 +49,13 @@ def check_matches_plan(s: dict) -> None:
     seen = [(int(a, 16), int(b, 16) + 1 - int(a, 16), t) for a, b, t in E820_LINE.findall(log)]
     want = [(e["addr"], e["size"], {"ram": "usable"}.get(e["type"], e["type"])) for e in plan["e820"]]
     assert seen == want
+    # Independently of the plan's e820 list: the loader's data (zero page, command line, ACPI
+    # tables, from layout.data_addr to the top of the range) is reserved in the slice's own view,
+    # so its kernel (KASLR included) never reuses it.
+    top = plan["memory"]["base"] + plan["memory"]["size"]
+    data = plan["layout"]["data_addr"]
+    assert any(t == "reserved" and a <= data and a + n >= top for a, n, t in seen), (hex(data), seen)
+    assert not any(t == "usable" and a < top and a + n > data for a, n, t in seen)
     ram = sum(e["size"] for e in plan["e820"] if e["type"] == "ram")
     # PCI: the slice's sysfs holds functions of its own root buses only (none with pci=off).
     buses = [(r["bus_start"], r["bus_end"]) for r in (plan.get("pci") or {}).get("roots", [])]
@@ -71,8 +78,7 @@ def test_one_slice_with_two_cpus(run_dir):
     assert s["apic_ids"] == [1, 2]
     plan = s["output"]["plan"]
     assert plan["memory"] == {"base": 0x40000000, "size": 512 << 20}
-    # KASLR stayed on: the kernel did not run from where it was loaded.
-    assert "nokaslr" not in s["cmdline"]
+    assert "nokaslr" not in s["cmdline"]  # KASLR stays on (checked in the two-slice test)
 
 
 def test_two_slices_at_once_and_isolation(run_dir):
@@ -87,6 +93,13 @@ def test_two_slices_at_once_and_isolation(run_dir):
     check_matches_plan(b)
     assert a["apic_ids"] == [1, 2] and b["apic_ids"] == [3]
     assert b["output"]["plan"]["memory"]["base"] == 0x100000000
+    # KASLR is on: the kernels run inside their own RAM but not where the loader put them
+    # (physical randomisation picks one of hundreds of 2 MiB slots, so both staying put would
+    # be a 1-in-10^4 chance, not a flake to retry).
+    for s in (a, b):
+        p = s["output"]["plan"]
+        assert p["memory"]["base"] <= s["kernel_code"] < p["memory"]["base"] + p["memory"]["size"]
+    assert any(s["kernel_code"] != s["output"]["plan"]["layout"]["load_addr"] for s in (a, b))
     assert a["output"]["plan"]["low_slot"]["base"] != b["output"]["plan"]["low_slot"]["base"]
     assert bad["exit_code"] == 2 and not bad["booted"]
     # Named by the ledger ("CPU 2 is held by slice 'slice-1' ..."); without it, by the slot record.

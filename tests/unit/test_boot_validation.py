@@ -244,3 +244,16 @@ def test_command_line_limit_is_cmdline_size_without_the_nul(spec, host_tree):
     assert len(launch.boot(fits, host=host, machine=Fakes().machine()).plan.cmdline) == limit
     refused(spec, host_tree, f"command line is {limit + 1} bytes, the kernel accepts {limit}",
             cmdline="x" * (limit - ours + 1))
+
+
+def test_loader_data_is_reserved_in_the_slice_e820(spec, host_tree):
+    """The zero page, command line and ACPI tables sit at the top of the range in an e820
+    entry of their own marked reserved, so that the slice kernel (KASLR included) never
+    allocates over them; no RAM entry overlaps them."""
+    from coreslice.boot.zeropage import E820Type
+    plan = launch.boot(spec, host=discover(host_tree), machine=Fakes().machine()).plan
+    top = plan.mem_base + plan.mem_size
+    assert plan.data_addr <= plan.zero_page_addr < plan.cmdline_addr < plan.acpi_addr < top
+    assert any(e.type == E820Type.RESERVED and e.addr == plan.data_addr and e.addr + e.size == top
+               for e in plan.e820)
+    assert not any(e.type == E820Type.RAM and e.addr < top and e.addr + e.size > plan.data_addr for e in plan.e820)

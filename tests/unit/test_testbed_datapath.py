@@ -123,7 +123,7 @@ def test_report_with_data_fields_parses_and_stays_compatible():
 def test_slice_init_with_data_loads_modules_and_reports_before_cmdline():
     text = initramfs.slice_init_text(("nvme-core", "nvme", "ext4"))
     assert 'for m in nvme-core nvme ext4; do insmod "/lib/modules/$m.ko"' in text
-    assert "pci=$pci$extra cmdline=$cmdline" in text
+    assert "pci=$pci kcode=$kcode$extra cmdline=$cmdline" in text
     assert "mount -t ext4 /dev/nvme0n1 /mnt/disk" in text and "/mnt/disk/hello.txt" in text
     assert "umount /mnt/disk" in text and "/mnt/disk/result.txt" in text
     assert 'extra="$extra storage_read=$sread storage_written=$swritten"' in text

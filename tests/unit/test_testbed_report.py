@@ -13,6 +13,7 @@ def test_parse_plain_line():
         "apic_ids": [1, 2],
         "pci": [],
         "cmdline": "console=uart,io,0x2f8,115200n8 noapic pci=off",
+        "kernel_code": None,
     }
 
 
@@ -23,7 +24,7 @@ def test_parse_with_printk_prefix_and_cr():
 
 def test_parse_empty_apic_list_and_cmdline():
     r = parse_report("CORESLICE-REPORT cpus=0 mem_kib=0 apic_ids= cmdline=")
-    assert r == {"cpus": 0, "mem_kib": 0, "apic_ids": [], "pci": [], "cmdline": ""}
+    assert r == {"cpus": 0, "mem_kib": 0, "apic_ids": [], "pci": [], "cmdline": "", "kernel_code": None}
 
 
 def test_non_report_lines():
@@ -40,13 +41,16 @@ def test_find_report_in_log():
 def test_slice_init_writes_exact_format_to_kmsg():
     text = initramfs.slice_init_text()
     assert text.startswith("#!/bin/sh\n")
-    assert ('line="CORESLICE-REPORT cpus=$cpus mem_kib=$mem apic_ids=$apic pci=$pci cmdline=$cmdline"'
+    assert ('line="CORESLICE-REPORT cpus=$cpus mem_kib=$mem apic_ids=$apic pci=$pci kcode=$kcode cmdline=$cmdline"'
             in text)
     assert 'echo "<2>$line" >/dev/kmsg' in text
     assert "while true; do sleep 3600; done" in text
     # A line of the shape the script prints parses back.
     sample = "CORESLICE-REPORT cpus=4 mem_kib=2000 apic_ids=0,1,2,3 cmdline=quiet"
     assert parse_report(sample)["apic_ids"] == [0, 1, 2, 3]
+    r = parse_report("CORESLICE-REPORT cpus=1 mem_kib=2 apic_ids=1 pci= kcode=5a200000 cmdline=quiet")
+    assert r["kernel_code"] == 0x5A200000 and r["cmdline"] == "quiet"
+    assert parse_report("CORESLICE-REPORT cpus=1 mem_kib=2 apic_ids=1 pci= kcode=- cmdline=x")["kernel_code"] is None
 
 
 def test_host_init_mounts_and_markers():

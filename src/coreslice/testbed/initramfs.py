@@ -107,8 +107,11 @@ cpus=$(grep -c '^processor' /proc/cpuinfo)
 mem=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
 apic=$(awk -F': *' '/^apicid/ {printf "%s%s", sep, $2; sep=","}' /proc/cpuinfo)
 pci=$(ls /sys/bus/pci/devices 2>/dev/null | tr '\n' ',' | sed 's/,$//')
+# Where the kernel runs (physical): with KASLR, not where the loader put it.
+kcode=$(sed -n 's/^ *\([0-9a-f]*\)-[0-9a-f]* : Kernel code$/\1/p' /proc/iomem | head -n 1)
+[ -n "$kcode" ] || kcode=-
 read -r cmdline </proc/cmdline
-@DATA@line="@TAG@ cpus=$cpus mem_kib=$mem apic_ids=$apic pci=$pci@EXTRA@ cmdline=$cmdline"
+@DATA@line="@TAG@ cpus=$cpus mem_kib=$mem apic_ids=$apic pci=$pci kcode=$kcode@EXTRA@ cmdline=$cmdline"
 echo "<2>$line" >/dev/kmsg
 echo "$line" >/dev/console
 while true; do sleep 3600; done

@@ -18,6 +18,7 @@ _REPORT_RE = re.compile(
     re.escape(REPORT_TAG)
     + r" cpus=(?P<cpus>\d+) mem_kib=(?P<mem>\d+) apic_ids=(?P<apic>[0-9,]*)"
     + r"(?: pci=(?P<pci>[0-9a-f:.,]*))?"
+    + r"(?: kcode=(?P<kcode>[0-9a-f]+|-))?"
     + r"(?: storage_read=(?P<sread>\S*) storage_written=(?P<swritten>[01]))?"
     + r"(?: ping_ok=(?P<ping>[01]) rtt_ms=(?P<rtt>[0-9.]+|-))?"
     + r" cmdline=(?P<cmdline>.*)$"
@@ -41,6 +42,8 @@ def parse_report(line: str) -> dict | None:
         "apic_ids": [int(a) for a in m["apic"].split(",") if a],
         "pci": [a for a in (m["pci"] or "").split(",") if a],
         "cmdline": m["cmdline"].strip(),
+        # physical start of "Kernel code" in the slice's /proc/iomem (None if not reported)
+        "kernel_code": int(m["kcode"], 16) if m["kcode"] not in (None, "-") else None,
     }
     if m["swritten"] is not None:
         out["storage"] = {"read": None if m["sread"] in ("", "-") else m["sread"],

@@ -468,6 +468,7 @@ def _collect(run_dir: Path, machine: QemuMachine, states: list[_SliceState], opt
             "mem_kib": rep.get("mem_kib"),
             "apic_ids": rep.get("apic_ids"),
             "pci": rep.get("pci"),
+            "kernel_code": rep.get("kernel_code"),
             "cmdline": rep.get("cmdline"),
             "seconds_to_userspace": round(s.report_at - s.started, 3)
             if s.report_at is not None and s.started is not None else None,
