@@ -92,3 +92,18 @@ def test_refusals_touch_nothing(capsys, big_host, tmp_path):
     with machine.using(FakeMachine()) as m:
         rc, _, _ = _boot(capsys, big_host, tmp_path, "--cpus", "1", "--device", SRIOV_NIC, dry=False)
     assert rc == 2 and m.effects() == [] and not (tmp_path / "ledger").exists()
+
+
+def test_memory_above_2_to_the_46_is_refused(capsys, tmp_path):
+    """no5lvl: 4-level paging reaches 64 TiB of physical memory; firmware RAM above that (a
+    large NVDIMM or CXL host) cannot be a slice's."""
+    root = make_host_tree(tmp_path / "host")
+    mm = root / "sys/firmware/memmap/9"
+    mm.mkdir(parents=True)
+    (mm / "start").write_text(f"0x{(1 << 46) - (1 << 30):x}\n")
+    (mm / "end").write_text(f"0x{(1 << 46) + (1 << 30) - 1:x}\n")
+    (mm / "type").write_text("System RAM\n")
+    rc, _, err = _boot(capsys, root, tmp_path, "--cpus", "1", "--memory", f"512M@0x{(1 << 46) - (1 << 28):x}")
+    assert rc == 2 and "ends above 64 TiB" in err, err
+    rc, _, err = _boot(capsys, root, tmp_path, "--cpus", "1", "--memory", f"512M@0x{(1 << 46) - (1 << 30):x}")
+    assert rc == 0, err

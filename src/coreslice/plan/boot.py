@@ -173,9 +173,17 @@ def _check_memory(spec: BootSpec, host: Host) -> None:
     _check_range(spec.mem_base, spec.mem_size, host)
 
 
+# The slice runs with no5lvl: 4-level paging maps at most 2^46 bytes of physical memory
+# (Linux MAX_PHYSMEM_BITS = 46 without 5-level paging, asm/sparsemem.h); RAM above is ignored.
+PHYS_LIMIT_4LEVEL = 1 << 46
+
+
 def _check_range(base: int, size: int, host: Host) -> None:
     end = base + size
     rng = f"{format_size(size)}@0x{base:x}"
+    if end > PHYS_LIMIT_4LEVEL:
+        raise UsageError(f"memory {rng} ends above 64 TiB (2^46), which a slice kernel with 4-level paging "
+                         "(no5lvl) cannot use; choose memory below 0x400000000000")
     if base % PAGE or size % PAGE or size == 0:
         raise UsageError(f"memory {rng} is not page aligned; use a base and size that are multiples of 4K (e.g. 1G@0x40000000)")
     if not any(r.contains(base, end) for r in host.firmware_ram()):
