@@ -35,6 +35,15 @@ def _reap_qemu():
 
 
 @pytest.fixture(scope="session")
+def debian_kernel():
+    """The stock Debian kernel the testbed uses, fetched into the cache on first use (unit tests
+    get a synthetic bzImage under this name instead: tests/unit/conftest.py)."""
+    from coreslice.testbed.kernels import ensure_kernel
+
+    return ensure_kernel()
+
+
+@pytest.fixture(scope="session")
 def testbed_ready():
     """Fail (never skip) when QEMU or busybox is missing; cache kernel + initramfs."""
     if shutil.which(qemu.QEMU) is None:

@@ -19,10 +19,15 @@ RELEASE = "6.12.0-coreslice-synthetic"
 VERSION_STRING = f"{RELEASE} (unit tests) #1 SMP"
 
 SETUP_SECTS = 7                 # setup = boot sector + 7 sectors = 4 KiB
-# More than 1 MiB: test_boot_validation.py cuts the file at 1 MiB and expects "truncated".
-PAYLOAD_SIZE = 1536 * 1024
-INIT_SIZE = 16 * MIB            # what a real kernel asks for is larger still; any > payload works
 VERSION_AT = 0x300              # the version string, after the header, inside the setup sectors
+PAYLOAD_SIZE = 512 * 1024       # the ``bzimage`` fixture: enough to plan, build and write
+INIT_SIZE = 16 * MIB            # any size above the payload's works
+
+# The ``debian_kernel`` stand-in has the sizes of the Debian 6.12 bzImage it replaces (12 MiB of
+# kernel, init_size 56 MiB), so tests written against that kernel plan and write what they did:
+# test_boot_validation.py cuts the file at 1 MiB and expects "truncated", and test_ledger.py's
+# races of two `coreslice boot` processes were tuned with launches that write that much.
+DEBIAN_SIZED = {"payload_size": 12 * MIB, "init_size": 56 * MIB}
 
 
 @dataclass(frozen=True)
@@ -33,8 +38,8 @@ class SyntheticKernel:
     release: str = RELEASE
 
 
-def build_bzimage(*, protocol: int = 0x020F, payload_size: int = PAYLOAD_SIZE, header_extra: int = 0,
-                  seed: int = 1) -> bytes:
+def build_bzimage(*, protocol: int = 0x020F, payload_size: int = PAYLOAD_SIZE, init_size: int = INIT_SIZE,
+                  header_extra: int = 0, seed: int = 1) -> bytes:
     """The file's bytes.  ``header_extra`` lengthens the header past kernel_info_offset (as a
     newer protocol would) with bytes 0xA5; the payload is pseudo-random so that reading it from
     the wrong file offset cannot go unnoticed."""
@@ -58,7 +63,7 @@ def build_bzimage(*, protocol: int = 0x020F, payload_size: int = PAYLOAD_SIZE, h
     hdr.xloadflags = structs.XLF_KERNEL_64 | structs.XLF_CAN_BE_LOADED_ABOVE_4G
     hdr.cmdline_size = 2047
     hdr.pref_address = 16 * MIB
-    hdr.init_size = INIT_SIZE
+    hdr.init_size = init_size
     del hdr  # release the view of setup
     setup[structs.HEADER_END:header_end] = b"\xA5" * header_extra
     setup[VERSION_AT:VERSION_AT + len(VERSION_STRING)] = VERSION_STRING.encode()
