@@ -10,12 +10,17 @@ Modules, each holding one concern:
 - :mod:`.tools`     progress lines on stderr; the one helper that runs (and logs) external tools
 - :mod:`.kernels`   fetch + unpack the stock kernel into a cache (``ensure_kernel``)
 - :mod:`.cpio`      a tiny newc archive writer (no root or ``mknod`` needed for device nodes)
-- :mod:`.initramfs` the host and slice busybox initramfs images, and the slice report parser
+- :mod:`.initramfs` the host and slice busybox initramfs images
+- :mod:`.report`    the slice's report line and the files of its data path
+- :mod:`.topology`  the machine as data: UARTs, root buses, NUMA, the QEMU command line (pure)
 - :mod:`.qemu`      one class owning one QEMU process; whole-machine boot timing helper
+- :mod:`.hostview`  what of this machine the emulated host sees, at which paths (9p shares)
 - :mod:`.interrupts` ``/proc/interrupts`` parser
 - :mod:`.job`       the job script run inside the emulated host, and slice argument completion
-- :mod:`.run`       ``coreslice testbed run`` orchestration
-- :mod:`.cli`       argparse front end (``register(subparsers)``: ``testbed run``, ``testbed whole``)
+- :mod:`.datapath`  the slices' NVMe disks and NICs (``--storage --network``)
+- :mod:`.sriov`     SR-IOV physical functions for the host (``--sriov``)
+- :mod:`.run`       ``coreslice testbed run``: the run watcher
+- :mod:`.demo`      the demo's scenario, console tail and table
 
-Usage: ``coreslice testbed run --help``; standalone ``python -m coreslice.testbed.cli run ...``.
+The argparse front end is :mod:`coreslice.cli.testbed` (``coreslice testbed run --help``).
 """
