@@ -260,42 +260,56 @@ class LaunchSession:
         raise AssertionError("unreachable")
 
     def _launch(self, planned: Planned, host: Host, result: BootResult, t0: float) -> BootResult:
-        machine, progress = self.machine, self.progress
-        assert machine is not None
-        ledger = open_ledger(self.req.ledger, host, readonly=False)
-        # Reserve first, in one transaction with the conflict check (ledger.py): of two launches
-        # that want the same resources, the second is refused here, before touching anything.
+        assert self.machine is not None
         # Resources placement chose as free are a relaunch only when placement said so (--name).
         relaunch = planned.placement is None or planned.placement.relaunch is not None
-        row = ledger.reserve(slice_record(planned.spec, planned.plan), relaunch=relaunch)
+        ledger = open_ledger(self.req.ledger, host, readonly=False)
+        return reserve_and_act(planned.spec, planned.plan, planned.image, planned.vfs, host, self.machine,
+                               ledger, self.progress, result, t0, relaunch=relaunch)
+
+
+def reserve_and_act(spec: BootSpec, plan: Plan, image: BootImage, vfs: list[vfplan.Checked], host: Host,
+                    machine: Machine, ledger: Ledger | None, progress: Progress, result: BootResult,
+                    t0: float, *, relaunch: bool = True) -> BootResult:
+    """Reserve in the ledger, then act.  A failure before the INIT undoes every change and
+    releases the reservation (LaunchError says what was undone); a failure from the INIT on
+    leaves the slice ``failed``, holding its resources."""
+    # Reserve first, in one transaction with the conflict check (ledger.py): of two launches
+    # that want the same resources, the second is refused here, before touching anything.
+    row = None
+    if ledger is not None:
+        row = ledger.reserve(slice_record(spec, plan), relaunch=relaunch)
         result.slice, result.ledger_path = row, ledger.path
         progress(f"reserved slice '{row.name}' in the ledger {ledger.path}")
-        undo = acting.UndoLog()
-        acted = acting.Acted()
-        try:
-            # What can still fail without a trace (the msr device) comes first.
-            apic = boot_cpu_apic(host, machine, planned.plan.apic_mode)
-            acting.prepare_devices(planned.plan, planned.vfs, machine, progress, acted, undo)
-        except BaseException as e:
-            what = undo.undo()
-            ledger.release(row.id)  # type: ignore[arg-type]
+    undo, acted = acting.UndoLog(), acting.Acted()
+    try:
+        # What can still fail without a trace (the msr device) comes first.
+        apic = boot_cpu_apic(host, machine, plan.apic_mode)
+        acting.prepare_devices(plan, vfs, machine, progress, acted, undo)
+    except BaseException as e:
+        what = undo.undo()
+        if row is not None:
+            ledger.release(row.id)  # type: ignore[union-attr,arg-type]
             result.slice = None
-            if isinstance(e, (UsageError, LaunchError)):
-                raise LaunchError(f"{e}; {what}") from e
-            raise
-        _fill_detached(result, planned.plan, acted)
-        ledger.begin_launch(row.id)  # type: ignore[arg-type]
-        try:
-            acting.start(planned.plan, planned.image, machine, apic, progress, acted)
-        except BaseException as e:  # its CPUs may run: it stays held until reboot, relaunch or stop
-            ledger.finish(row.id, error=str(e) or type(e).__name__)  # type: ignore[arg-type]
-            raise
-        ledger.finish(row.id)  # type: ignore[arg-type]
-        result.slice = ledger.get(row.id)  # type: ignore[arg-type]
-        result.vfs = acted.vfs
-        result.phases.update(acted.phases)
-        result.phases["total"] = time.perf_counter() - t0
-        return result
+        if isinstance(e, (UsageError, LaunchError)) and what != "nothing had been changed":
+            raise LaunchError(f"{e}; {what}") from e
+        raise
+    _fill_detached(result, plan, acted)
+    if row is not None:
+        ledger.begin_launch(row.id)  # type: ignore[union-attr,arg-type]
+    try:
+        acting.start(plan, image, machine, apic, progress, acted)
+    except BaseException as e:  # its CPUs may run: it stays held until reboot, relaunch or stop
+        if row is not None:
+            ledger.finish(row.id, error=str(e) or type(e).__name__)  # type: ignore[union-attr,arg-type]
+        raise
+    if row is not None:
+        ledger.finish(row.id)  # type: ignore[union-attr,arg-type]
+        result.slice = ledger.get(row.id)  # type: ignore[union-attr,arg-type]
+    result.vfs = acted.vfs
+    result.phases.update(acted.phases)
+    result.phases["total"] = time.perf_counter() - t0
+    return result
 
 
 def _fill_detached(result: BootResult, plan: Plan, acted: acting.Acted) -> None:
@@ -362,35 +376,7 @@ def boot(spec: BootSpec, *, host: Host, machine: Machine, dry_run: Path | None =
         write_dry_run(dry_run, plan, image)
         result.dry_run_dir = dry_run
         return result
-    row = None
-    if ledger is not None:
-        row = ledger.reserve(slice_record(spec, plan))
-        result.slice, result.ledger_path = row, ledger.path
-    undo, acted = acting.UndoLog(), acting.Acted()
-    try:
-        apic = boot_cpu_apic(host, machine, plan.apic_mode)
-        acting.prepare_devices(plan, [], machine, progress, acted, undo)
-    except BaseException:
-        undo.undo()
-        if row is not None:
-            ledger.release(row.id)  # type: ignore[union-attr,arg-type]
-            result.slice = None
-        raise
-    _fill_detached(result, plan, acted)
-    if row is not None:
-        ledger.begin_launch(row.id)  # type: ignore[union-attr,arg-type]
-    try:
-        acting.start(plan, image, machine, apic, progress, acted)
-    except BaseException as e:
-        if row is not None:
-            ledger.finish(row.id, error=str(e) or type(e).__name__)  # type: ignore[union-attr,arg-type]
-        raise
-    if row is not None:
-        ledger.finish(row.id)  # type: ignore[union-attr,arg-type]
-        result.slice = ledger.get(row.id)  # type: ignore[union-attr,arg-type]
-    result.phases.update(acted.phases)
-    result.phases["total"] = time.perf_counter() - t0
-    return result
+    return reserve_and_act(spec, plan, image, [], host, machine, ledger, progress, result, t0)
 
 
 def stop(name: str, *, host: Host, machine: Machine, ledger: Ledger, progress: Progress = lambda _m: None) -> SliceRecord:
