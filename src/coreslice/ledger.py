@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +49,9 @@ ENV = "CORESLICE_LEDGER"
 HOLDING = ("reserved", "launching", "running", "failed")
 REPLACEABLE = ("running", "failed")
 BUSY_TIMEOUT = 30.0  # seconds a launch waits for another one's transaction
+
+# SQLite's messages for a file it cannot open, lock or write (anything else is a damaged file).
+_ACCESS_PROBLEM = re.compile(r"locked|readonly|read-only|unable to open|permission|disk I/O", re.I)
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -169,11 +174,11 @@ def resolve_path(arg: Path | str | None = None) -> Path:
 
 
 def pid_alive(pid: int | None) -> bool:
-    if not pid:
+    if not pid or pid < 0:  # kill(-N, 0) would ask about a process group
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: no pid_t that large
         return False
     except PermissionError:
         return True
@@ -185,15 +190,41 @@ _COLUMNS = ("id", "boot_id", "name", "state", "cpus", "apic_ids", "mem_base", "m
             "reserved_at", "launched_at", "running_at", "ended_at")
 
 
+class _DamagedRow(Exception):
+    """A row whose columns do not hold what the schema says (turned into a LedgerError)."""
+
+
+def _json_list(row: sqlite3.Row, col: str, kind: type) -> tuple:
+    try:
+        value = json.loads(row[col])
+    except (TypeError, ValueError):
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise _DamagedRow(f"row {row['id']}: column {col} is not a JSON list of {kind.__name__}")
+    return tuple(value)
+
+
+def _typed(row: sqlite3.Row, col: str, kind, nullable: bool = True):
+    value = row[col]
+    if (value is None and not nullable) or (value is not None and not isinstance(value, kind)):
+        raise _DamagedRow(f"row {row['id']}: column {col} holds {type(value).__name__}, not what coreslice wrote")
+    return value
+
+
 def _record(row: sqlite3.Row) -> SliceRecord:
+    """A row as a record.  SQLite keeps any value in any column, so a hand-edited or damaged file
+    can hold anything: check each column here, where every reader passes, instead of failing
+    later in whatever formats it."""
+    t = {k: _typed(row, k, (int, float)) for k in ("reserved_at", "launched_at", "running_at", "ended_at")}
     return SliceRecord(
-        id=row["id"], boot_id=row["boot_id"], name=row["name"], state=row["state"],
-        cpus=tuple(json.loads(row["cpus"])), apic_ids=tuple(json.loads(row["apic_ids"])),
-        mem_base=row["mem_base"], mem_size=row["mem_size"], low_slot=row["low_slot"],
-        console=row["console"], devices=tuple(json.loads(row["devices"])), kernel=row["kernel"],
-        initrd=row["initrd"], cmdline=row["cmdline"], pid=row["pid"], error=row["error"],
-        replaces=tuple(json.loads(row["replaces"])),
-        times={k: row[k] for k in ("reserved_at", "launched_at", "running_at", "ended_at")},
+        id=_typed(row, "id", int, False), boot_id=_typed(row, "boot_id", str, False),
+        name=_typed(row, "name", str, False), state=_typed(row, "state", str, False),
+        cpus=_json_list(row, "cpus", int), apic_ids=_json_list(row, "apic_ids", int),
+        mem_base=_typed(row, "mem_base", int, False), mem_size=_typed(row, "mem_size", int, False),
+        low_slot=_typed(row, "low_slot", int), console=_typed(row, "console", str),
+        devices=_json_list(row, "devices", str), kernel=_typed(row, "kernel", str),
+        initrd=_typed(row, "initrd", str), cmdline=_typed(row, "cmdline", str), pid=_typed(row, "pid", int),
+        error=_typed(row, "error", str), replaces=_json_list(row, "replaces", int), times=t,
     )
 
 
@@ -213,9 +244,30 @@ class Ledger:
                               "cannot tell this boot's slices from earlier ones")
 
     # -- connections ----------------------------------------------------------------------------
+    def _damaged(self, what: str) -> LedgerError:
+        return LedgerError(f"ledger {self.path} is damaged ({what}); move it aside (mv {self.path} "
+                           f"{self.path}.damaged) to start an empty one, or use another with --ledger PATH "
+                           f"(e.g. coreslice list --ledger PATH)")
+
+    def _check_file(self) -> bool:
+        """Whether the file exists; LedgerError when it is something SQLite must not open: a
+        FIFO would block the open, a device or directory is no ledger."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        except OSError as e:  # a symlink loop, a file under a non-directory, no permission
+            raise LedgerError(f"cannot open the ledger {self.path}: {e.strerror}; pass --ledger PATH "
+                              f"(or set {ENV}) to a readable file") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise LedgerError(f"ledger {self.path} is not a regular file; pass --ledger PATH (or set {ENV}) "
+                              "to an SQLite file coreslice wrote, or to a new path")
+        return True
+
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection | None]:
-        if self.readonly and not self.path.exists():
+        # A read-only ledger never creates the file: a missing ledger is an empty one.
+        if not self._check_file() and self.readonly:
             yield None
             return
         try:
@@ -233,9 +285,15 @@ class Ledger:
             if not self.readonly:
                 con.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
             yield con
+        except _DamagedRow as e:
+            raise self._damaged(str(e)) from None
         except sqlite3.OperationalError as e:
+            if not _ACCESS_PROBLEM.search(str(e)):  # e.g. "no such column": not a ledger we wrote
+                raise self._damaged(str(e)) from None
             raise LedgerError(f"ledger {self.path}: {e}; check that the file is writable and not "
                               f"locked by a hung coreslice process") from e
+        except sqlite3.DatabaseError as e:  # "file is not a database", "database disk image is malformed"
+            raise self._damaged(str(e)) from None
         finally:
             con.close()
 
@@ -248,7 +306,8 @@ class Ledger:
             try:
                 yield con
             except BaseException:
-                con.execute("ROLLBACK")
+                with suppress(sqlite3.Error):  # a damaged file may refuse this too: keep the first error
+                    con.execute("ROLLBACK")
                 raise
             con.execute("COMMIT")
 
@@ -288,7 +347,7 @@ class Ledger:
         return rows[0] if rows else None
 
     # -- changing -------------------------------------------------------------------------------
-    def reserve(self, rec: SliceRecord) -> SliceRecord:
+    def reserve(self, rec: SliceRecord, *, relaunch: bool = True) -> SliceRecord:
         """Check ``rec`` against every holding slice and record it as ``reserved``, atomically.
 
         Raises LedgerConflict naming the slice in the way.  A slice with exactly the same CPUs
@@ -302,7 +361,7 @@ class Ledger:
             for dead in self._select(con, "boot_id = ? AND state = 'reserved'", (self.boot_id,)):
                 if not pid_alive(dead.pid):  # gave up (or died) before touching the machine
                     con.execute("DELETE FROM slices WHERE id = ?", (dead.id,))
-            replaces = _check(rec, self._holding(con))
+            replaces = _check(rec, self._holding(con), relaunch)
             cur = con.execute(
                 "INSERT INTO slices (boot_id, name, state, cpus, apic_ids, mem_base, mem_size, low_slot, "
                 "console, devices, kernel, initrd, cmdline, pid, replaces, reserved_at) "
@@ -353,12 +412,13 @@ class Ledger:
             con.execute("UPDATE slices SET state = 'stopped', ended_at = ? WHERE id = ?", (time.time(), row_id))
 
 
-def _check(rec: SliceRecord, holding: list[SliceRecord]) -> list[int]:
+def _check(rec: SliceRecord, holding: list[SliceRecord], relaunch: bool = True) -> list[int]:
     """Raise LedgerConflict if ``rec`` wants what a holding slice has; else the ids of the
-    slices it relaunches (exactly the same CPUs and memory)."""
+    slices it relaunches (exactly the same CPUs and memory).  ``relaunch=False``: resources that
+    placement chose as free are never a relaunch: a slice holding them now took them meanwhile."""
     replaces = []
     for old in holding:
-        if old.same_resources(rec):
+        if old.same_resources(rec) and relaunch:
             if old.state in ("reserved", "launching") and pid_alive(old.pid) and old.pid != os.getpid():
                 raise LedgerConflict(f"slice '{old.name}' ({old.resources()}) is being launched right now by "
                                      f"process {old.pid}; wait for it to finish, then relaunch")

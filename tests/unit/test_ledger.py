@@ -453,23 +453,25 @@ def test_a_damaged_ledger_is_refused_in_one_line(kind, command, spec, host, tree
 
 
 def test_a_ledger_that_is_no_regular_file_is_refused_without_blocking(tmp_path):
-    import signal
+    import threading
 
     fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    os.mkfifo(fifo)  # opening it for reading waits for a writer: SQLite would block there
+    blocked = []
 
-    def hung(*_):
-        raise AssertionError("opening the ledger blocked")
-    old = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(5)
+    def unblock():  # the open is in C, deaf to signals: give it a writer so the test fails, not hangs
+        blocked.append(True)
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    timer = threading.Timer(5, unblock)
+    timer.start()
     try:
         for path in (fifo, tmp_path):
             for readonly in (True, False):
                 with pytest.raises(UsageError, match="is not a regular file; pass --ledger PATH"):
                     Ledger(path, BOOT_ID, readonly=readonly).holding()
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+        timer.cancel()
+    assert not blocked
 
 
 def test_refusals_create_no_ledger(tree, debian_kernel, ledger_path, monkeypatch, capsys):
