@@ -61,12 +61,17 @@ class UndoneError(LaunchError):
 
 
 def write_image(mem: PhysicalMemory, image: BootImage, progress: Progress) -> None:
+    """Every segment, each read back and compared (a range that is not RAM, or that someone
+    else writes, shows here)."""
     for seg in image.segments:
         progress(f"writing {seg.name}: {seg.size} bytes at 0x{seg.addr:x}")
-        for addr, buf in seg.chunks():
-            if not mem.write_and_check(addr, buf):
-                raise LaunchError(f"read-back of {seg.name} at 0x{addr:x} differs from what was written; "
-                                  "the range may not be RAM or is in use by someone else")
+        if seg.data is not None:
+            ok = mem.write_and_check(seg.addr, seg.data)
+        else:
+            ok = mem.write_file_and_check(seg.addr, seg.path, seg.offset, seg.size)  # type: ignore[arg-type]
+        if not ok:
+            raise LaunchError(f"read-back of {seg.name} at 0x{seg.addr:x}-0x{seg.addr + seg.size - 1:x} differs "
+                              "from what was written; the range may not be RAM or is in use by someone else")
 
 
 def prepare_devices(plan: Plan, vfs: Sequence[Checked], machine: Machine, progress: Progress,
