@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from coreslice.acpi.tables import build_madt
+from coreslice.errors import UsageError
 from coreslice.host import cpus, memory, platform
 from coreslice.host.snapshot import discover
-from coreslice.host.sysfs import format_cpu_list, parse_cpu_list
+from coreslice.host.sysfs import MAX_CPU, format_cpu_list, parse_cpu_list
 
 from .hosttree import BOOT_ID, make_host_tree
 
@@ -69,3 +72,70 @@ def test_iomem_top_level_only():
 def test_cpuinfo_apic_ids():
     text = "processor\t: 0\napicid\t\t: 4\n\nprocessor\t: 1\napicid\t\t: 6\n"
     assert cpus.parse_cpuinfo_apic_ids(text) == {0: 4, 1: 6}
+
+
+@pytest.mark.parametrize("text, match", [
+    ("0-", "'0-' is not a CPU number or a range N-M"),
+    ("a", "'a' is not a CPU number"),
+    ("1,,2", "'' is not a CPU number"),
+    ("-1", "'-1' is not a CPU number"),
+    ("²", "'²' is not a CPU number"),  # int() takes some non-ASCII digits; the kernel writes none
+    ("3-1", "range '3-1' runs backwards"),
+    ("1-100000000000000000000", r"CPU 1000\d+\.\.\. is above 65535 \(Linux on x86 runs at most 8192"),
+    ("1-4000000000", r"CPU 4000000000 is above 65535"),
+    ("9" * 5000, "is above 65535"),  # not int()'s digit limit
+])
+def test_cpu_lists_are_bounded_and_strict(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_cpu_list(text)
+
+
+def test_cpu_lists_up_to_the_bound_are_accepted():
+    assert parse_cpu_list("") == [] and parse_cpu_list(" 1, 3-4 ") == [1, 3, 4]
+    assert parse_cpu_list(f"0-{MAX_CPU}") == list(range(MAX_CPU + 1)) and MAX_CPU == 65535
+
+
+@pytest.mark.parametrize("rel, content, problem", [
+    ("sys/devices/system/cpu/present", "0-\n", "not a CPU list ('0-' is not"),
+    ("sys/devices/system/cpu/online", "0-4000000000\n", "not a CPU list (CPU 4000000000 is above 65535"),
+    ("proc/cpuinfo", "processor\t: zero\n", "a processor or apicid line is not a number"),
+    ("sys/firmware/memmap/3/start", "zz\n", "not a memory address ('zz' is not a hexadecimal number)"),
+    ("proc/iomem", "00001000-zz : System RAM\n", "not a memory address ('zz'"),
+    ("proc/iomem", "00002000-00001000 : System RAM\n", "not a memory range (0x2000-0x1000)"),
+    ("sys/class/tty/ttyS1/port", "port two\n", "not a number ('port two' is not a hexadecimal number)"),
+    ("sys/firmware/acpi/tables/APIC", b"APIC\xff\xff\xff\xff", "APIC header at offset 0x0 is truncated"),
+    ("sys/firmware/acpi/tables/MCFG", b"XXXX" + bytes(40), "expected a MCFG table"),
+    ("proc/cmdline", b"\xff\xfe", "is not UTF-8 text"),
+    ("proc/mounts", None, "is not a regular file"),  # a FIFO: reading it would block
+    ("proc/cmdline", "dir", "is not a regular file"),
+])
+def test_junk_in_a_host_tree_is_one_line_naming_the_file(tmp_path, rel, content, problem):
+    import os
+    import shutil
+
+    tree = make_host_tree(tmp_path / "host")
+    path = tree / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        os.unlink(path)
+    if content is None:
+        os.mkfifo(path)
+    elif content == "dir":
+        path.mkdir()
+    else:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(UsageError) as e:
+        discover(tree)
+    msg = str(e.value)
+    assert msg.startswith(f"{tree / rel}: ") and problem in msg, msg
+    assert msg.endswith("; repair that file or capture the host tree again (scripts/capture-host.sh)")
+    shutil.rmtree(tree)
+
+
+@pytest.mark.parametrize("make", ["missing", "file"])
+def test_a_host_root_that_is_no_directory_is_refused(tmp_path, make):
+    root = tmp_path / "tree"
+    if make == "file":
+        root.write_text("")
+    with pytest.raises(UsageError, match=f"^host root {root}: (no such|not a) directory; pass a captured host tree"):
+        discover(root)

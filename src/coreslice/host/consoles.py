@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from coreslice.host.sysfs import link_name, read_text
+from coreslice.host.sysfs import host_file_error, link_name, parse_int, read_text
 
 PCI_ADDR = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
 # PCI Code and ID Assignment spec §1.8: base class 07 (communication), subclass 00 (serial).
@@ -62,7 +62,13 @@ def read_serial_ports(root: Path) -> list[SerialPort]:
         iotype = read_text(root, f"sys/class/tty/{d.name}/io_type", "0")
         if port is None or iotype not in ("0", None):  # io_type 0 = UPIO_PORT
             continue
-        out.append(SerialPort(d.name, int(port, 16), int(typ or 0), d.name in consoles))
+        numbers = []
+        for attr, text, base in (("port", port, 16), ("type", typ or "0", 10)):
+            try:
+                numbers.append(parse_int(text, base))
+            except ValueError as e:
+                raise host_file_error(root, f"sys/class/tty/{d.name}/{attr}", f"not a number ({e})") from None
+        out.append(SerialPort(d.name, numbers[0], numbers[1], d.name in consoles))
     return out
 
 
@@ -79,10 +85,17 @@ def read_pci_function(root: Path, address: str) -> PciFunction | None:
         fields = line.split()
         if len(fields) != 3:
             continue
-        start, end, flags = (int(x, 16) for x in fields)
+        try:
+            start, end, flags = (parse_int(x, 16) for x in fields)
+        except ValueError as e:
+            raise host_file_error(root, f"{rel}/resource", f"line {i + 1} is not 'start end flags' in hex ({e})") from None
         if flags & IORESOURCE_IO and end > start:
             bars.append((start, end + 1))
-    return PciFunction(address, int(cls, 16), driver, bars)
+    try:
+        class_code = parse_int(cls, 16)
+    except ValueError as e:
+        raise host_file_error(root, f"{rel}/class", f"not a class code ({e})") from None
+    return PciFunction(address, class_code, driver, bars)
 
 
 def pci_console_ttys(root: Path, address: str) -> list[str]:

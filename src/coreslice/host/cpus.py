@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coreslice.acpi.tables import Madt
-from coreslice.host.sysfs import parse_cpu_list, read_text
+from coreslice.host.sysfs import host_file_error, parse_int, read_cpu_list, read_text
 
 
 @dataclass(frozen=True)
@@ -29,24 +29,27 @@ class HostCpu:
 
 
 def parse_cpuinfo_apic_ids(text: str) -> dict[int, int]:
-    """processor -> apicid for the online CPUs."""
+    """processor -> apicid for the online CPUs; ValueError for a value that is not a number."""
     out: dict[int, int] = {}
     proc = None
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
         if key == "processor":
-            proc = int(value)
+            proc = parse_int(value)
         elif key == "apicid" and proc is not None:
-            out[proc] = int(value)
+            out[proc] = parse_int(value)
     return out
 
 
 def read_cpus(root: Path, madt: Madt | None, apic_nodes: dict[int, int] | None = None) -> list[HostCpu]:
     """``apic_nodes`` maps APIC IDs to NUMA nodes (numa.apic_nodes); None: one node, 0."""
-    present = parse_cpu_list(read_text(root, "sys/devices/system/cpu/present", "0") or "0")
-    online = set(parse_cpu_list(read_text(root, "sys/devices/system/cpu/online", "0") or "0"))
-    online_ids = parse_cpuinfo_apic_ids(read_text(root, "proc/cpuinfo", "") or "")
+    present = read_cpu_list(root, "sys/devices/system/cpu/present", "0")
+    online = set(read_cpu_list(root, "sys/devices/system/cpu/online", "0"))
+    try:
+        online_ids = parse_cpuinfo_apic_ids(read_text(root, "proc/cpuinfo", "") or "")
+    except ValueError as e:
+        raise host_file_error(root, "proc/cpuinfo", f"a processor or apicid line is not a number ({e})") from None
 
     usable = [e for e in (madt.processors if madt else []) if e.enabled or e.online_capable]
     by_uid = {e.uid: e.apic_id for e in usable}

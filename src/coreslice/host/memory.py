@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from coreslice.host.sysfs import read_text
+from coreslice.host.sysfs import host_file_error, parse_int, read_text
 
 
 @dataclass(frozen=True)
@@ -38,29 +38,45 @@ def read_firmware_map(root: Path) -> list[Range]:
     if not base.is_dir():
         return out
     for d in base.iterdir():
-        start = read_text(root, f"sys/firmware/memmap/{d.name}/start")
-        end = read_text(root, f"sys/firmware/memmap/{d.name}/end")
-        typ = read_text(root, f"sys/firmware/memmap/{d.name}/type", "")
+        rel = f"sys/firmware/memmap/{d.name}"
+        start = read_text(root, f"{rel}/start")
+        end = read_text(root, f"{rel}/end")
+        typ = read_text(root, f"{rel}/type", "")
         if start is None or end is None:
             continue
-        out.append(Range(int(start, 16), int(end, 16) + 1, typ or ""))
+        out.append(_range(root, rel, _hex(root, f"{rel}/start", start), _hex(root, f"{rel}/end", end), typ or ""))
     return sorted(out, key=lambda r: r.start)
 
 
-def parse_iomem(text: str) -> list[Range]:
-    """Top-level /proc/iomem entries (no indentation)."""
+def _hex(root: Path, rel: str, text: str) -> int:
+    try:
+        return parse_int(text, 16)
+    except ValueError as e:
+        raise host_file_error(root, rel, f"not a memory address ({e})") from None
+
+
+def _range(root: Path, rel: str, lo: int, hi: int, typ: str) -> Range:
+    """lo-hi (inclusive) as a Range; one line naming ``rel`` when it is none."""
+    if hi < lo or hi >= 1 << 64:
+        raise host_file_error(root, rel, f"not a memory range (0x{lo:x}-0x{hi:x})")
+    return Range(lo, hi + 1, typ)
+
+
+def parse_iomem(text: str, root: Path = Path("/"), rel: str = "proc/iomem") -> list[Range]:
+    """Top-level /proc/iomem (or /proc/ioports) entries (no indentation); ``root`` and ``rel``
+    name the file in the error for a line that is not a range."""
     out = []
     for line in text.splitlines():
         if not line or line[0] == " ":
             continue
         span, _, name = line.partition(" : ")
         lo, _, hi = span.partition("-")
-        out.append(Range(int(lo, 16), int(hi, 16) + 1, name.strip()))
+        out.append(_range(root, rel, _hex(root, rel, lo), _hex(root, rel, hi), name.strip()))
     return out
 
 
 def read_iomem(root: Path) -> list[Range]:
-    return parse_iomem(read_text(root, "proc/iomem", "") or "")
+    return parse_iomem(read_text(root, "proc/iomem", "") or "", root)
 
 
 def merge(ranges: list[Range], type_: str) -> list[Range]:

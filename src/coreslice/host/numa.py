@@ -19,7 +19,7 @@ from pathlib import Path
 from coreslice.acpi.tables import Srat, parse_srat
 from coreslice.host.cpus import HostCpu
 from coreslice.host.memory import Range, intersect, subtract
-from coreslice.host.sysfs import read_bytes
+from coreslice.host.sysfs import read_acpi_table
 
 # Never hand out the first MiB: real-mode structures, the BIOS, and the low-memory slots live there.
 LOW_LIMIT = 1 << 20
@@ -48,8 +48,7 @@ class NumaNode:
 
 
 def read_srat(root: Path) -> Srat | None:
-    raw = read_bytes(root, "sys/firmware/acpi/tables/SRAT")
-    return parse_srat(raw) if raw else None
+    return read_acpi_table(root, "SRAT", parse_srat)
 
 
 def proximity_nodes(srat: Srat) -> dict[int, int]:

@@ -194,9 +194,9 @@ def roots_from_log(log: dmesg.LogPci) -> list[RootComplex]:
     return out
 
 
-def _pci_bus_windows(text: str, kind: str) -> dict[tuple[int, int], list[Window]]:
+def _pci_bus_windows(root: Path, rel: str, kind: str) -> dict[tuple[int, int], list[Window]]:
     out: dict[tuple[int, int], list[Window]] = {}
-    for r in memory.parse_iomem(text):
+    for r in memory.parse_iomem(read_text(root, rel, "") or "", root, rel):
         m = _PCI_BUS_NAME.match(r.type)
         if m and r.end > r.start + 1:  # all zeros when read without CAP_SYS_ADMIN
             out.setdefault((int(m.group(1), 16), int(m.group(2), 16)), []).append(Window(kind, r.start, r.end - 1))
@@ -224,7 +224,7 @@ def roots_from_sysfs(root: Path) -> list[RootComplex]:
     """The fallback: windows from /proc/iomem + /proc/ioports, buses from /sys/devices/pci*."""
     windows: dict[tuple[int, int], list[Window]] = {}
     for rel, kind in (("proc/ioports", "io"), ("proc/iomem", "mem")):
-        for key, ws in _pci_bus_windows(read_text(root, rel, "") or "", kind).items():
+        for key, ws in _pci_bus_windows(root, rel, kind).items():
             windows.setdefault(key, []).extend(ws)
     bridges: dict[tuple[int, int], Path] = {}
     devices = root / "sys/devices"

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coreslice.acpi.tables import Madt, McfgAllocation, parse_madt, parse_mcfg
+from coreslice.errors import UsageError
 from coreslice.host import consoles, cpus, memory, numa, pci, platform, storage
-from coreslice.host.sysfs import read_bytes, read_text
+from coreslice.host.sysfs import read_acpi_table, read_text
 
 
 @dataclass
@@ -59,11 +60,31 @@ class Host:
         }
 
 
-def discover(root: Path | str = "/") -> Host:
+def root_problem(root: Path | str) -> str | None:
+    """Why ``root`` cannot be a host tree, or None.  Without this, a mistyped tree reads as a
+    host with no files: one CPU, no memory, nothing to refuse."""
     root = Path(root)
-    raw_madt = read_bytes(root, "sys/firmware/acpi/tables/APIC")
-    raw_mcfg = read_bytes(root, "sys/firmware/acpi/tables/MCFG")
-    madt = parse_madt(raw_madt) if raw_madt else None
+    try:
+        if root.is_dir():
+            return None
+        if root.is_symlink() and not root.exists():
+            return "a symlink to nothing (or a loop)"
+        return "not a directory" if root.exists() else "no such directory"
+    except OSError as e:  # e.g. a symlink loop on an older Python
+        return e.strerror or str(e)
+
+
+def check_root(root: Path | str, what: str = "host root") -> Path:
+    problem = root_problem(root)
+    if problem is not None:
+        raise UsageError(f"{what} {root}: {problem}; pass a captured host tree (scripts/capture-host.sh), "
+                         "or / for this host")
+    return Path(root)
+
+
+def discover(root: Path | str = "/") -> Host:
+    root = check_root(root)
+    madt = read_acpi_table(root, "APIC", parse_madt)
     log = platform.read_kernel_log(root)
     mode, source = platform.read_apic_mode(root, log)
     srat = numa.read_srat(root)
@@ -75,7 +96,7 @@ def discover(root: Path | str = "/") -> Host:
         firmware_map=memory.read_firmware_map(root),
         iomem=memory.read_iomem(root),
         madt=madt,
-        mcfg=parse_mcfg(raw_mcfg) if raw_mcfg else [],
+        mcfg=read_acpi_table(root, "MCFG", parse_mcfg) or [],
         serial_ports=consoles.read_serial_ports(root),
         tsc_khz=platform.tsc_khz_from_log(log),
         apic_mode=mode,
