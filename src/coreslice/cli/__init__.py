@@ -9,11 +9,32 @@ from pathlib import Path
 
 from coreslice import __version__
 from coreslice.cli import boot, demo, dsdt, host, slices, sriov, testbed
-from coreslice.errors import CoresliceError
+from coreslice.errors import CoresliceError, UsageError
+
+
+class ArgumentError(UsageError):
+    """A command line argparse refused (unknown option, missing or bad value)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error form: instead of printing the usage block and exiting,
+    raise one "<problem>; <fix>" line that main() prints like every other refusal (and as JSON
+    with --json).  Subparsers are made with type(parent), so every subcommand gets it too."""
+
+    def error(self, message: str):
+        raise ArgumentError(f"{message}; see '{self.prog} --help'")
+
+    def parse_known_args(self, args=None, namespace=None):
+        # The innermost subcommand parses first: note its prog, for the --help hint of
+        # arguments no parser knew (only the top parser reports those).
+        ns, extras = super().parse_known_args(args, namespace)
+        if not hasattr(ns, "_prog"):
+            ns._prog = self.prog
+        return ns, extras
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="coreslice",
         description="Split one x86 machine into slices: dedicated cores, a physical memory range and "
                     "devices, each running its own Linux kernel directly on the hardware.")
@@ -33,17 +54,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line: whitespace runs become a space, other characters that are not
+    printable (escape, carriage return, U+2028 ...) become escapes, so that a value quoted in
+    an error can neither break the line nor drive the terminal."""
+    text = " ".join(text.split("\n"))
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+def _refuse(e: CoresliceError, json_out: bool) -> int:
+    msg = one_line(str(e))
+    print(f"coreslice: error: {msg}", file=sys.stderr)
+    if json_out:
+        print(json.dumps({"ok": False, "error": msg, "exit_code": e.exit_code}))
+    return e.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extras = parser.parse_known_args(argv)
+        if extras:
+            raise ArgumentError(f"unrecognized arguments: {' '.join(extras)}; see '{args._prog} --help'")
+    except ArgumentError as e:  # no namespace to ask: --json is asked for if it is among the words
+        return _refuse(e, "--json" in argv)
     try:
         return args.func(args)
     except CoresliceError as e:
-        msg = str(e).replace("\n", " ")
-        print(f"coreslice: error: {msg}", file=sys.stderr)
-        if getattr(args, "json", False):
-            print(json.dumps({"ok": False, "error": msg, "exit_code": e.exit_code}))
-        return e.exit_code
+        return _refuse(e, getattr(args, "json", False))
     except KeyboardInterrupt:
         print("coreslice: interrupted", file=sys.stderr)
         return 130

@@ -40,6 +40,17 @@ examples:
 """
 
 
+def root_arg(text: str) -> Path:
+    """argparse type of --root / --host-root: a directory (host/snapshot.py says why not)."""
+    from coreslice.host.snapshot import root_problem
+
+    problem = root_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text}: {problem}; pass a captured host tree "
+                                         "(scripts/capture-host.sh), or / for this host")
+    return Path(text)
+
+
 def read_log_file(path: str) -> list[str]:
     """Lines of a saved kernel log ('-': stdin); /dev/kmsg-style records lose their prefix."""
     try:
@@ -75,8 +86,6 @@ def load(root: Path | None, from_dmesg: str | None):
         lines = read_log_file(from_dmesg)
         return LogView(from_dmesg, hostpci.from_log(lines), platform.tsc_khz_from_log(lines))
     root = root or Path("/")
-    if not root.is_dir():
-        raise UsageError(f"--root {root}: no such directory; pass a captured host tree (scripts/capture-host.sh)")
     host = discover(root)
     if from_dmesg is not None:
         lines = read_log_file(from_dmesg)
@@ -244,7 +253,7 @@ def cmd_show(args) -> int:
 
 
 def add_source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root", type=Path, default=None, metavar="DIR",
+    p.add_argument("--root", type=root_arg, default=None, metavar="DIR",
                    help="read a captured host tree (same paths as /sys, /proc, /dev/kmsg; see "
                         "scripts/capture-host.sh) instead of this host")
     p.add_argument("--from-dmesg", metavar="FILE",
@@ -314,7 +323,7 @@ def register_configure(host_subparsers) -> None:
                         "this host's APIC IDs (auto, default); see above")
     p.add_argument("--dry-run", action="store_true",
                    help="print the drop-in and change nothing")
-    p.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
+    p.add_argument("--root", type=root_arg, default=Path("/"), metavar="DIR",
                    help="file system root to read the host from and write under (for tests; default /)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: parameters, file, content, notes, update-grub output")
@@ -325,7 +334,7 @@ def register_configure(host_subparsers) -> None:
         description=profiles.CHECK_HELP,
         epilog="exit status: 0 ready (no item failed), 1 not ready",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
+    c.add_argument("--root", type=root_arg, default=Path("/"), metavar="DIR",
                    help="read a captured tree of the host's /sys, /proc and /dev instead of the "
                         "live host (for tests)")
     c.add_argument("--json", action="store_true", help="print one JSON object with every item")

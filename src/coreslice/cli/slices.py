@@ -13,6 +13,7 @@ from pathlib import Path
 
 from coreslice.errors import CoresliceError, UsageError
 from coreslice import config as configmod
+from coreslice.cli.host import root_arg
 from coreslice.host.snapshot import discover
 from coreslice.plan.boot import check_resources
 from coreslice.host.sysfs import format_cpu_list, parse_cpu_list
@@ -32,10 +33,10 @@ HOST_ROOT_HELP = ("read the host from a captured tree of its /sys, /proc and /de
 def cpu_list_arg(text: str) -> list[int]:
     try:
         cpus = parse_cpu_list(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a CPU list; write e.g. 1-2,5") from None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a CPU list: {e}; write e.g. 1-2,5") from None
     if not cpus:
-        raise argparse.ArgumentTypeError("empty CPU list")
+        raise argparse.ArgumentTypeError("empty CPU list; write e.g. 1-2,5")
     return cpus
 
 
@@ -233,7 +234,7 @@ def register(sub) -> None:
     add_config_arg(p)
     p.add_argument("--device", dest="devices", action="append", default=[], metavar="ADDR",
                    help="a PCI function for the slice (echoed; placement does not use it yet)")
-    p.add_argument("--host-root", type=Path, default=Path("/"), metavar="DIR", help=HOST_ROOT_HELP)
+    p.add_argument("--host-root", type=root_arg, default=Path("/"), metavar="DIR", help=HOST_ROOT_HELP)
     p.add_argument("--json", action="store_true", help="print the choice and what is free as JSON")
     p.set_defaults(func=_cmd_plan)
 
@@ -243,7 +244,7 @@ def register(sub) -> None:
                                    "memory of each NUMA node.")
     p.add_argument("--all", action="store_true", help="also show ended slices and those of earlier host boots")
     p.add_argument("--ledger", type=Path, metavar="PATH", help=LEDGER_HELP)
-    p.add_argument("--host-root", type=Path, default=Path("/"), metavar="DIR", help=HOST_ROOT_HELP)
+    p.add_argument("--host-root", type=root_arg, default=Path("/"), metavar="DIR", help=HOST_ROOT_HELP)
     p.add_argument("--json", action="store_true", help="print slices and free resources as JSON")
     p.set_defaults(func=_cmd_list)
 
@@ -253,7 +254,7 @@ def register(sub) -> None:
                                    "so its CPUs and memory can be given to another slice.")
     p.add_argument("name", metavar="NAME", help="the slice's name (see coreslice list)")
     p.add_argument("--ledger", type=Path, metavar="PATH", help=LEDGER_HELP)
-    p.add_argument("--host-root", type=Path, default=Path("/"), metavar="DIR",
+    p.add_argument("--host-root", type=root_arg, default=Path("/"), metavar="DIR",
                    help=f"a captured host tree (tests only, with {FAKE_MACHINE_ENV}=1)")
     p.add_argument("--json", action="store_true", help="print the stopped slice as JSON")
     p.set_defaults(func=_cmd_stop)

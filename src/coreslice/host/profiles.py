@@ -188,9 +188,9 @@ def configure(*, profile: str, host_cpus: int | None, host_mem: str | None, intr
               root: Path, grub: Grub | None) -> dict:
     """Decide the drop-in for ``profile`` on the host under ``root``; unless ``dry_run``, write it
     and run update-grub through ``grub`` (machine/grub.py)."""
-    from coreslice.host.snapshot import discover
+    from coreslice.host.snapshot import check_root, discover
 
-    root = Path(root)
+    root = check_root(root, "--root")  # before any other check names a file under it
     if profile == "vm-host" and (host_cpus is not None or host_mem is not None):
         raise UsageError("--host-cpus/--host-mem: the vm-host profile gives the host the whole "
                          "machine; use them with slice-host or native-eval")
