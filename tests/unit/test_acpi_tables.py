@@ -46,7 +46,7 @@ def slice_tables(**overrides):
 
 def table(blob, sig: str) -> bytes:
     off = blob.tables[sig] - BASE
-    length = Rsdp.size() if sig == "RSDP" else struct.unpack_from("<I", blob.data, off + 4)[0]
+    length = Rsdp.sizeof() if sig == "RSDP" else struct.unpack_from("<I", blob.data, off + 4)[0]
     return blob.data[off : off + length]
 
 
@@ -58,14 +58,14 @@ def field(dsl: str, label: str) -> list[str]:
 # --- layouts ---------------------------------------------------------------------------------
 
 def test_layout_sizes_and_offsets_match_the_spec():
-    assert SdtHeader.size() == 36                       # §5.2.6
-    assert Rsdp.size() == 36 and Rsdp.xsdt_address.offset == 24  # §5.2.5.3
-    assert Fadt.size() == 276                           # §5.2.9, revision 6
+    assert SdtHeader.sizeof() == 36                       # §5.2.6
+    assert Rsdp.sizeof() == 36 and Rsdp.xsdt_address.offset == 24  # §5.2.5.3
+    assert Fadt.sizeof() == 276                           # §5.2.9, revision 6
     assert Fadt.iapc_boot_arch.offset == 109 and Fadt.flags.offset == 112
     assert Fadt.fadt_minor_version.offset == 131 and Fadt.x_dsdt.offset == 140
     assert Fadt.hypervisor_vendor_identity.offset == 268
-    assert MadtLocalX2Apic.size() == 16                 # §5.2.12.12
-    assert McfgEntry.size() == 16
+    assert MadtLocalX2Apic.sizeof() == 16                 # §5.2.12.12
+    assert McfgEntry.sizeof() == 16
 
 
 def test_checksum_is_the_byte_sum():

@@ -90,3 +90,19 @@ def test_overlapping_e820_refused(bzimage):
     with pytest.raises(UsageError, match="overlap"):
         zeropage.build_zero_page(k, load_addr=0, cmdline_addr=0, initrd_addr=0, initrd_size=0, rsdp_addr=0,
                                  e820=[E820Entry(0, 0x2000, E820Type.RAM), E820Entry(0x1000, 0x1000, E820Type.RAM)])
+
+
+def test_boot_and_acpi_layouts_share_one_packed_base():
+    """One packed little-endian base (coreslice.cstruct); each family raises its own error, and
+    e820's ``size`` field does not collide with the base's sizeof()."""
+    from coreslice.acpi.errors import AcpiFormatError
+    from coreslice.acpi.tables import SdtHeader
+    from coreslice.boot.errors import BootFormatError
+    from coreslice.cstruct import PackedStruct
+
+    assert issubclass(BootParams, PackedStruct) and issubclass(SdtHeader, PackedStruct)
+    assert BootE820Entry.sizeof() == 20 and BootE820Entry(1, 2, 3).size == 2
+    with pytest.raises(BootFormatError, match="truncated"):
+        BootE820Entry.parse(bytes(19))
+    with pytest.raises(AcpiFormatError, match="truncated"):
+        SdtHeader.parse(bytes(35))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from coreslice.acpi.errors import AcpiFormatError
+from coreslice.cstruct import U8, U16, U32, U64, PackedStruct
 from coreslice.errors import UsageError
 
 # Identity written into every table we build.  The creator is coreslice itself ("CSLC"); bump
@@ -32,28 +33,18 @@ CREATOR_REVISION = 1
 
 ALIGN = 16  # RSDP must be 16-byte aligned (§5.2.5.1); we align every table the same way
 
-U8, U16, U32, U64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
-
-
 AcpiTableError = AcpiFormatError  # the earlier name, still used by callers
 
 
-class _Struct(ctypes.LittleEndianStructure):
-    _pack_ = 1
-    _layout_ = "ms"  # what _pack_ implies; Python >= 3.14 wants it spelled out
+class _Struct(PackedStruct):
+    """ACPI layouts: a host table too short for one is an AcpiFormatError."""
 
-    @classmethod
-    def parse(cls: type[_S], data: bytes, offset: int = 0, what: str = "") -> _S:
-        if offset < 0 or len(data) - offset < ctypes.sizeof(cls):
-            raise AcpiFormatError(
-                f"{what or cls.__name__} at offset 0x{offset:x} is truncated: "
-                f"needs {ctypes.sizeof(cls)} bytes, {max(len(data) - offset, 0)} left"
-            )
-        return cls.from_buffer_copy(data, offset)
+    format_error = AcpiFormatError
 
     @classmethod
     def size(cls) -> int:
-        return ctypes.sizeof(cls)
+        """The earlier name of sizeof(), kept for callers outside acpi/ (tests/unit/test_numa.py)."""
+        return cls.sizeof()
 
 
 _S = TypeVar("_S", bound=_Struct)
@@ -108,7 +99,7 @@ def _parse_table(raw: bytes, signature: bytes, fixed: type[_S]) -> tuple[_S, byt
     hdr = SdtHeader.parse(raw, what=f"{name} header")
     if hdr.signature != signature:
         raise AcpiFormatError(f"expected a {name} table, found signature {hdr.signature!r}")
-    if not fixed.size() <= hdr.length <= len(raw):
+    if not fixed.sizeof() <= hdr.length <= len(raw):
         raise AcpiFormatError(f"{name} Length {hdr.length} is out of range (have {len(raw)} bytes)")
     return fixed.parse(raw, what=name), raw[: hdr.length]
 
@@ -135,7 +126,7 @@ RSDP_V1_LENGTH = 20
 
 
 def build_rsdp(xsdt_addr: int) -> bytes:
-    rsdp = Rsdp(signature=RSDP_SIGNATURE, oem_id=OEM_ID, revision=2, length=Rsdp.size(),
+    rsdp = Rsdp(signature=RSDP_SIGNATURE, oem_id=OEM_ID, revision=2, length=Rsdp.sizeof(),
                 xsdt_address=xsdt_addr)
     buf = bytearray(rsdp)
     buf[Rsdp.checksum.offset] = -checksum(buf[:RSDP_V1_LENGTH]) & 0xFF
@@ -329,16 +320,16 @@ def parse_madt(raw: bytes) -> Madt:
     """Processor entries of a MADT, in table order; other structure types are skipped."""
     fixed, raw = _parse_table(raw, b"APIC", MadtFixed)
     processors = []
-    offset = MadtFixed.size()
+    offset = MadtFixed.sizeof()
     while offset < len(raw):
         entry = MadtEntryHeader.parse(raw, offset, "MADT entry")
-        if entry.length < MadtEntryHeader.size() or offset + entry.length > len(raw):
+        if entry.length < MadtEntryHeader.sizeof() or offset + entry.length > len(raw):
             raise AcpiFormatError(f"MADT entry type {entry.type} at offset 0x{offset:x} has bad length {entry.length}")
         if entry.type in _MADT_KINDS:
             kind, layout = _MADT_KINDS[entry.type]
-            if entry.length < layout.size():
+            if entry.length < layout.sizeof():
                 raise AcpiFormatError(
-                    f"MADT {kind} entry at offset 0x{offset:x} is {entry.length} bytes, needs {layout.size()}")
+                    f"MADT {kind} entry at offset 0x{offset:x} is {entry.length} bytes, needs {layout.sizeof()}")
             e = layout.parse(raw, offset)
             processors.append(MadtProcessor(
                 uid=e.processor_uid,
@@ -352,7 +343,7 @@ def parse_madt(raw: bytes) -> Madt:
 
 
 def _x2apic(apic_id: int, uid: int, flags: int) -> bytes:
-    return bytes(MadtLocalX2Apic(type=MADT_TYPE_LOCAL_X2APIC, length=MadtLocalX2Apic.size(),
+    return bytes(MadtLocalX2Apic(type=MADT_TYPE_LOCAL_X2APIC, length=MadtLocalX2Apic.sizeof(),
                                  x2apic_id=apic_id, flags=flags, processor_uid=uid))
 
 
@@ -415,12 +406,12 @@ class McfgAllocation:
 
 def parse_mcfg(raw: bytes) -> list[McfgAllocation]:
     _, raw = _parse_table(raw, b"MCFG", McfgFixed)
-    body = raw[McfgFixed.size():]
-    if len(body) % McfgEntry.size():
-        raise AcpiFormatError(f"MCFG allocations take {len(body)} bytes, not a multiple of {McfgEntry.size()}")
+    body = raw[McfgFixed.sizeof():]
+    if len(body) % McfgEntry.sizeof():
+        raise AcpiFormatError(f"MCFG allocations take {len(body)} bytes, not a multiple of {McfgEntry.sizeof()}")
     return [
         McfgAllocation(e.base_address, e.segment, e.start_bus, e.end_bus)
-        for e in (McfgEntry.parse(body, off) for off in range(0, len(body), McfgEntry.size()))
+        for e in (McfgEntry.parse(body, off) for off in range(0, len(body), McfgEntry.sizeof()))
     ]
 
 
@@ -534,16 +525,16 @@ def parse_srat(raw: bytes) -> Srat:
     initiator) are skipped."""
     _, raw = _parse_table(raw, b"SRAT", SratFixed)
     cpus, memory = [], []
-    offset = SratFixed.size()
+    offset = SratFixed.sizeof()
     while offset < len(raw):
         entry = SratEntryHeader.parse(raw, offset, "SRAT entry")
-        if entry.length < SratEntryHeader.size() or offset + entry.length > len(raw):
+        if entry.length < SratEntryHeader.sizeof() or offset + entry.length > len(raw):
             raise AcpiFormatError(f"SRAT entry type {entry.type} at offset 0x{offset:x} has bad length {entry.length}")
         layout = _SRAT_KINDS.get(entry.type)
         if layout is not None:
-            if entry.length < layout.size():
+            if entry.length < layout.sizeof():
                 raise AcpiFormatError(f"SRAT entry type {entry.type} at offset 0x{offset:x} is {entry.length} "
-                                     f"bytes, needs {layout.size()}")
+                                     f"bytes, needs {layout.sizeof()}")
             e = layout.parse(raw, offset)
             if entry.type == SRAT_TYPE_LOCAL_APIC:
                 hi = bytes(e.proximity_domain_hi)
@@ -569,17 +560,17 @@ def build_srat(srat: Srat) -> bytes:
             if c.apic_id > 0xFF:
                 raise UsageError(f"APIC ID {c.apic_id:#x} needs an x2APIC affinity entry (type 2)")
             hi = (U8 * 3)(*((c.proximity_domain >> s) & 0xFF for s in (8, 16, 24)))
-            parts.append(bytes(SratLocalApic(type=SRAT_TYPE_LOCAL_APIC, length=SratLocalApic.size(),
+            parts.append(bytes(SratLocalApic(type=SRAT_TYPE_LOCAL_APIC, length=SratLocalApic.sizeof(),
                                              proximity_domain_lo=c.proximity_domain & 0xFF,
                                              apic_id=c.apic_id, flags=flags, proximity_domain_hi=hi)))
         else:
-            parts.append(bytes(SratLocalX2Apic(type=SRAT_TYPE_LOCAL_X2APIC, length=SratLocalX2Apic.size(),
+            parts.append(bytes(SratLocalX2Apic(type=SRAT_TYPE_LOCAL_X2APIC, length=SratLocalX2Apic.sizeof(),
                                                proximity_domain=c.proximity_domain, x2apic_id=c.apic_id,
                                                flags=flags)))
     for m in srat.memory:
         flags = ((SRAT_ENABLED if m.enabled else 0) | (SRAT_MEM_HOT_PLUGGABLE if m.hot_pluggable else 0)
                  | (SRAT_MEM_NON_VOLATILE if m.non_volatile else 0))
-        parts.append(bytes(SratMemoryAffinity(type=SRAT_TYPE_MEMORY, length=SratMemoryAffinity.size(),
+        parts.append(bytes(SratMemoryAffinity(type=SRAT_TYPE_MEMORY, length=SratMemoryAffinity.sizeof(),
                                               proximity_domain=m.proximity_domain, base_address=m.base,
                                               range_length=m.length, flags=flags)))
     return seal(b"".join(parts))
@@ -656,7 +647,7 @@ def prepare_slice_tables(
         leaves["MCFG"] = build_mcfg(mcfg_allocations)
     leaves["DSDT"] = dsdt_aml
     xsdt_entries = ("FACP", *(sig for sig in leaves if sig != "DSDT"))
-    sizes = {"RSDP": Rsdp.size(), "XSDT": SdtHeader.size() + 8 * len(xsdt_entries), "FACP": Fadt.size()}
+    sizes = {"RSDP": Rsdp.sizeof(), "XSDT": SdtHeader.sizeof() + 8 * len(xsdt_entries), "FACP": Fadt.sizeof()}
     sizes |= {sig: len(t) for sig, t in leaves.items()}
     return SliceTables(leaves, xsdt_entries, sizes)
 

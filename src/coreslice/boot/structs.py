@@ -4,40 +4,25 @@ Sources: Documentation/arch/x86/boot.rst ("The Real-Mode Kernel Header", "Detail
 Fields") for the setup header; arch/x86/include/uapi/asm/bootparam.h and
 Documentation/arch/x86/zero-page.rst for struct boot_params (the zero page) and its e820 table.
 
-Each layout is a packed little-endian ctypes structure, as in acpi/tables.py, and serves both to
-parse (a bzImage's header: bzimage.py) and to build (the zero page: zeropage.py).  Comments give
-each field's offset in the zero page and, for the header, the first protocol that has it.
+Each layout is a packed little-endian ctypes structure (coreslice.cstruct, shared with
+acpi/tables.py) and serves both to parse (a bzImage's header: bzimage.py) and to build (the zero
+page: zeropage.py).  Comments give each field's offset in the zero page and, for the header, the
+first protocol that has it.
 """
 
 from __future__ import annotations
 
 import ctypes
-from typing import TypeVar
 
 from coreslice.boot.errors import BootFormatError
 from coreslice.boot.layout import PAGE
-
-U8, U16, U32, U64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
-
-
-class Struct(ctypes.LittleEndianStructure):
-    """Packed little-endian base.  Sizes come from ctypes.sizeof: boot_e820_entry has a field
-    called ``size``, so a ``size()`` classmethod as in acpi/tables.py would be shadowed."""
-
-    _pack_ = 1
-    _layout_ = "ms"  # what _pack_ implies; Python >= 3.14 wants it spelled out
-
-    @classmethod
-    def parse(cls: type[_S], data: bytes | bytearray, offset: int = 0, what: str = "") -> _S:
-        if offset < 0 or len(data) - offset < ctypes.sizeof(cls):
-            raise BootFormatError(
-                f"{what or cls.__name__} at offset 0x{offset:x} is truncated: "
-                f"needs {ctypes.sizeof(cls)} bytes, {max(len(data) - offset, 0)} left"
-            )
-        return cls.from_buffer_copy(data, offset)
+from coreslice.cstruct import U8, U16, U32, U64, PackedStruct
 
 
-_S = TypeVar("_S", bound=Struct)
+class Struct(PackedStruct):
+    """Boot-protocol layouts: a kernel file too short for one is a BootFormatError."""
+
+    format_error = BootFormatError
 
 
 # ---------------------------------------------------------------------------------------------
