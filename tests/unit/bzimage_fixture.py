@@ -1,4 +1,5 @@
-"""A synthetic bzImage for unit tests: a boot-protocol 2.15 setup header and a made-up payload.
+"""A synthetic bzImage for unit tests: a boot-protocol 2.15 setup header (or an older one) and a
+made-up payload.
 
 It passes parse_bzimage and lets the loader plan, build and write an image (to the fake machine);
 it is not a kernel and nothing runs it.  The header is filled in through structs.SetupHeader,
@@ -39,17 +40,19 @@ class SyntheticKernel:
 
 
 def build_bzimage(*, protocol: int = 0x020F, payload_size: int = PAYLOAD_SIZE, init_size: int = INIT_SIZE,
-                  header_extra: int = 0, seed: int = 1) -> bytes:
+                  header_extra: int = 0, seed: int = 1, version_string: str = VERSION_STRING) -> bytes:
     """The file's bytes.  ``header_extra`` lengthens the header past kernel_info_offset (as a
-    newer protocol would) with bytes 0xA5; the payload is pseudo-random so that reading it from
-    the wrong file offset cannot go unnoticed."""
+    newer protocol would) with bytes 0xA5.  A protocol below 2.15 gets the shorter header of its
+    time, ending after handover_offset, followed by (made-up) setup code 0x5A where a 2.15 header
+    would hold kernel_info_offset.  The payload is pseudo-random so that reading it from the wrong
+    file offset cannot go unnoticed."""
     setup = bytearray((SETUP_SECTS + 1) * 512)
     hdr = structs.SetupHeader.from_buffer(setup, structs.HEADER_START)
     hdr.setup_sects = SETUP_SECTS
     hdr.syssize = -(-payload_size // 16)
     hdr.boot_flag = structs.BOOT_FLAG
     # boot.rst "jump": a short jump (0xEB) whose offset byte says where the header ends.
-    header_end = structs.HEADER_END + header_extra
+    header_end = (structs.HEADER_END if protocol >= 0x020F else structs.HEADER_END_2_11) + header_extra
     hdr.jump = 0xEB | (header_end - 0x202) << 8
     hdr.header = structs.HDRS_MAGIC
     hdr.version = protocol
@@ -65,8 +68,9 @@ def build_bzimage(*, protocol: int = 0x020F, payload_size: int = PAYLOAD_SIZE, i
     hdr.pref_address = 16 * MIB
     hdr.init_size = init_size
     del hdr  # release the view of setup
-    setup[structs.HEADER_END:header_end] = b"\xA5" * header_extra
-    setup[VERSION_AT:VERSION_AT + len(VERSION_STRING)] = VERSION_STRING.encode()
+    setup[header_end:structs.HEADER_END] = b"\x5A" * (structs.HEADER_END - header_end)
+    setup[header_end - header_extra:header_end] = b"\xA5" * header_extra
+    setup[VERSION_AT:VERSION_AT + len(version_string)] = version_string.encode()
     return bytes(setup) + random.Random(seed).randbytes(payload_size)
 
 

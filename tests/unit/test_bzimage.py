@@ -12,7 +12,7 @@ from coreslice.boot.errors import BootFormatError
 from coreslice.boot.structs import SetupHeader
 from coreslice.errors import UsageError
 
-from .bzimage_fixture import INIT_SIZE, PAYLOAD_SIZE, RELEASE, SETUP_SECTS, write_bzimage
+from .bzimage_fixture import INIT_SIZE, PAYLOAD_SIZE, RELEASE, SETUP_SECTS, VERSION_AT, write_bzimage
 from .hosttree import make_host_tree
 
 # Documentation/arch/x86/boot.rst, "The Real-Mode Kernel Header": (field, offset, size).
@@ -73,6 +73,77 @@ def test_a_longer_header_is_kept_whole(tmp_path):
     assert k.header_bytes()[-8:] == b"\xA5" * 8
 
 
+# --- which kernels read boot_params.acpi_rsdp_addr ---------------------------------------------
+# boot.rst protocol history: 2.13 is Linux 3.14, 2.14 "same as 2.13", 2.15 Linux 5.5; Linux reads
+# boot_params.acpi_rsdp_addr since 5.0.  For 2.13/2.14 the version string decides.
+
+ACCEPTED = [
+    (0x020D, "5.4.0-150-generic (buildd@lcy02-amd64-044) #167-Ubuntu SMP"),
+    (0x020E, "5.0.0 (user@host) #1 SMP"),
+    (0x020E, "10.1.0"),
+    (0x020F, "6.12.0-coreslice-synthetic (unit tests) #1 SMP"),
+    (0x020F, "not a version at all"),  # 2.15 is Linux 5.5: the protocol is proof
+    (0x0210, ""),                      # a newer protocol, no version string
+]
+
+REFUSED = [
+    (0x020E, "4.20.0-1-amd64 (debian-kernel@lists.debian.org) #1 SMP", "kernel version 4.20.0-1-amd64"),
+    (0x020D, "4.19.0-20-amd64 (debian-kernel@lists.debian.org) #1 SMP", "kernel version 4.19.0-20-amd64"),
+    (0x020D, "4.99", "kernel version 4.99,"),
+    (0x020D, "", "kernel version unknown (no version string)"),
+    (0x020D, "linux-5.4", "kernel version linux-5.4,"),  # not "major.minor...": unknown, refused
+    (0x020C, "3.10.0-1160.el7.x86_64 (mockbuild@) #1 SMP", "kernel version 3.10.0-1160.el7.x86_64"),
+    (0x020C, "5.4.0", "boot protocol 2.12"),  # no 5.0+ kernel reports 2.12: refused as it is
+]
+
+
+@pytest.mark.parametrize("protocol, version", ACCEPTED)
+def test_kernels_that_read_acpi_rsdp_addr_are_accepted(tmp_path, protocol, version):
+    k = bz.parse_bzimage(write_bzimage(tmp_path / "k", protocol=protocol, version_string=version))
+    assert k.protocol == protocol and k.version_string == version
+
+
+@pytest.mark.parametrize("protocol, version, found", REFUSED)
+def test_kernels_that_scan_for_the_rsdp_are_refused(tmp_path, protocol, version, found):
+    with pytest.raises(BootFormatError) as exc:
+        bz.parse_bzimage(write_bzimage(tmp_path / "k", protocol=protocol, version_string=version))
+    msg = str(exc.value)
+    assert msg.startswith("is too old: ") and found in msg, msg
+    assert f"boot protocol {protocol >> 8}.{protocol & 0xFF:02d}" in msg
+    assert "the minimum is Linux 5.0 (boot_params.acpi_rsdp_addr)" in msg
+    assert exc.value.fix == "use Linux 5.0 or newer"
+
+
+def test_a_protocol_2_13_header_ends_after_handover_offset(tmp_path):
+    """A 2.13 header is 4 bytes shorter than 2.15's; the 4 bytes after it are setup code and must
+    neither be accepted as kernel_info_offset nor reach the zero page."""
+    path = write_bzimage(tmp_path / "k", protocol=0x020D, version_string="5.4.0-1 #1")
+    raw = path.read_bytes()
+    assert raw[0x201] == 0x268 - 0x202 and raw[0x268:0x26C] == b"\x5A" * 4
+    k = bz.parse_bzimage(path)
+    assert k.header_end == 0x268
+    assert len(k.header_bytes()) == 0x268 - 0x1F1
+    assert k.init_size == INIT_SIZE and k.pref_address == 16 << 20  # fields before the end: read
+
+
+def test_a_2_15_kernel_with_a_2_13_sized_header_is_refused(tmp_path, bzimage):
+    raw = bytearray(bzimage.read_bytes())
+    bz.set_field(raw, "jump", 0xEB | (0x268 - 0x202) << 8)  # a 2.15 kernel with a 2.13-sized header
+    (tmp_path / "short").write_bytes(bytes(raw))
+    with pytest.raises(BootFormatError, match=r"length 0x77 is implausible: a protocol 2.15 header is at least 0x7b"):
+        bz.parse_bzimage(tmp_path / "short")
+
+
+def test_the_version_string_comes_from_the_kernel_version_field(tmp_path):
+    """boot.rst "kernel_version": the string is at the field's value + 0x200."""
+    path = write_bzimage(tmp_path / "k", protocol=0x020E, version_string="4.20.0 #1")
+    raw = bytearray(path.read_bytes())
+    raw[VERSION_AT + 0x40:VERSION_AT + 0x50] = b"5.10.0 #1".ljust(16, b"\0")  # pointed to below
+    bz.set_field(raw, "kernel_version", VERSION_AT + 0x40 - 0x200)
+    path.write_bytes(bytes(raw))
+    assert bz.parse_bzimage(path).version_string == "5.10.0 #1"
+
+
 def _damaged(tmp_path, bzimage, mutate):
     raw = bytearray(bzimage.read_bytes())
     raw = mutate(raw)
@@ -91,10 +162,14 @@ def _set(name, value):
 DAMAGED = [
     (_set("header", 0x12345678), "not a bzImage"),
     (_set("boot_flag", 0), "not a bzImage"),
-    (_set("version", 0x0209), "boot protocol 2.09 is too old"),
+    (_set("version", 0x0209), f"too old: kernel version {RELEASE}, boot protocol 2.09"),
     (_set("xloadflags", 0), "no 64-bit entry"),
     (_set("relocatable_kernel", 0), "not relocatable"),
     (_set("jump", 0x10EB), "setup header length 0x21 is implausible"),
+    # boot.rst "jump": the offset is signed, so 0x90 jumps back, not to 0x292 (past the zero
+    # page's header area).
+    (_set("jump", 0x90EB), "setup header length -0x5f is implausible"),
+    (_set("jump", 0x6A90), "no short jump"),
     (_set("syssize", (PAYLOAD_SIZE >> 4) + 1), "truncated: header says"),
     (lambda raw: raw[:len(raw) // 2], "truncated"),
     (lambda raw: raw[:0x300], "truncated"),
@@ -110,7 +185,7 @@ def test_damaged_copies_are_format_errors(tmp_path, bzimage, mutate, message):
     assert exc.value.exit_code == 2 and "\n" not in str(exc.value)
 
 
-@pytest.mark.parametrize("mutate, message", DAMAGED[:5])
+@pytest.mark.parametrize("mutate, message", DAMAGED[:5])  # the first five name a fix
 def test_the_cli_names_the_kernel_and_the_fix(tmp_path, bzimage, capsys, mutate, message):
     """From the CLI, a format error is one line, exit status 2, with the file and a fix."""
     path = _damaged(tmp_path, bzimage, mutate)

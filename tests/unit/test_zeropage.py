@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import struct
 
 import pytest
@@ -83,6 +84,30 @@ def test_a_longer_header_is_copied_whole(tmp_path):
     page = zeropage.build_zero_page(k, load_addr=0x40000000, cmdline_addr=0x1000, initrd_addr=0, initrd_size=0,
                                     rsdp_addr=0, e820=E820)
     assert page[0x26C:0x274] == b"\xA5" * 8 and page[0x274:0x290] == bytes(0x1C)
+
+
+def test_a_2_13_header_is_copied_without_the_setup_code_after_it(tmp_path):
+    k = bz.parse_bzimage(write_bzimage(tmp_path / "k", protocol=0x020D, version_string="5.4.0 #1"))
+    assert k.setup[0x268:0x26C] == b"\x5A" * 4  # setup code where 2.15 has kernel_info_offset
+    page = zeropage.build_zero_page(k, load_addr=0x40000000, cmdline_addr=0x1000, initrd_addr=0, initrd_size=0,
+                                    rsdp_addr=0, e820=E820)
+    assert page[0x202:0x206] == b"HdrS" and page[0x264:0x268] == k.setup[0x264:0x268]
+    assert page[0x268:0x290] == bytes(0x28)
+
+
+def test_the_header_copy_stops_at_the_end_of_the_header_area(tmp_path):
+    """However long the kernel says its header is, the copy never reaches edd_mbr_sig_buffer (0x290)
+    or the e820 table after it."""
+    k = bz.parse_bzimage(write_bzimage(tmp_path / "k", header_extra=8))
+    setup = bytearray(k.setup)
+    setup[0x26C:0x300] = b"\xA5" * (0x300 - 0x26C)
+    long = dataclasses.replace(k, setup=bytes(setup), header_end=0x300)
+    page = zeropage.build_zero_page(long, load_addr=0x40000000, cmdline_addr=0x1000, initrd_addr=0, initrd_size=0,
+                                    rsdp_addr=0, e820=E820[:1])
+    assert page[0x26C:0x290] == b"\xA5" * (0x290 - 0x26C)
+    assert page[0x290:0x2D0] == bytes(0x40)                            # edd_mbr_sig_buffer
+    assert struct.unpack_from("<QQI", page, 0x2D0) == (0x28000, 0x8000, 1)  # e820_table[0]
+    assert page[0x2D0 + 20:0x300] == bytes(0x300 - 0x2D0 - 20)
 
 
 def test_overlapping_e820_refused(bzimage):

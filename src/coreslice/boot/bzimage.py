@@ -6,7 +6,9 @@ file can be booted through the 64-bit entry and says why not.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from coreslice.boot.structs import (  # noqa: F401  (re-exported: callers use bz
     ENTRY_64_OFFSET,
     HDRS_MAGIC,
     HEADER_END,
+    HEADER_END_2_11,
     HEADER_START,
     KERNEL_VERSION_BASE,
     LOADED_HIGH,
@@ -26,9 +29,17 @@ from coreslice.boot.structs import (  # noqa: F401  (re-exported: callers use bz
 )
 from coreslice.errors import UsageError
 
-# Boot protocol 2.12 added xloadflags (XLF_KERNEL_64 tells us the 64-bit entry exists) and the
-# ext_* fields that let the initrd and command line live above 4 GiB.
-MIN_PROTOCOL = 0x020C
+# The slice's kernel must take its ACPI RSDP from boot_params.acpi_rsdp_addr (zero page 0x070): a
+# kernel that does not searches the EBDA and 0xE0000-0xFFFFF for one (ACPI 6.5 §5.2.5.1) and finds
+# the host's tables.  Linux reads that field since 5.0 (commit 384184044981, "Mostly revert commit
+# ae7e1238e68f", moved it there from the setup header).  boot.rst's protocol history: 2.15 is Linux
+# 5.5, so a 2.15+ header is proof enough; 2.14 was burnt by ae7e1238e68f and is "same as 2.13", so a
+# 2.13 or 2.14 kernel may be either side of 5.0 and only its version string can tell; 2.13 is
+# Linux 3.14, so every kernel that reports less is older than 5.0.
+MIN_PROTOCOL = 0x020D        # 2.13: below it, refused without looking further
+RSDP_PROTOCOL = 0x020F       # 2.15: reads acpi_rsdp_addr, whatever its version string says
+RSDP_KERNEL = (5, 0)         # for 2.13/2.14: the version string must say at least this
+RSDP_MINIMUM = "Linux 5.0 (boot_params.acpi_rsdp_addr)"
 
 SECTOR = 512  # boot.rst "Loading The Rest of The Kernel": setup is (setup_sects + 1) sectors
 FIRST_READ = 0x400  # enough for the boot sector and the whole header
@@ -55,6 +66,27 @@ def set_field(buf: bytearray, name: str, value: int) -> None:
 
 def _protocol_str(version: int) -> str:
     return f"{version >> 8}.{version & 0xFF:02d}"
+
+
+def _release(version_string: str) -> tuple[int, int] | None:
+    """(major, minor) from a kernel version string such as "5.4.0-150-generic (buildd@...) #167"."""
+    m = re.match(r"(\d+)\.(\d+)", version_string)
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def _reads_rsdp_from_boot_params(protocol: int, version_string: str) -> bool:
+    if protocol >= RSDP_PROTOCOL:
+        return True
+    release = _release(version_string)
+    return protocol >= MIN_PROTOCOL and release is not None and release >= RSDP_KERNEL
+
+
+def _header_end(jump: int) -> int:
+    """boot.rst "jump": 0xEB, then a signed offset from 0x202 that ends the header; -1 if no 0xEB."""
+    if jump & 0xFF != 0xEB:
+        return -1
+    offset = jump >> 8
+    return 0x202 + (offset - 0x100 if offset & 0x80 else offset)
 
 
 @dataclass(frozen=True)
@@ -88,7 +120,8 @@ class BzImage:
     def header_bytes(self) -> bytes:
         """The setup header as it must be copied into the zero page (from 0x1f1).
 
-        All of it, up to header_end: a newer kernel's header may be longer than SetupHeader.
+        All of it and no more, up to header_end: a newer kernel's header may be longer than
+        SetupHeader, a 2.13 one is shorter (what follows it is setup code).
         """
         return self.setup[HEADER_START:self.header_end]
 
@@ -133,11 +166,36 @@ def parse_bzimage(path: str | os.PathLike) -> BzImage:
 
     if hdr.boot_flag != BOOT_FLAG or hdr.header != HDRS_MAGIC:
         raise BootFormatError("not a bzImage (no 'HdrS' boot header)")
-    if hdr.version < MIN_PROTOCOL:
-        raise BootFormatError(f"boot protocol {_protocol_str(hdr.version)} is too old "
-                              "(2.12 or newer needed for the 64-bit entry)", "use a kernel newer than 3.8")
     if len(setup) < setup_len or size <= setup_len:
         raise BootFormatError(f"truncated: {size} bytes, setup alone needs {setup_len}")
+
+    # boot.rst "kernel_version" (2.00+, so in every header): the string's offset in the setup
+    # code, less 0x200.
+    version_string = ""
+    kv = hdr.kernel_version + KERNEL_VERSION_BASE
+    if hdr.kernel_version and kv < len(setup):
+        version_string = setup[kv:kv + 256].split(b"\0", 1)[0].decode("ascii", "replace")
+    if not _reads_rsdp_from_boot_params(hdr.version, version_string):
+        found = version_string.split()[0] if version_string.strip() else "unknown (no version string)"
+        raise BootFormatError(
+            f"is too old: kernel version {found}, boot protocol {_protocol_str(hdr.version)}; the "
+            f"minimum is {RSDP_MINIMUM}, as older kernels scan low memory for an ACPI RSDP and "
+            "would find the host's", "use Linux 5.0 or newer")
+
+    # The header ends where boot.rst "jump" says; fields past that end are not the kernel's (a 2.13
+    # header stops before kernel_info_offset), so they are read as 0, never from the setup code.
+    header_end = _header_end(hdr.jump)
+    if header_end < 0:
+        raise BootFormatError(f"has no short jump (0xEB) at 0x200 to size its setup header, found 0x{hdr.jump:04x}")
+    need = HEADER_END if hdr.version >= RSDP_PROTOCOL else HEADER_END_2_11
+    if not need <= header_end <= setup_len:
+        raise BootFormatError(
+            f"setup header length {header_end - HEADER_START:#x} is implausible: a protocol "
+            f"{_protocol_str(hdr.version)} header is at least 0x{need - HEADER_START:x} bytes "
+            f"and ends inside the {setup_len}-byte setup")
+    own = setup[HEADER_START:header_end]
+    hdr = SetupHeader.from_buffer_copy(own[:ctypes.sizeof(SetupHeader)].ljust(ctypes.sizeof(SetupHeader), b"\0"))
+
     kernel_size = size - setup_len
     # syssize counts 16-byte paragraphs of the protected-mode part; a shorter file was cut.
     if hdr.syssize * 16 > kernel_size:
@@ -146,15 +204,6 @@ def parse_bzimage(path: str | os.PathLike) -> BzImage:
         raise BootFormatError("has no 64-bit entry point (XLF_KERNEL_64 clear)", "use an x86-64 kernel")
     if not hdr.relocatable_kernel:
         raise BootFormatError("is not relocatable", "use a kernel built with CONFIG_RELOCATABLE=y")
-    # boot.rst "jump": the header ends at 0x202 plus the byte at 0x201 (the short jump's offset).
-    header_end = 0x202 + (hdr.jump >> 8)
-    if header_end > setup_len or header_end < HEADER_END:
-        raise BootFormatError(f"setup header length 0x{header_end - HEADER_START:x} is implausible")
-
-    version_string = ""
-    kv = hdr.kernel_version + KERNEL_VERSION_BASE
-    if hdr.kernel_version and kv < len(setup):
-        version_string = setup[kv:kv + 256].split(b"\0", 1)[0].decode("ascii", "replace")
 
     return BzImage(
         path=path,

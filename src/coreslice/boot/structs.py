@@ -76,6 +76,9 @@ class SetupHeader(Struct):
 
 HEADER_START = 0x1F1   # boot.rst: the header sits at 0x1f1 of the boot sector (and zero page)
 HEADER_END = HEADER_START + ctypes.sizeof(SetupHeader)  # 0x26c: one past kernel_info_offset (2.15)
+# Protocols 2.11-2.14 end one field earlier, after handover_offset (boot.rst header table: the next
+# field, kernel_info_offset, is 2.15+).  What follows in such a file is setup code, not header.
+HEADER_END_2_11 = HEADER_START + SetupHeader.kernel_info_offset.offset  # 0x268
 
 BOOT_FLAG = 0xAA55       # boot.rst "boot_flag": the boot-sector signature
 HDRS_MAGIC = 0x53726448  # boot.rst "header": "HdrS" read as a little-endian u32
@@ -162,3 +165,7 @@ class BootParams(Struct):
 
 ZERO_PAGE_SIZE = ctypes.sizeof(BootParams)  # one page
 assert ZERO_PAGE_SIZE == PAGE and BootParams.hdr.offset == HEADER_START
+
+# The setup header's room in the zero page: from 0x1f1 up to edd_mbr_sig_buffer (bootparam.h pads
+# struct setup_header out to 0x290).  A header copy must stop here, whatever the kernel claims.
+HDR_AREA_END = BootParams.edd_mbr_sig_buffer.offset  # 0x290

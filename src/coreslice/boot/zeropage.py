@@ -13,6 +13,7 @@ from coreslice.boot import bzimage
 from coreslice.boot.structs import (
     CAN_USE_HEAP,
     E820_MAX_ENTRIES,
+    HDR_AREA_END,
     HEADER_START,
     LOADED_HIGH,
     TYPE_OF_LOADER_UNDEFINED,
@@ -71,9 +72,11 @@ def build_zero_page(
     """Return the 4 KiB zero page for a 64-bit entry (boot.rst "64-bit Boot Protocol")."""
     check_e820(e820)
     # boot.rst: the kernel's own setup header, all of it (up to header_end), is the loader's
-    # starting point; then it fills in the fields marked "write".
+    # starting point; then it fills in the fields marked "write".  The copy stops at the end of
+    # the header area (HDR_AREA_END, 0x290) even if header_end says more: past it lie other
+    # boot_params fields (edd_mbr_sig_buffer, e820_table) that the kernel would read as ours.
     raw = bytearray(ZERO_PAGE_SIZE)
-    hdr_bytes = kernel.header_bytes()
+    hdr_bytes = kernel.header_bytes()[:HDR_AREA_END - HEADER_START]
     raw[HEADER_START:HEADER_START + len(hdr_bytes)] = hdr_bytes
     zp = BootParams.from_buffer(raw)
     hdr = zp.hdr
