@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,8 @@ def resolve_path(arg: Path | str | None = None) -> tuple[Path, bool]:
 def load(arg: Path | str | None = None) -> Config:
     path, explicit = resolve_path(arg)
     try:
-        text = path.read_text()
+        # Non-blocking: opening a FIFO for reading would wait for a writer forever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         if explicit:
             raise UsageError(f"config file {path} does not exist; create it (see 'coreslice boot --help') "
@@ -116,6 +118,21 @@ def load(arg: Path | str | None = None) -> Config:
         return Config()
     except OSError as e:
         raise UsageError(f"config file {path}: {e.strerror}; make it readable or pass another --config") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"config file {path} is not a regular file; pass --config (or {ENV}) the path "
+                             "of a TOML file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UsageError(f"config file {path}: {e.strerror}; make it readable or pass another --config") from None
+    finally:
+        os.close(fd)
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"config file {path}: byte {e.start} is not UTF-8 (TOML files are UTF-8); "
+                         "save it as UTF-8 text") from None
     return parse(text, path)
 
 
@@ -125,6 +142,8 @@ def parse(text: str, path: Path | None = None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{where}: not valid TOML ({e}); fix the syntax") from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise UsageError(f"{where}: arrays or tables nested too deep; fix the syntax") from None
     for key, value in data.items():
         if key not in _KNOWN:
             raise UsageError(f"{where}: unknown section [{key}]; known sections: "

@@ -97,3 +97,33 @@ def test_slice_defaults_fill_missing_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "DEFAULT_PATH", tmp_path / "absent.toml")
     with pytest.raises(UsageError, match="--ncpus N, or set \\[slice\\] ncpus"):
         boot_request(**base, memory="1G", config=config.load(None))
+
+def test_unreadable_config_files_are_one_line(tmp_path):
+    import os
+    import threading
+
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('[slice]\nmemory = "4G" # größer\n'.encode("latin-1"))
+    with pytest.raises(UsageError, match=f"^config file {latin1}: byte 26 is not UTF-8 .*; save it as UTF-8"):
+        config.load(latin1)
+    with pytest.raises(UsageError, match=f"^config file {tmp_path} is not a regular file; pass --config"):
+        config.load(tmp_path)
+    deep = tmp_path / "deep.toml"
+    deep.write_text("x = " + "[" * 5000)
+    with pytest.raises(UsageError, match="nested too deep|not valid TOML"):
+        config.load(deep)
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    unblocked = []
+
+    def unblock():  # a blocked open gets a writer, so that a regression fails instead of hanging
+        unblocked.append(True)
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    timer = threading.Timer(5, unblock)
+    timer.start()
+    try:
+        with pytest.raises(UsageError, match=f"^config file {fifo} is not a regular file"):
+            config.load(fifo)
+    finally:
+        timer.cancel()
+    assert not unblocked

@@ -166,3 +166,24 @@ def test_help_explains_intremap(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "x2APIC only with interrupt remapping" in out and "APIC IDs 0-254" in out
     assert "/etc/default/grub.d/coreslice.cfg" in out
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda r: (r / "etc/default/grub.d").write_text("not a directory\n"),
+     "etc/default/grub.d is not a directory, so the drop-in {dropin} cannot be written; move"),
+    (lambda r: (r / hostcfg.DROPIN).mkdir(parents=True),
+     "{dropin} exists and is not a regular file; remove it"),
+    (lambda r: os.mkfifo((r / "etc/default/grub.d").mkdir() or r / hostcfg.DROPIN),
+     "{dropin} exists and is not a regular file; remove it"),
+])
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_dropin_that_cannot_be_written_is_refused_first(root, fake_update_grub, capsys, break_it, message,
+                                                          dry_run):
+    break_it(root)
+    before = sorted((p.relative_to(root), p.is_dir()) for p in (root / "etc").rglob("*"))
+    rc, out, err = _main(capsys, "--profile", "slice-host", "--root", str(root), "--json",
+                         *(["--dry-run"] if dry_run else []))
+    assert rc == 2 and err.count("\n") == 1, err
+    assert message.format(dropin=root / hostcfg.DROPIN) in err and json.loads(out)["exit_code"] == 2
+    assert sorted((p.relative_to(root), p.is_dir()) for p in (root / "etc").rglob("*")) == before
+    assert not fake_update_grub.exists()

@@ -146,3 +146,51 @@ def test_dsdt_refusals_exit_2_with_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and ";" in err
     assert not (tmp_path / "x.aml").exists()
+
+
+@pytest.mark.parametrize("flag", ["-o", "--asl"])
+@pytest.mark.parametrize("target, message", [
+    ("missing/dsdt.aml", "the folder {tmp}/missing does not exist; create it"),
+    (".", "{tmp} is a directory; give a file path"),
+    ("fifo", "{tmp}/fifo is not a regular file"),  # opening it for writing would wait for a reader
+])
+def test_dsdt_outputs_that_cannot_be_written_are_refused_first(tmp_path, capsys, flag, target, message):
+    import os
+
+    import threading
+
+    os.mkfifo(tmp_path / "fifo")
+    other = tmp_path / ("other.asl" if flag == "-o" else "other.aml")
+    out = tmp_path / target if target != "." else tmp_path
+    # A regression blocks in open() for writing: a reader that comes and goes makes it fail instead.
+    timer = threading.Timer(5, lambda: os.close(os.open(tmp_path / "fifo", os.O_RDONLY | os.O_NONBLOCK)))
+    timer.start()
+    try:
+        rc = cli.main(["dsdt", flag, str(out), "--asl" if flag == "-o" else "-o", str(other), "--from-dmesg",
+                       str(FIXTURES / "hp-z8/dmesg.txt"), "--devices", "0000:21:00.0"])
+    finally:
+        timer.cancel()
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"coreslice: error: {flag} {out}") and message.format(tmp=tmp_path) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]  # neither file written
+
+
+def test_dsdt_from_a_fifo_nobody_writes_does_not_wait(tmp_path, capsys):
+    import os
+    import threading
+
+    fifo = tmp_path / "log"
+    os.mkfifo(fifo)
+    unblocked = []
+
+    def unblock():  # a regression blocks in open(): give it a writer so the test fails, not hangs
+        unblocked.append(True)
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    timer = threading.Timer(5, unblock)
+    timer.start()
+    try:
+        rc = cli.main(["dsdt", "--from-dmesg", str(fifo), "--devices", "0000:21:00.0"])
+    finally:
+        timer.cancel()
+    assert rc == 2 and not unblocked and "no known PCI root complex (none known)" in capsys.readouterr().err

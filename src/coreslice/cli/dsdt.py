@@ -10,6 +10,8 @@ it, checking it with acpica-tools, or using it elsewhere.
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -47,17 +49,50 @@ def _cpu_count(text: str) -> int:
     return n
 
 
+def check_output(path: Path, flag: str) -> None:
+    """Refuse an output file that cannot be written, before anything is (so a refusal writes
+    neither file).  A FIFO is refused too: opening it for writing waits for a reader."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: {e.strerror}; give a file path you can write") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{flag} {path} is a directory; give a file path, e.g. {path}/dsdt{path.suffix or '.aml'}")
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        raise UsageError(f"{flag} {path} is not a regular file; give a file path you can write")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: the folder {parent} does not exist; create it (mkdir -p {parent}) "
+                         "or give another path")
+    if not os.access(path if st is not None else parent, os.W_OK):
+        raise UsageError(f"{flag} {path}: permission denied; give a path you can write")
+
+
+def _write(path: Path, data: bytes, flag: str) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: {e.strerror}; give a file path you can write") from None
+
+
 def cmd_dsdt(args) -> int:
     addresses = [pciplan.normalize(a) for a in args.devices.split(",") if a.strip()]
     if not addresses:
         raise UsageError("--devices is empty; give PCI addresses, e.g. --devices 0000:21:00.0,0000:99:00.0")
+    outputs = [(p, flag) for p, flag in ((args.output, "-o"), (args.asl, "--asl")) if p]
+    for path, flag in outputs:
+        check_output(path, flag)
+    if args.output and args.asl and os.path.abspath(args.output) == os.path.abspath(args.asl):
+        raise UsageError(f"-o and --asl both name {args.output}; give two files (e.g. dsdt.aml and dsdt.asl)")
     what = hostcmd.load(args.root, args.from_dmesg)
     roots = pciplan.roots_holding(what.pci, addresses)
     dsdt = build_dsdt(list(range(args.cpus)), pciplan.dsdt_roots(roots))
     if args.output:
-        args.output.write_bytes(dsdt.aml)
+        _write(args.output, dsdt.aml, "-o")
     if args.asl:
-        args.asl.write_text(dsdt.asl + "\n")
+        _write(args.asl, (dsdt.asl + "\n").encode(), "--asl")
     if not args.output and not args.asl:
         sys.stdout.write(dsdt.asl + "\n")
     summary = ", ".join(f"{r.name} (buses {r.bus_start:02x}-{r.bus_end:02x})" for r in roots)

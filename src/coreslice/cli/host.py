@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -51,10 +54,25 @@ def root_arg(text: str) -> Path:
     return Path(text)
 
 
+def _read_log(path: str) -> str:
+    """A saved log, or a pipe (--from-dmesg <(dmesg)).  Opened non-blocking, so that a named
+    FIFO nobody writes to reads as empty instead of waiting forever; then read blocking, so that
+    a pipe's writer is waited for."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        os.set_blocking(fd, True)
+        with os.fdopen(os.dup(fd), "r", errors="replace") as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
 def read_log_file(path: str) -> list[str]:
     """Lines of a saved kernel log ('-': stdin); /dev/kmsg-style records lose their prefix."""
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(errors="replace")
+        text = sys.stdin.read() if path == "-" else _read_log(path)
     except OSError as e:
         raise UsageError(f"--from-dmesg {path}: {e.strerror}; pass a file holding `dmesg` output") from None
     lines = []

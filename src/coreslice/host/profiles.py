@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coreslice.errors import UsageError
-from coreslice.machine.grub import DROPIN, Grub
+from coreslice.machine.grub import DROPIN, Grub, check_dropin
 from coreslice.host.readiness import XAPIC_MAX_ID
 from coreslice.units import format_size, parse_size
 
@@ -161,7 +161,12 @@ def conflicting_settings(root: Path, params: list[Param]) -> list[str]:
     for f in files:
         if f == root / DROPIN or not f.is_file():
             continue
-        for line in f.read_text(errors="replace").splitlines():
+        try:
+            text = f.read_text(errors="replace")
+        except OSError as e:
+            out.append(f"/{f.relative_to(root)} cannot be read ({e.strerror}): check its settings yourself")
+            continue
+        for line in text.splitlines():
             if line.lstrip().startswith("#") or "GRUB_CMDLINE_LINUX" not in line:
                 continue
             for word in line.replace('"', " ").replace("'", " ").split():
@@ -223,7 +228,7 @@ def configure(*, profile: str, host_cpus: int | None, host_mem: str | None, intr
                         *([f"--intremap {intremap}"] if intremap != "auto" else [])])
     notes = ([remap_why] if remap_why else []) + conflicting_settings(root, params)
     text = render_dropin(profile, params, command, notes)
-    path = root / DROPIN
+    path = check_dropin(root)  # a dry run says so too: the real run would be refused
     result = {"profile": profile, "parameters": [p.text for p in params], "file": str(path),
               "content": text, "notes": notes, "written": False, "update_grub": None,
               "reboot_needed": False}

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from coreslice.errors import CoresliceError
+from coreslice.errors import CoresliceError, UsageError
 
 DROPIN = "etc/default/grub.d/coreslice.cfg"
 
@@ -18,6 +18,20 @@ DROPIN = "etc/default/grub.d/coreslice.cfg"
 class Grub(Protocol):
     def write_dropin(self, text: str) -> Path: ...
     def update(self) -> str: ...
+
+
+def check_dropin(root: Path) -> Path:
+    """The drop-in's path under ``root``; UsageError, before anything is written, when it cannot
+    be written there: etc/default/grub.d is no directory, or the drop-in is no regular file."""
+    path = Path(root) / DROPIN
+    for d in (path.parent.parent, path.parent):
+        if (d.exists() or d.is_symlink()) and not d.is_dir():
+            raise UsageError(f"{d} is not a directory, so the drop-in {path} cannot be written; move {d} "
+                             "aside (GRUB reads drop-ins from the directory etc/default/grub.d)")
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        raise UsageError(f"{path} exists and is not a regular file; remove it (coreslice writes its "
+                         "drop-in there), then run again")
+    return path
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -40,7 +54,7 @@ class RealGrub:
         self.root = Path(root)
 
     def write_dropin(self, text: str) -> Path:
-        path = self.root / DROPIN
+        path = check_dropin(self.root)
         try:
             write_atomic(path, text)
         except PermissionError:
