@@ -13,8 +13,10 @@ from coreslice.acpi import acpica
 from coreslice.acpi.dsdt import build_dsdt
 from coreslice.acpi.errors import AcpiFormatError
 from coreslice.acpi.tables import (
+    HOST_BSP_LAPIC_UID,
     HOST_BSP_UID,
     Fadt,
+    MadtLocalApic,
     MadtLocalX2Apic,
     McfgAllocation,
     McfgEntry,
@@ -65,6 +67,7 @@ def test_layout_sizes_and_offsets_match_the_spec():
     assert Fadt.fadt_minor_version.offset == 131 and Fadt.x_dsdt.offset == 140
     assert Fadt.hypervisor_vendor_identity.offset == 268
     assert MadtLocalX2Apic.sizeof() == 16                 # §5.2.12.12
+    assert MadtLocalApic.sizeof() == 8                    # §5.2.12.2
     assert McfgEntry.sizeof() == 16
 
 
@@ -166,11 +169,56 @@ def test_iasl_disassembles_the_madt():
     assert field(dsl, "Revision") == ["05"]
     assert field(dsl, "Local Apic Address") == ["FEE00000"]
     assert re.search(r"PC-AT Compatibility : 0", dsl)
-    assert field(dsl, "Subtable Type") == ["09"] * 4
-    assert field(dsl, "Processor x2Apic ID") == ["00000000", "00000002", "00000004", "00000006"]
+    # §5.2.12.12: APIC IDs below 255 get Processor Local APIC entries (type 0).
+    assert field(dsl, "Subtable Type") == ["00"] * 4
+    assert field(dsl, "Local Apic ID") == ["00", "02", "04", "06"]
     # Host BSP first: Online Capable (bit 1) only; then the slice's CPUs, Enabled (bit 0).
     assert field(dsl, "Flags (decoded below)")[1:] == ["00000002", "00000001", "00000001", "00000001"]
-    assert field(dsl, "Processor UID") == [f"{HOST_BSP_UID:08X}", "00000000", "00000001", "00000002"]
+    assert field(dsl, "Processor ID") == [f"{HOST_BSP_LAPIC_UID:02X}", "00", "01", "02"]
+
+
+def test_iasl_madt_entry_type_follows_the_apic_id():
+    """Type 0 below 255, type 9 from 255 on (§5.2.12.12), in the order given, host BSP first."""
+    madt = build_madt([2, 300, 254, 255], host_bsp_apic_id=0x100)
+    dsl = acpica.disassemble(madt)
+    assert field(dsl, "Subtable Type") == ["09", "00", "09", "00", "09"]
+    assert field(dsl, "Processor x2Apic ID") == ["00000100", "0000012C", "000000FF"]
+    assert field(dsl, "Processor UID") == [f"{HOST_BSP_UID:08X}", "00000001", "00000003"]
+    assert field(dsl, "Local Apic ID") == ["02", "FE"]
+    assert field(dsl, "Processor ID") == ["00", "02"]
+    assert field(dsl, "Flags (decoded below)")[1:] == ["00000002"] + ["00000001"] * 4
+
+
+@pytest.mark.parametrize("apic_ids, host_bsp", [([2, 4, 6], 0), ([0x100, 3, 0x1FF, 254], 255), ([7, 300], 1)])
+def test_iasl_dsdt_processors_match_the_madt_uids(apic_ids, host_bsp):
+    """Every enabled MADT processor has the UID of one DSDT processor device, and the host BSP's
+    placeholder UID belongs to none (iasl -d of both tables)."""
+    blob = slice_tables(apic_ids=apic_ids, host_bsp_apic_id=host_bsp, dsdt_aml=build_dsdt(range(len(apic_ids))).aml)
+    madt = acpica.disassemble(table(blob, "APIC"))
+    by_offset = {}  # entry offset -> (type, UID, enabled), in table order
+    for m in re.finditer(r"\[(\w+)h \d+ +\d\]\s+Subtable Type : (\w+)", madt):
+        by_offset[int(m[1], 16)] = m[2]
+    uids = [int(u, 16) for u in re.findall(r"\](?:\s+Processor ID| +Processor UID) : (\w+)", madt)]
+    enabled = [e == "1" for e in re.findall(r"Processor Enabled : (\d)", madt)]
+    assert len(uids) == len(enabled) == len(by_offset) == len(apic_ids) + 1
+    dsdt = acpica.disassemble(table(blob, "DSDT"))
+    aml_int = {"Zero": 0, "One": 1}  # how iasl writes those two constants
+    dsdt_uids = [aml_int[u] if u in aml_int else int(u, 0)
+                 for u in re.findall(r'Name \(_UID, (\w+)\)', dsdt)]
+    assert sorted(u for u, on in zip(uids, enabled) if on) == sorted(dsdt_uids) == list(range(len(apic_ids)))
+    assert not enabled[0] and uids[0] not in dsdt_uids
+    types = list(by_offset.values())
+    assert types == ["00" if a < 255 else "09" for a in (host_bsp, *apic_ids)]
+
+
+@pytest.mark.parametrize("apic_ids, host_bsp, message", [
+    ([0x100 + i for i in range(256)] + [5], 0x300, "slice CPU 256 .APIC ID 5. needs a Local APIC entry"),
+    ([0x100 + i for i in range(256)], 0, "needs UID 0xff, the host boot CPU's placeholder"),
+])
+def test_madt_uids_that_do_not_fit_8_bits_are_refused(apic_ids, host_bsp, message):
+    with pytest.raises(UsageError, match=message):
+        build_madt(apic_ids, host_bsp)
+    build_madt(apic_ids[:255], host_bsp)  # one fewer CPU each: fits
 
 
 def test_iasl_disassembles_the_mcfg():
@@ -196,15 +244,19 @@ def test_disassemble_rejects_a_bad_checksum():
 # --- MADT ------------------------------------------------------------------------------------
 
 def test_madt_round_trip():
-    madt = parse_madt(build_madt([5, 3, 9], host_bsp_apic_id=1))
+    madt = parse_madt(build_madt([5, 3, 0x1000, 9], host_bsp_apic_id=1))
     assert madt.local_apic_address == 0xFEE00000 and madt.flags == 0
     got = [(p.kind, p.uid, p.apic_id, p.enabled, p.online_capable) for p in madt.processors]
     assert got == [
-        ("x2apic", HOST_BSP_UID, 1, False, True),
-        ("x2apic", 0, 5, True, False),
-        ("x2apic", 1, 3, True, False),
-        ("x2apic", 2, 9, True, False),
+        ("lapic", HOST_BSP_LAPIC_UID, 1, False, True),
+        ("lapic", 0, 5, True, False),
+        ("lapic", 1, 3, True, False),
+        ("x2apic", 2, 0x1000, True, False),
+        ("lapic", 3, 9, True, False),
     ]
+    madt = parse_madt(build_madt([5], host_bsp_apic_id=0x1000))
+    assert [(p.kind, p.uid, p.apic_id) for p in madt.processors] == [("x2apic", HOST_BSP_UID, 0x1000),
+                                                                      ("lapic", 0, 5)]
 
 
 def _header(sig: bytes, body: bytes, revision: int = 1) -> bytes:

@@ -1,8 +1,8 @@
 """The slice's DSDT: processor devices, and the PCI root complexes that hold its PCI functions.
 
 Processors are ``Device (Cxxx)`` objects with _HID "ACPI0007" (§8.4, "Declaring Processors") whose
-_UID matches the ACPI processor UID of their MADT x2APIC entry (tables.build_madt numbers slice
-CPUs from 0).  Each PCI root is a PNP0A08 host bridge (§6.1.5 _HID, PCI Firmware Spec) whose _CRS
+_UID matches the ACPI processor UID of their MADT entry, Local APIC or x2APIC (tables.build_madt
+numbers slice CPUs from 0).  Each PCI root is a PNP0A08 host bridge (§6.1.5 _HID, PCI Firmware Spec) whose _CRS
 lists the windows the host's kernel reports as "root bus resource"; only roots that hold a
 function given to the slice belong here (DESIGN.md §3).  There is no _OSC: the host owns the root
 ports, so the slice must not take over native PCIe services (AER, PME, hot-plug) on them.

@@ -6,7 +6,8 @@ same input, same bytes.
 
 What the slice gets (``build_slice_tables``): RSDP -> XSDT -> {FADT -> DSDT, MADT, MCFG?}.  The FADT
 is hardware-reduced, so there is no FACS, no PM blocks, no SCI, no legacy devices; the MADT lists
-x2APIC entries only and no IOAPIC, so the slice never programs the host's 8259 or IOAPIC.
+processors only (Local APIC or x2APIC entries, by APIC ID) and no IOAPIC, so the slice never
+programs the host's 8259 or IOAPIC.
 """
 
 from __future__ import annotations
@@ -293,9 +294,19 @@ LAPIC_ONLINE_CAPABLE = 1 << 1   # only meaningful when Enabled is clear (§5.2.1
 LOCAL_APIC_ADDRESS = 0xFEE00000  # architectural default
 INVALID_X2APIC_ID = 0xFFFFFFFF   # Linux skips x2APIC entries with this ID
 
-# UID of the host-BSP placeholder entry.  No DSDT processor object has it (slice CPUs are numbered
-# from 0).  Not 0xFFFFFFFF: Linux uses U32_MAX as its "no ACPI ID" sentinel (CPU_ACPIID_INVALID).
+# §5.2.12.12: "the Processor Local x2APIC structure is used for APIC ID values 255 and above";
+# below that a processor gets a Processor Local APIC structure (§5.2.12.2), whose APIC ID and ACPI
+# Processor UID are 8 bits.  Linux follows it: with usable Local APIC entries present it ignores
+# x2APIC entries whose ID is below 0xff (arch/x86/kernel/acpi/boot.c, acpi_parse_x2apic).
+X2APIC_MIN_ID = 0xFF
+LAPIC_MAX_UID = 0xFF
+
+# UIDs of the host-BSP placeholder entry.  No DSDT processor object has them (slice CPUs are
+# numbered from 0).  x2APIC: not 0xFFFFFFFF, which Linux uses as its "no ACPI ID" sentinel
+# (CPU_ACPIID_INVALID).  Local APIC: the largest 8-bit UID, free while the slice has at most 255
+# CPUs.
 HOST_BSP_UID = 0xFFFFFFFE
+HOST_BSP_LAPIC_UID = 0xFF
 
 _MADT_KINDS = {MADT_TYPE_LOCAL_APIC: ("lapic", MadtLocalApic), MADT_TYPE_LOCAL_X2APIC: ("x2apic", MadtLocalX2Apic)}
 
@@ -342,24 +353,38 @@ def parse_madt(raw: bytes) -> Madt:
     return Madt(local_apic_address=fixed.local_apic_address, flags=fixed.flags, processors=processors)
 
 
-def _x2apic(apic_id: int, uid: int, flags: int) -> bytes:
+def _processor_entry(apic_id: int, uid: int, flags: int) -> bytes:
+    """A Local APIC entry (type 0) for an APIC ID below 255, else a Local x2APIC entry (type 9)."""
+    if apic_id < X2APIC_MIN_ID:
+        return bytes(MadtLocalApic(type=MADT_TYPE_LOCAL_APIC, length=MadtLocalApic.sizeof(),
+                                   processor_uid=uid, apic_id=apic_id, flags=flags))
     return bytes(MadtLocalX2Apic(type=MADT_TYPE_LOCAL_X2APIC, length=MadtLocalX2Apic.sizeof(),
                                  x2apic_id=apic_id, flags=flags, processor_uid=uid))
 
 
 def build_madt(apic_ids: Sequence[int], host_bsp_apic_id: int) -> bytes:
-    """x2APIC entries only: the host BSP first (online capable, not enabled), then the slice's.
+    """The host BSP first (online capable, not enabled), then the slice's CPUs (enabled), each as
+    a Local APIC entry if its APIC ID is below 255 and as a Local x2APIC entry otherwise.
 
     Linux >= 6.9 takes the first MADT APIC for the boot CPU and, seeing IA32_APIC_BASE.BSP clear,
     assumes a crash kernel and brings up only one CPU.  Listing the real BSP first, not enabled,
-    makes the slice recognise it as "the real BSP" and start all of its own CPUs (DESIGN.md §3).
+    makes the slice recognise it as "the real BSP" and start all of its own CPUs (DESIGN.md §3);
+    Linux enumerates both entry types in table order, so "first" holds across types.
     Slice CPU i gets ACPI processor UID i, matching the DSDT's processor devices.
     PCAT_COMPAT stays clear: the slice must not touch the host's 8259.
     """
     _check_apic_ids(apic_ids, host_bsp_apic_id)
+    bsp_uid = HOST_BSP_LAPIC_UID if host_bsp_apic_id < X2APIC_MIN_ID else HOST_BSP_UID
+    for uid, apic_id in enumerate(apic_ids):
+        if apic_id < X2APIC_MIN_ID and uid > LAPIC_MAX_UID:
+            raise UsageError(f"slice CPU {uid} (APIC ID {apic_id}) needs a Local APIC entry, whose ACPI "
+                             f"processor UID has 8 bits; list CPUs with APIC IDs below 255 first")
+        if uid == bsp_uid:
+            raise UsageError(f"a slice of {len(apic_ids)} CPUs needs UID {uid:#x}, the host boot CPU's "
+                             f"placeholder (APIC ID {host_bsp_apic_id}); give the slice at most {bsp_uid} CPUs")
     fixed = MadtFixed(header=new_header(b"APIC", MADT_REVISION), local_apic_address=LOCAL_APIC_ADDRESS, flags=0)
-    entries = [_x2apic(host_bsp_apic_id, HOST_BSP_UID, LAPIC_ONLINE_CAPABLE)]
-    entries += [_x2apic(apic_id, uid, LAPIC_ENABLED) for uid, apic_id in enumerate(apic_ids)]
+    entries = [_processor_entry(host_bsp_apic_id, bsp_uid, LAPIC_ONLINE_CAPABLE)]
+    entries += [_processor_entry(apic_id, uid, LAPIC_ENABLED) for uid, apic_id in enumerate(apic_ids)]
     return seal(bytes(fixed) + b"".join(entries))
 
 
