@@ -25,6 +25,7 @@ BOOT_PARAMS = 0x1_0000_0000
 RANGES = [(0x0, 0x20_0000), (0x1_0000_0000, 0x1_0200_0000)]
 ARGS = dict(cr3=CR3, entry=ENTRY, boot_params=BOOT_PARAMS)
 BASES = [0x7000, 0x20000, 0x9F000, 0x1000]
+CR0_AFTER_RESET = 0x6000_0010  # SDM Vol. 3A Table 9-1: CD | NW | ET
 
 
 # --- the text cannot lie about the bytes -------------------------------------------------------
@@ -153,13 +154,38 @@ class Machine:
         self.interrupts.append(intno)
         uc.emu_stop()
 
-    def run(self) -> None:
+    def _init_state(self) -> None:
+        """The core's state after INIT, as far as unicorn can set it (SDM Vol. 3A §9.1.1, Table
+        9-1, "IA-32 and Intel 64 Processor States Following Power-up, Reset, or INIT").
+
+        unicorn starts with CR0 = 0, which would let a trampoline that never clears CD and NW
+        pass.  After power-up CR0 is 0x60000010 (CD, NW, ET); INIT leaves CD and NW as they
+        were, so a parked core may well have both set: we start from that worst case.
+        Not settable here: the hidden segment limits and access rights (unicorn derives a
+        real-mode segment from its selector alone), the caches themselves (TCG models none, so
+        only the CD/NW bits can be checked), MTRRs, PAT, the local APIC, and x87/SSE state.
+        """
+        uc = self.uc
+        uc.reg_write(r.UC_X86_REG_CR0, CR0_AFTER_RESET)
+        for reg in (r.UC_X86_REG_CR2, r.UC_X86_REG_CR3, r.UC_X86_REG_CR4):
+            uc.reg_write(reg, 0)
+        uc.msr_write(0xC000_0080, 0)  # IA32_EFER
+        for reg in (r.UC_X86_REG_GDTR, r.UC_X86_REG_IDTR):
+            uc.reg_write(reg, (0, 0, 0xFFFF, 0))  # base 0, limit 0xFFFF
+        for reg in (r.UC_X86_REG_DS, r.UC_X86_REG_ES, r.UC_X86_REG_FS, r.UC_X86_REG_GS, r.UC_X86_REG_SS):
+            uc.reg_write(reg, 0)
+        uc.reg_write(r.UC_X86_REG_DR7, 0x400)
         # SIPI semantics (SDM Vol. 3A §9.4): CS selector = vector << 8, so the real-mode CS base
         # is vector << 12 = base, and IP = 0. unicorn's 16-bit CS write sets base = selector << 4;
         # in 16-bit mode emu_start's ``begin`` is linear and it sets IP = begin - CS * 16 = 0.
-        self.uc.reg_write(r.UC_X86_REG_CS, self.base >> 4)
-        assert self.uc.reg_read(r.UC_X86_REG_CS) == self.base >> 4
-        self.uc.reg_write(r.UC_X86_REG_EFLAGS, 0x2 | 1 << 9 | 1 << 10)  # IF, DF: to be cleared
+        uc.reg_write(r.UC_X86_REG_CS, self.base >> 4)
+        # EFLAGS is 0x2 after INIT; IF and DF are set here on purpose, for cli and cld to clear.
+        uc.reg_write(r.UC_X86_REG_EFLAGS, 0x2 | 1 << 9 | 1 << 10)
+        assert uc.reg_read(r.UC_X86_REG_CR0) == CR0_AFTER_RESET
+        assert uc.reg_read(r.UC_X86_REG_CS) == self.base >> 4
+
+    def run(self) -> None:
+        self._init_state()
         self.uc.emu_start(self.base, self.stub_end, count=1000)
         assert self.trace[0] == self.base  # first fetch at CS:IP = (base >> 4):0
 
@@ -198,7 +224,8 @@ def test_trampoline_reaches_the_kernel_entry_in_long_mode(base):
     uc = m.uc
     cr0 = uc.reg_read(r.UC_X86_REG_CR0)
     assert cr0 & 1 and cr0 & 1 << 31  # PE, PG
-    assert not cr0 & (1 << 29 | 1 << 30)  # NW, CD clear: caches on
+    assert not cr0 & (1 << 29 | 1 << 30)  # NW, CD clear: caches on (both were set at the start)
+    assert cr0 & 1 << 4  # ET kept
     assert uc.reg_read(r.UC_X86_REG_CR4) & 1 << 5  # PAE
     assert uc.reg_read(r.UC_X86_REG_CR3) == CR3
     efer = uc.msr_read(0xC000_0080)
