@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +140,52 @@ def test_a_host_root_that_is_no_directory_is_refused(tmp_path, make):
         root.write_text("")
     with pytest.raises(UsageError, match=f"^host root {root}: (no such|not a) directory; pass a captured host tree"):
         discover(root)
+
+
+Q35 = Path(__file__).resolve().parents[1] / "fixtures/hosts/qemu-q35"
+VDA1 = "devices/pci0000:00/0000:00:02.0/virtio1/block/vda/vda1"  # a virtio-blk disk on 00:02.0
+
+
+@pytest.mark.parametrize("how", ["mountinfo", "root=/dev/vda1", "root=253:1", "root=fd01", "root=PARTUUID",
+                                 "st_dev of /"])
+def test_dev_root_is_traced_to_its_controller(tmp_path, how, debian_kernel, capsys):
+    """A root file system mounted by the kernel itself (no initramfs) is "/dev/root" in
+    /proc/mounts: its controller must still count as the host's storage."""
+    import os
+    import shutil
+
+    from coreslice import cli
+    from coreslice.host import storage
+
+    tree = tmp_path / "q35"
+    shutil.copytree(Q35, tree, symlinks=True)
+    (tree / "sys" / VDA1).mkdir(parents=True)
+    (tree / "sys/class/block").mkdir(parents=True)
+    (tree / "sys/class/block/vda1").symlink_to(f"../../{VDA1}")
+    (tree / "proc/mounts").write_text("/dev/root / ext4 rw,relatime 0 0\nproc /proc proc rw 0 0\n")
+    dev = "253:1"
+    if how == "st_dev of /":
+        st = os.stat(tree).st_dev
+        dev = f"{os.major(st)}:{os.minor(st)}"
+    (tree / "sys/dev/block").mkdir(parents=True)
+    (tree / "sys/dev/block" / dev).symlink_to(f"../../{VDA1}")
+    cmdline = (tree / "proc/cmdline").read_text().strip()
+    if how == "mountinfo":
+        (tree / "proc/self").mkdir()
+        (tree / "proc/self/mountinfo").write_text(f"22 1 {dev} / / rw,relatime shared:1 - ext4 /dev/root rw\n")
+    elif how == "root=PARTUUID":
+        (tree / "dev/disk/by-partuuid").mkdir(parents=True)
+        (tree / "dev/disk/by-partuuid/0f5c6a2e-01").symlink_to("../../vda1")
+        (tree / "proc/cmdline").write_text(f"{cmdline} root=PARTUUID=0f5c6a2e-01\n")
+    elif how.startswith("root="):
+        (tree / "proc/cmdline").write_text(f"{cmdline} {how}\n")
+    live = how == "st_dev of /"  # the fallback a live host has: the st_dev of its /
+    assert storage.host_storage_functions(tree, live=live) == {"0000:00:02.0": ["/"]}
+    if live:
+        return
+    rc = cli.main(["boot", "--kernel", str(debian_kernel.vmlinuz), "--cpus", "1", "--memory", "256M@0x40000000",
+                   "--console", "io:0x2f8", "--device", "0000:00:02.0", "--host-root", str(tree),
+                   "--dry-run", str(tmp_path / "out"), "--ledger", str(tmp_path / "ledger.sqlite3")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and not (tmp_path / "out").exists()
+    assert "device 0000:00:02.0 holds the host's own storage (mounted: /)" in err
