@@ -83,3 +83,23 @@ def test_a_good_root_still_works(capsys, tmp_path):
     tree = make_host_tree(tmp_path / "host")
     rc, out, _ = _run(capsys, ["list", "--host-root", str(tree), "--ledger", str(tmp_path / "l.sqlite3"), "--json"])
     assert rc == 0 and json.loads(out)["ok"] is True
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--name", "web\nprod"], r"--name 'web\nprod' is not a slice name; use 1-63 letters"),
+    (["--name", "\x1b[31mred"], r"--name '\x1b[31mred' is not a slice name"),
+    (["--name=-web"], "--name '-web' is not a slice name"),
+    (["--name", "a" * 64], "is not a slice name; use 1-63 letters"),
+    (["--name", "wéb"], "is not a slice name"),
+    (["--device", "0000:00:02.0\nx"], r"--device '0000:00:02.0\nx' is not a PCI address; write SEGMENT:BUS"),
+])
+def test_plan_checks_names_and_devices_as_boot_does(capsys, tmp_path, flags, message):
+    tree = make_host_tree(tmp_path / "host")
+    rc, out, err = _run(capsys, ["plan", "--ncpus", "1", "--memory", "512M", "--host-root", str(tree),
+                                 "--ledger", str(tmp_path / "l.sqlite3"), *flags, "--json"])
+    assert rc == 2 and err.count("\n") == 1 and len(err.splitlines()) == 1, err
+    assert message in err and json.loads(out)["exit_code"] == 2
+    rc, out, _ = _run(capsys, ["plan", "--ncpus", "1", "--memory", "512M", "--host-root", str(tree),
+                               "--ledger", str(tmp_path / "l.sqlite3"), "--name", "web-1.a_b", "--device", "00:02.0",
+                               "--json"])
+    assert rc == 0 and json.loads(out)["devices"] == ["0000:00:02.0"]

@@ -18,9 +18,11 @@ from coreslice.host.snapshot import discover
 from coreslice.plan.boot import check_resources
 from coreslice.host.sysfs import format_cpu_list, parse_cpu_list
 from coreslice.launch.session import open_ledger, slot_records
+from coreslice.host.consoles import normalize_pci_address
 from coreslice.ledger import ENV as LEDGER_ENV, SliceRecord
 from coreslice.machine import FAKE_MACHINE_ENV, for_host as machine_for
 from coreslice.plan.placement import Placement, Request, free_resources, held_resources, place
+from coreslice.request import check_name
 from coreslice.units import format_size, parse_memory
 
 
@@ -107,6 +109,17 @@ another slice is launched in between).
 
 
 def _cmd_plan(args) -> int:
+    # What boot checks of these flags (request.py), plan checks too: a name with a newline
+    # would be printed back, and boot with the same flags would refuse it.
+    check_name(args.name)
+    devices = []
+    for d in args.devices:
+        addr = normalize_pci_address(d)
+        if addr is None:
+            raise UsageError(f"--device {d!r} is not a PCI address; write SEGMENT:BUS:DEVICE.FUNCTION, "
+                             "e.g. 0000:21:00.0")
+        devices.append(addr)
+    args.devices = devices
     config = configmod.load(args.config)
     if args.cpus is None and args.ncpus is None:
         if config.slice.ncpus is None:
