@@ -1,8 +1,9 @@
 """The SIPI trampoline: real mode -> protected mode -> long mode -> the kernel's 64-bit entry.
 
 A parked core woken with INIT-SIPI-SIPI starts in real mode at CS = vector << 8 (segment base
-vector << 12), IP = 0, with CR0 = 0x60000010 (caches disabled, SDM Vol. 3A §9.1.1 Table 9-1) and
-interrupts off. This page takes it to the state the Linux x86 boot protocol asks for at the 64-bit
+vector << 12), IP = 0, with interrupts off and CR0 = 0x60000010 after power-up (CD and NW set:
+caches disabled); INIT leaves CD and NW as they were (SDM Vol. 3A §9.1.1 Table 9-1), so the code
+clears both whatever it finds. This page takes it to the state the Linux x86 boot protocol asks for at the 64-bit
 entry (Documentation/arch/x86/boot.rst, "64-bit Boot Protocol"): long mode with paging, the loaded
 kernel, zero page and command line identity mapped, a GDT with __BOOT_CS (0x10, 64-bit code) and
 __BOOT_DS (0x18, flat data), CS = __BOOT_CS, DS/ES/SS = __BOOT_DS, interrupts disabled, RSI = the
