@@ -61,6 +61,7 @@ def test_device_gets_its_root_ecam_and_pci_parameters(spec, host_tree):
     assert [(f.address, f.role, f.driver) for f in plan.pci.functions] == [(SRIOV_NIC, "device", "igb")]
     # pci=off gives way to the options that keep the slice on its own root.
     assert PCI_PARAMS in plan.cmdline and "pci=off" not in plan.cmdline
+    assert "pcie_ports=compat" in plan.cmdline.split()  # no port services (MSI-X) on shared root ports
     # The MCFG is cut to the root's buses, and exactly that ECAM range is reserved in the e820 map.
     assert plan.mcfg == [McfgAllocation(0xB0000000, 0, 0x20, 0x21)]
     assert parse_mcfg(table(result, "MCFG")) == plan.mcfg

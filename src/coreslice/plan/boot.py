@@ -107,6 +107,7 @@ class Plan:
 # assignments: no option ROMs, no BAR (re)allocation; nobios and lastbus as the prototype used
 # them (a 64-bit kernel has no PCI BIOS access and logs "PCI: Unknown option `nobios'").
 PCI_PARAMS = "pci=nobios,norom,nobar,realloc=off,lastbus=0x100"
+PCIE_PORTS_PARAM = "pcie_ports=compat"
 
 
 def slice_cmdline(console_port: int, tsc_khz: int, user: str, earlyprintk: bool, pci: bool = False,
@@ -122,6 +123,12 @@ def slice_cmdline(console_port: int, tsc_khz: int, user: str, earlyprintk: bool,
         # pci_extra: the slice kernel's ",permit_probe_only=..." (sriov.slice_kernel_params)
         PCI_PARAMS + pci_extra if pci else "pci=off",  # without functions, don't scan the host's buses
     ]
+    if pci:
+        # No PCIe port services (AER, PME, hotplug, bandwidth) on the root ports of the slice's
+        # roots: the host owns those, and the port driver would enable MSI-X on them, whose
+        # 8-bit destination misroutes on CPUs with APIC IDs above 255 (seen on a 260-CPU
+        # emulated machine: __irq_msi_compose_msg warned for pcieport).
+        params.append(PCIE_PORTS_PARAM)
     if earlyprintk:
         params.append(f"earlyprintk=serial,0x{console_port:x},115200")
     if user.strip():
