@@ -282,7 +282,9 @@ class Ledger:
                               f"(or set {ENV}) to a writable location") from e
         con.row_factory = sqlite3.Row
         try:
-            if not self.readonly:
+            # Create the schema once: running it on every connection would rewrite the file's
+            # header, so that even a refused launch changed the ledger.
+            if not self.readonly and con.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 con.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
             yield con
         except _DamagedRow as e:

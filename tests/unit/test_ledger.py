@@ -483,3 +483,11 @@ def test_refusals_create_no_ledger(tree, debian_kernel, ledger_path, monkeypatch
     assert cli.main(["plan", "--ncpus", "9", "--memory", "512M", *common]) == 2
     assert cli.main(["list", *common]) == 0
     assert not ledger_path.exists() and not ledger_path.parent.exists()
+
+
+def test_a_refused_reservation_leaves_the_file_as_it_was(ledger, ledger_path):
+    ledger.reserve(rec("a", (1, 2)))
+    before = ledger_path.read_bytes()
+    with pytest.raises(LedgerConflict):
+        ledger.reserve(rec("b", (2, 3), 4 * GIB))
+    assert ledger_path.read_bytes() == before
