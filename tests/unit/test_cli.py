@@ -27,7 +27,7 @@ def _run(capsys, argv):
     (["host", "configure", "--profile", "x"],
      "argument --profile: invalid choice: 'x' (choose from 'slice-host', 'vm-host', 'native-eval'); "
      "see 'coreslice host configure --help'"),
-    (["plan", "--ncpus", "two"], "argument --ncpus: 'two': give a whole number >= 1; see 'coreslice plan --help'"),
+    (["plan", "--ncpus", "two"], "argument --ncpus: 'two' is not a whole number >= 1; give e.g. 2; see 'coreslice plan --help'"),
     (["plan", "--cpus", "1-4000000000"],
      "argument --cpus: not a CPU list: CPU 4000000000 is above 65535 (Linux on x86 runs at most 8192 CPUs, "
      "NR_CPUS); write e.g. 1-2,5; see 'coreslice plan --help'"),
@@ -67,16 +67,19 @@ def test_control_characters_in_an_error_stay_on_one_line(capsys):
     ["host", "configure", "--profile", "slice-host", "--dry-run", "--root"],
     ["dsdt", "--devices", "0000:00:01.0", "--root"],
 ])
-@pytest.mark.parametrize("make", ["missing", "file"])
+@pytest.mark.parametrize("make", ["missing", "file", "empty"])
 def test_a_root_that_is_no_directory_is_refused(capsys, tmp_path, argv, make):
     root = tmp_path / "tree"
     if make == "file":
         root.write_text("")
+    elif make == "empty":  # e.g. the wrong level of a tree: it would read as an invented 1-CPU host
+        root.mkdir()
     rc, out, err = _run(capsys, [*argv, str(root), "--json"] if argv[0] != "dsdt" else [*argv, str(root)])
-    problem = "no such directory" if make == "missing" else "not a directory"
+    problem = {"missing": "no such directory", "file": "not a directory",
+               "empty": "holds no sys/devices/system/cpu/present, so it is no captured host tree"}[make]
     assert rc == 2 and err.count("\n") == 1, err
     assert f": {root}: {problem}; pass a captured host tree (scripts/capture-host.sh), or / for this host" in err
-    assert not root.exists() or root.is_file()
+    assert not root.exists() or root.is_file() or not any(root.iterdir())
 
 
 def test_a_good_root_still_works(capsys, tmp_path):

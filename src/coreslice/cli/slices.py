@@ -48,7 +48,7 @@ def _positive(text: str) -> int:
     except ValueError:
         n = 0
     if n < 1:
-        raise argparse.ArgumentTypeError(f"'{text}': give a whole number >= 1")
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number >= 1; give e.g. 2")
     return n
 
 
@@ -123,12 +123,12 @@ def _cmd_plan(args) -> int:
     config = configmod.load(args.config)
     if args.cpus is None and args.ncpus is None:
         if config.slice.ncpus is None:
-            raise UsageError(f"no CPUs asked for: give --cpus LIST or --ncpus N, or set [slice] ncpus in "
+            raise UsageError(f"no CPUs asked for; give --cpus LIST or --ncpus N, or set [slice] ncpus in "
                              f"{config.path or 'the config'}")
         args.ncpus = config.slice.ncpus
     if args.memory is None:
         if config.slice.memory is None:
-            raise UsageError(f"no memory asked for: give --memory SIZE[@BASE], or set [slice] memory in "
+            raise UsageError(f"no memory asked for; give --memory SIZE[@BASE], or set [slice] memory in "
                              f"{config.path or 'the config'}")
         args.memory = format_size(config.slice.memory)
     size, base = parse_memory(args.memory)
@@ -222,7 +222,7 @@ def _cmd_stop(args) -> int:
 
     live = args.host_root.resolve() == Path("/")
     if not live and os.environ.get(FAKE_MACHINE_ENV) != "1":
-        raise UsageError("--host-root describes another machine: stop acts on the live host only")
+        raise UsageError("--host-root describes another machine; stop acts on the live host only: drop --host-root")
     if live and os.geteuid() != 0:
         raise UsageError("coreslice stop must run as root (it sends INIT IPIs and writes low memory); use sudo")
     host = discover(args.host_root)

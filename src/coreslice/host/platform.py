@@ -71,11 +71,18 @@ def tsc_khz_from_log(lines: list[str]) -> int | None:
 def read_apic_base_msr(root: Path, cpu: int = 0) -> int | None:
     """IA32_APIC_BASE of a CPU via the msr driver, or None when /dev/cpu/N/msr is not there."""
     try:
-        with open(root / f"dev/cpu/{cpu}/msr", "rb") as f:
-            f.seek(IA32_APIC_BASE)
-            data = f.read(8)
+        fd = os.open(root / f"dev/cpu/{cpu}/msr", os.O_RDONLY | os.O_NONBLOCK)  # a FIFO would block
     except OSError:
         return None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISCHR(mode) or stat.S_ISREG(mode)):  # the device, or a captured file of it
+            return None
+        data = os.pread(fd, 8, IA32_APIC_BASE)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     return struct.unpack("<Q", data)[0] if len(data) == 8 else None
 
 

@@ -212,10 +212,10 @@ def configure(*, profile: str, host_cpus: int | None, host_mem: str | None, intr
         d_cpus, d_mem = DEFAULTS[profile]
         cpus = d_cpus if host_cpus is None else host_cpus
         if cpus < 1:
-            raise UsageError(f"--host-cpus {cpus}: the host needs at least 1 CPU")
+            raise UsageError(f"--host-cpus {cpus}: the host needs at least 1 CPU; give --host-cpus 1 or more")
         mem = parse_size(host_mem or d_mem, "--host-mem")
         if mem < 256 << 20 or mem % (1 << 20):
-            raise UsageError(f"--host-mem {host_mem}: give a whole number of MiB, at least 256M")
+            raise UsageError(f"--host-mem {host_mem} is not a whole number of MiB of at least 256M; give e.g. 6G")
         _check_limits(profile, cpus, mem, host)
         apic_ids = sorted({c.apic_id for c in host.cpus if c.apic_id is not None} |
                           {e.apic_id for e in (host.madt.processors if host.madt else [])
@@ -235,7 +235,7 @@ def configure(*, profile: str, host_cpus: int | None, host_mem: str | None, intr
     if dry_run:
         return result
     if grub is None:
-        raise UsageError(f"--root {root} is not this machine: only --dry-run goes with it")
+        raise UsageError(f"--root {root} is not this machine; only --dry-run goes with it")
     result["file"] = str(grub.write_dropin(text))
     result["written"] = True
     result["update_grub"] = grub.update()

@@ -66,6 +66,10 @@ def root_problem(root: Path | str) -> str | None:
     root = Path(root)
     try:
         if root.is_dir():
+            # Every Linux host and every capture (scripts/capture-host.sh) has this file: a
+            # folder without it (an empty one, the wrong level of a tree) is no host tree.
+            if root != Path("/") and not (root / "sys/devices/system/cpu/present").exists():
+                return "holds no sys/devices/system/cpu/present, so it is no captured host tree"
             return None
         if root.is_symlink() and not root.exists():
             return "a symlink to nothing (or a loop)"
