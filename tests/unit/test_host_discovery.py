@@ -189,3 +189,25 @@ def test_dev_root_is_traced_to_its_controller(tmp_path, how, debian_kernel, caps
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and not (tmp_path / "out").exists()
     assert "device 0000:00:02.0 holds the host's own storage (mounted: /)" in err
+
+
+def test_an_msr_that_is_a_fifo_does_not_block_discovery(tmp_path):
+    import os
+    import threading
+
+    tree = make_host_tree(tmp_path / "host", kmsg_extra=("x2apic enabled",))
+    msr = tree / "dev/cpu/0/msr"
+    msr.unlink()
+    os.mkfifo(msr)
+    unblocked = []
+
+    def unblock():  # a regression blocks in open(): a writer that comes and goes makes it fail instead
+        unblocked.append(True)
+        os.close(os.open(msr, os.O_WRONLY | os.O_NONBLOCK))
+    timer = threading.Timer(5, unblock)
+    timer.start()
+    try:
+        h = discover(tree)
+    finally:
+        timer.cancel()
+    assert not unblocked and (h.apic_mode, h.apic_mode_source) == ("x2apic", "kernel log")
