@@ -257,3 +257,17 @@ def test_loader_data_is_reserved_in_the_slice_e820(spec, host_tree):
     assert any(e.type == E820Type.RESERVED and e.addr == plan.data_addr and e.addr + e.size == top
                for e in plan.e820)
     assert not any(e.type == E820Type.RAM and e.addr < top and e.addr + e.size > plan.data_addr for e in plan.e820)
+
+
+def test_kernel_and_loader_data_in_different_gib_fit_the_slot(spec, host_tree, tmp_path):
+    """A 2 GiB slice puts the kernel and the loader data 2 GiB apart: with the kernel's end not
+    on a 2 MiB boundary (as the Debian 6.12 kernel's init_size is not) and 4 KiB edge pages they
+    would need 8 page-table pages, one more than the low-memory slot holds; rounded out to 2 MiB
+    inside the slice's own RAM they fit (and map nothing outside it)."""
+    from .bzimage_fixture import write_bzimage
+    odd = write_bzimage(tmp_path / "vmlinuz-odd", payload_size=4 << 20, init_size=(56 << 20) + 0x3000)
+    plan = launch.boot(dataclasses.replace(spec, kernel=odd, mem_size=2 * GIB, mem_base=0x100000000),
+                       host=discover(host_tree), machine=Fakes().machine()).plan
+    lo, hi = plan.mem_base, plan.mem_base + plan.mem_size
+    assert all(lo <= a < b <= hi for a, b in plan.page_table_ranges[1:])
+    assert plan.page_table_ranges[0] == (plan.slot, plan.slot + 0x1000)

@@ -17,7 +17,7 @@ from coreslice.boot import lowmem
 from coreslice.boot.bzimage import BzImage, ENTRY_64_OFFSET, parse_bzimage
 from coreslice.boot.errors import BootFormatError
 from coreslice.boot.layout import DATA_ALIGN, MIB, PAGE, RUN_HEADROOM, align_down, align_up
-from coreslice.boot.pagetables import page_tables_size
+from coreslice.boot.pagetables import page_tables_size, widen_within
 from coreslice.boot.zeropage import E820Entry, E820Type, ZERO_PAGE_SIZE
 from coreslice.errors import UsageError
 from coreslice.acpi.dsdt import build_dsdt
@@ -413,7 +413,9 @@ def make_plan(spec: BootSpec, host: Host, read_slot: SlotReader) -> Plan:
     acpi_addr = cmdline_addr + cmdline_bytes
     # The 64-bit entry needs the kernel image, zero page and command line identity-mapped (boot.rst
     # "64-bit Boot Protocol"); the trampoline's own page must stay mapped when paging turns on.
-    pt_ranges = [(slot, slot + PAGE), (load_addr, kernel_end), (data_addr, top)]
+    # Edges rounded out to 2 MiB only inside the slice's own RAM (a large page there is one
+    # memory type), so the tables fit the slot; the trampoline's page is mapped exactly.
+    pt_ranges = [(slot, slot + PAGE), *widen_within([(load_addr, kernel_end), (data_addr, top)], [(base, top)])]
     if page_tables_size(pt_ranges) > lowmem.PAGE_TABLES_MAX:
         raise UsageError("page tables for this layout do not fit the low-memory slot; use a smaller range")
 
