@@ -106,3 +106,12 @@ def test_plan_checks_names_and_devices_as_boot_does(capsys, tmp_path, flags, mes
                                "--ledger", str(tmp_path / "l.sqlite3"), "--name", "web-1.a_b", "--device", "00:02.0",
                                "--json"])
     assert rc == 0 and json.loads(out)["devices"] == ["0000:00:02.0"]
+
+
+def test_json_after_double_dash_is_a_name_not_the_option(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CORESLICE_FAKE_MACHINE", "1")  # stop on a captured tree
+    tree = make_host_tree(tmp_path / "host")
+    rc, out, err = _run(capsys, ["stop", "--host-root", str(tree), "--ledger", str(tmp_path / "l"), "--", "--json"])
+    assert rc == 2 and "no slice named '--json'" in err and out == ""
+    rc, out, err = _run(capsys, ["list", "--bogus", "--", "--json"])
+    assert rc == 2 and out == "" and err.count("\n") == 1

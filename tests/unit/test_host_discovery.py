@@ -211,3 +211,16 @@ def test_an_msr_that_is_a_fifo_does_not_block_discovery(tmp_path):
     finally:
         timer.cancel()
     assert not unblocked and (h.apic_mode, h.apic_mode_source) == ("x2apic", "kernel log")
+
+
+def test_a_pci_device_link_that_loops_is_no_traceback(tmp_path):
+    import os
+    import shutil
+
+    tree = tmp_path / "q35"
+    shutil.copytree(Q35, tree, symlinks=True)
+    link = tree / "sys/bus/pci/devices/0000:00:10.0"
+    link.unlink()
+    os.symlink("0000:00:10.0", link)  # Path.resolve raised RuntimeError("Symlink loop")
+    with pytest.raises(UsageError, match=r"devices/0000:00:10\.0/class: cannot open it \(Too many levels"):
+        discover(tree)

@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         args, extras = parser.parse_known_args(argv)
         if extras:
             raise ArgumentError(f"unrecognized arguments: {' '.join(extras)}; see '{args._prog} --help'")
-    except ArgumentError as e:  # no namespace to ask: --json is asked for if it is among the words
-        return _refuse(e, "--json" in argv)
+    except ArgumentError as e:  # no namespace to ask: --json is asked for if it is among the options
+        options = argv[:argv.index("--")] if "--" in argv else argv  # after "--": positional words
+        return _refuse(e, "--json" in options)
     try:
         return args.func(args)
     except CoresliceError as e:

@@ -17,6 +17,7 @@ root of its segment whose bus range contains its bus.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,8 +269,9 @@ def functions_from_sysfs(root: Path, roots: list[RootComplex]) -> list[Function]
     for link in sorted(base.iterdir()):
         if not _ADDRESS.match(link.name):
             continue
-        d = link.resolve()
-        owner = _root_from_path(d.relative_to(root.resolve()) if d.is_relative_to(root.resolve()) else d)
+        # os.path.realpath, not Path.resolve: a symlink loop in a damaged tree raises in resolve
+        d, top = Path(os.path.realpath(link)), Path(os.path.realpath(root))
+        owner = _root_from_path(d.relative_to(top) if d.is_relative_to(top) else d)
         if owner is None or topo.root(owner) is None:
             by_bus = topo.root_of_bus(int(link.name[:-8], 16), int(link.name[-7:-5], 16))
             owner = by_bus.name if by_bus else owner
@@ -283,7 +285,7 @@ def functions_from_sysfs(root: Path, roots: list[RootComplex]) -> list[Function]
             root=owner,
             sriov_totalvfs=_int(read_text(link, "sriov_totalvfs"), 10),
             sriov_numvfs=_int(read_text(link, "sriov_numvfs"), 10),
-            physfn=physfn.resolve().name if physfn.exists() else None,
+            physfn=os.path.basename(os.path.realpath(physfn)) if physfn.exists() else None,
             numa_node=node if (node := _int(read_text(link, "numa_node"), 10)) is not None and node >= 0 else None,
         ))
     return out
