@@ -109,6 +109,7 @@ def test_cpu_lists_up_to_the_bound_are_accepted():
     ("proc/cmdline", b"\xff\xfe", "is not UTF-8 text"),
     ("proc/mounts", None, "is not a regular file"),  # a FIFO: reading it would block
     ("proc/cmdline", "dir", "is not a regular file"),
+    ("dev/kmsg", "dir", "is neither the kernel log device nor a file of its text"),
 ])
 def test_junk_in_a_host_tree_is_one_line_naming_the_file(tmp_path, rel, content, problem):
     import os

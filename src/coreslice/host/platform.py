@@ -9,7 +9,7 @@ import stat
 import struct
 from pathlib import Path
 
-from coreslice.host.sysfs import read_text
+from coreslice.host.sysfs import host_file_error, read_text
 
 IA32_APIC_BASE = 0x1B       # Intel SDM Vol. 3A §11.4.4
 APIC_BASE_EXTD = 1 << 10    # x2APIC mode enable (SDM Vol. 3A §11.12.1)
@@ -34,9 +34,12 @@ def read_kernel_log(root: Path) -> list[str]:
     except OSError:
         return lines
     try:
-        if not stat.S_ISCHR(os.fstat(fd).st_mode):
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode):  # a captured tree's `dmesg` text
             with os.fdopen(os.dup(fd), "r", errors="replace") as f:
                 raw = f.read().splitlines()
+        elif not stat.S_ISCHR(mode):
+            raise host_file_error(root, "dev/kmsg", "is neither the kernel log device nor a file of its text")
         else:
             raw = []
             while True:
