@@ -42,6 +42,24 @@ def parse_cpuinfo_apic_ids(text: str) -> dict[int, int]:
     return out
 
 
+def linux_madt_cpus(madt: Madt | None) -> list:
+    """The MADT's processor entries as Linux registers them (arch/x86/kernel/acpi/boot.c), in
+    table order: enabled or online-capable ones; x2APIC entries with an APIC ID below 0xFF are
+    ignored when the table has Local APIC entries (ACPI 6.5 §5.2.12.12 gives those IDs to type
+    0 entries); an APIC ID seen twice counts once."""
+    entries = [e for e in (madt.processors if madt else []) if e.enabled or e.online_capable]
+    has_lapic = any(e.kind == "lapic" for e in entries)
+    out, seen = [], set()
+    for e in entries:
+        if e.kind == "x2apic" and e.apic_id < 0xFF and has_lapic:
+            continue
+        if e.apic_id in seen:
+            continue
+        seen.add(e.apic_id)
+        out.append(e)
+    return out
+
+
 def read_cpus(root: Path, madt: Madt | None, apic_nodes: dict[int, int] | None = None) -> list[HostCpu]:
     """``apic_nodes`` maps APIC IDs to NUMA nodes (numa.apic_nodes); None: one node, 0."""
     present = read_cpu_list(root, "sys/devices/system/cpu/present", "0")
@@ -51,7 +69,7 @@ def read_cpus(root: Path, madt: Madt | None, apic_nodes: dict[int, int] | None =
     except ValueError as e:
         raise host_file_error(root, "proc/cpuinfo", f"a processor or apicid line is not a number ({e})") from None
 
-    usable = [e for e in (madt.processors if madt else []) if e.enabled or e.online_capable]
+    usable = linux_madt_cpus(madt)
     by_uid = {e.uid: e.apic_id for e in usable}
     boot_apic = online_ids.get(0)
     order = [e.apic_id for e in usable if e.apic_id != boot_apic]

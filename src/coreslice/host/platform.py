@@ -21,6 +21,28 @@ _TSC_LINES = (
 )
 
 
+def read_lockdown(root: Path) -> str | None:
+    """The kernel lockdown mode ("none", "integrity", "confidentiality"), from
+    /sys/kernel/security/lockdown ("[none] integrity confidentiality": the selected one in
+    brackets); None when the kernel has no lockdown LSM.  Under integrity or confidentiality
+    (Secure Boot hosts) /dev/mem and MSR writes are refused."""
+    text = read_text(root, "sys/kernel/security/lockdown")
+    m = re.search(r"\[(\w+)\]", text or "")
+    return m.group(1) if m else None
+
+
+_RELEASE = re.compile(r"Linux version (\d+)\.(\d+)")
+
+
+def kernel_version(root: Path, log: list[str]) -> tuple[int, int] | None:
+    """(major, minor) of the running host kernel: /proc/sys/kernel/osrelease, else its log."""
+    for text in (read_text(root, "proc/sys/kernel/osrelease") or "", *log[:50]):
+        m = re.match(r"(\d+)\.(\d+)", text) or _RELEASE.search(text)
+        if m:
+            return int(m.group(1)), int(m.group(2))
+    return None
+
+
 def read_boot_id(root: Path) -> str:
     return read_text(root, "proc/sys/kernel/random/boot_id", "") or ""
 

@@ -81,6 +81,8 @@ parameters:
 CHECK_HELP = """\
 Say whether the running host is ready to launch slices, item by item:
 
+  kernel       no lockdown (Secure Boot lockdown refuses /dev/mem and MSR writes), and the low
+               1 MiB reserved (Linux 5.13+, or reservelow=640K on older kernels)
   cpus         parked CPUs exist (present, offline: the host booted with maxcpus=)
   memory       firmware RAM above the host's own (the host booted with mem=)
   intremap     interrupt remapping fits the APIC mode (x2APIC needs it; in xAPIC mode it blocks

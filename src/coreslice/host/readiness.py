@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coreslice.errors import UsageError
 from coreslice.host import memory
 from coreslice.host.snapshot import Host, discover
 from coreslice.host.sysfs import format_cpu_list, read_text
@@ -231,10 +232,24 @@ def check_iommu(host: Host) -> Item:
     return Item("iommu", "ok", "no IOMMU DMA translation in the kernel log")
 
 
+def check_kernel(host: Host) -> Item:
+    """Lockdown and the low-memory reservation, as boot checks them (plan/boot.py)."""
+    from coreslice.plan.boot import check_host_kernel
+
+    try:
+        check_host_kernel(host)
+    except UsageError as e:
+        problem, _, fix = str(e).partition("; ")
+        return Item("kernel", "fail", problem, fix)
+    v = host.kernel_version
+    return Item("kernel", "ok", f"{f'Linux {v[0]}.{v[1]}' if v else 'kernel version unknown'}, "
+                f"lockdown {host.lockdown or 'not built in'}")
+
+
 def check(root: Path | str = "/") -> Report:
     host = discover(root)
     free = free_memory(host)
-    items = [check_cpus(host), check_memory(host, free), check_intremap(host), check_msr(host),
+    items = [check_kernel(host), check_cpus(host), check_memory(host, free), check_intremap(host), check_msr(host),
              check_devmem(host, free), check_tsc(host), check_corruption_check(host), check_iommu(host)]
     parked = [c.cpu for c in host.cpus if not c.online and not c.boot]
     return Report(items, parked, free)

@@ -30,6 +30,8 @@ class Host:
     pci: pci.PciTopology = field(default_factory=pci.PciTopology)  # root complexes and functions
     # PCI functions behind the host's mounted file systems and swap (host/storage.py)
     storage_functions: dict[str, list[str]] = field(default_factory=dict)
+    lockdown: str | None = None  # kernel lockdown mode (platform.read_lockdown)
+    kernel_version: tuple[int, int] | None = None  # the running host kernel's (major, minor)
 
     @property
     def live(self) -> bool:
@@ -108,6 +110,8 @@ def discover(root: Path | str = "/") -> Host:
         kernel_log=log,
         pci=pci.read_pci(root, log),
         storage_functions=storage.host_storage_functions(root),
+        lockdown=platform.read_lockdown(root),
+        kernel_version=platform.kernel_version(root, log),
     )
     host.numa = numa.build_nodes(srat, host.cpus, host.firmware_ram(), host.host_ram())
     return host

@@ -27,7 +27,7 @@ from coreslice.host import consoles
 from coreslice.host.snapshot import Host
 from coreslice.host.sysfs import format_cpu_list
 from coreslice.request import BootSpec
-from coreslice.units import format_size
+from coreslice.units import format_size, parse_size
 
 
 @dataclass
@@ -139,9 +139,41 @@ def slice_cmdline(console_port: int, tsc_khz: int, user: str, earlyprintk: bool,
 SlotReader = Callable[[int], "lowmem.SlotRecord | None"]
 
 
+# Linux 5.13 reserves all memory below 1 MiB (arch/x86/realmode: memblock_reserve(0, SZ_1M));
+# older hosts may allocate there, i.e. in the low-memory slots, unless reservelow= covers them.
+LOW_MEMORY_RESERVED_SINCE = (5, 13)
+
+
 def _check_root(host: Host) -> None:
     if host.live and os.geteuid() != 0:
         raise UsageError("coreslice boot must run as root (it writes physical memory and wakes CPUs); use sudo")
+    check_host_kernel(host)
+
+
+def check_host_kernel(host: Host) -> None:
+    """What the host kernel must allow and do for a launch (also `host check`'s)."""
+    if host.lockdown in ("integrity", "confidentiality"):
+        raise UsageError(f"the host kernel is locked down ({host.lockdown}, usually Secure Boot): it refuses "
+                         "/dev/mem and MSR writes; boot the host without lockdown (disable Secure Boot, or "
+                         "lockdown=none where the kernel allows it)")
+    v = host.kernel_version
+    if v is not None and v < LOW_MEMORY_RESERVED_SINCE:
+        low = cmdline_size_value(host.cmdline, "reservelow")
+        if low is None or low < lowmem.SLOT_BASES[-1] + lowmem.SLOT_SIZE:
+            raise UsageError(f"the host runs Linux {v[0]}.{v[1]}, which does not reserve all memory below 1 MiB "
+                             f"(5.13 does): its allocations may lie in the low-memory slots; boot the host with "
+                             "reservelow=640K, or a kernel 5.13 or newer")
+
+
+def cmdline_size_value(cmdline: str, key: str) -> int | None:
+    """A size parameter of a kernel command line (``reservelow=640K``) in bytes, or None."""
+    for word in cmdline.split():
+        if word.startswith(key + "="):
+            try:
+                return parse_size(word.split("=", 1)[1], key)
+            except UsageError:
+                return None
+    return None
 
 
 def _check_cpus(spec: BootSpec, host: Host) -> tuple[list[int], list[int], int]:
