@@ -113,6 +113,21 @@ def check_tsc_khz(khz: int | None) -> int | None:
     return khz
 
 
+def slice_defaults(cpus, ncpus: int | None, memory: str | None, config: Config) -> tuple[int | None, str]:
+    """(ncpus, memory) with the config's [slice] defaults filled in where the flags give none
+    (flags always win); refused when neither says."""
+    where = config.path or "the config"
+    if cpus is None and ncpus is None:
+        if config.slice.ncpus is None:
+            raise UsageError(f"no CPUs asked for; give --cpus LIST or --ncpus N, or set [slice] ncpus in {where}")
+        ncpus = config.slice.ncpus
+    if memory is None:
+        if config.slice.memory is None:
+            raise UsageError(f"no memory asked for; give --memory SIZE[@BASE], or set [slice] memory in {where}")
+        memory = format_size(config.slice.memory)
+    return ncpus, memory
+
+
 def boot_request(*, kernel: Path, initrd: Path | None, console: str, memory: str | None,
                  cpus: list[int] | None = None, ncpus: int | None = None, numa_node: int | None = None,
                  name: str | None = None, cmdline: str = "", devices=(), nic_vfs=(), nvme_vfs=(),
@@ -123,15 +138,7 @@ def boot_request(*, kernel: Path, initrd: Path | None, console: str, memory: str
     """Flags + config -> request.  Defaults for CPUs and memory come from the config's [slice]
     when the flags give none (flags always win)."""
     config = config or Config()
-    where = config.path or "the config"
-    if cpus is None and ncpus is None:
-        if config.slice.ncpus is None:
-            raise UsageError(f"no CPUs asked for: give --cpus LIST or --ncpus N, or set [slice] ncpus in {where}")
-        ncpus = config.slice.ncpus
-    if memory is None:
-        if config.slice.memory is None:
-            raise UsageError(f"no memory asked for: give --memory SIZE[@BASE], or set [slice] memory in {where}")
-        memory = format_size(config.slice.memory)
+    ncpus, memory = slice_defaults(cpus, ncpus, memory, config)
     size, base = parse_memory(memory)
     vfs = with_mac([parse_vf(t, "nic") for t in nic_vfs] + [parse_vf(t, "nvme") for t in nvme_vfs], mac)
     return BootRequest(

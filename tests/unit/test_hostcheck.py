@@ -21,7 +21,7 @@ def test_ready_host(tmp_path):
     r, items = _items(make_host_tree(tmp_path, cmdline=READY, devmem=True))
     assert r.ready, r.format()
     assert {n: i.status for n, i in items.items()} == {
-        "cpus": "ok", "memory": "ok", "intremap": "ok", "msr": "ok", "devmem": "ok", "tsc": "ok",
+        "kernel": "ok", "cpus": "ok", "memory": "ok", "intremap": "ok", "msr": "ok", "devmem": "ok", "tsc": "ok",
         "lowmem-scan": "ok", "iommu": "ok"}
     assert "CPUs 1-3 are parked (APIC IDs 1,2,3)" in items["cpus"].detail
     # Free RAM: firmware RAM minus the host's (below 1 GiB) minus the first MiB.

@@ -16,6 +16,7 @@ from coreslice import config as configmod
 from coreslice.cli.host import root_arg
 from coreslice.host.snapshot import discover
 from coreslice.plan.boot import check_resources
+from coreslice.request import slice_defaults
 from coreslice.host.sysfs import format_cpu_list, parse_cpu_list
 from coreslice.launch.session import open_ledger, slot_records
 from coreslice.host.consoles import normalize_pci_address
@@ -120,17 +121,7 @@ def _cmd_plan(args) -> int:
                              "e.g. 0000:21:00.0")
         devices.append(addr)
     args.devices = devices
-    config = configmod.load(args.config)
-    if args.cpus is None and args.ncpus is None:
-        if config.slice.ncpus is None:
-            raise UsageError(f"no CPUs asked for; give --cpus LIST or --ncpus N, or set [slice] ncpus in "
-                             f"{config.path or 'the config'}")
-        args.ncpus = config.slice.ncpus
-    if args.memory is None:
-        if config.slice.memory is None:
-            raise UsageError(f"no memory asked for; give --memory SIZE[@BASE], or set [slice] memory in "
-                             f"{config.path or 'the config'}")
-        args.memory = format_size(config.slice.memory)
+    args.ncpus, args.memory = slice_defaults(args.cpus, args.ncpus, args.memory, configmod.load(args.config))
     size, base = parse_memory(args.memory)
     live = args.host_root.resolve() == Path("/")
     host = discover(args.host_root)
