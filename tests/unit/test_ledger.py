@@ -26,7 +26,7 @@ from coreslice.machine.physmem import FakeMemory
 from coreslice.request import BootSpec
 
 from .hosttree import BOOT_ID, make_host_tree, two_node_srat
-from .test_boot_validation import Fakes
+from .plan.test_boot import Fakes
 
 GIB = 1 << 30
 MIB = 1 << 20

@@ -13,7 +13,7 @@ from coreslice.host import cpus, memory, platform
 from coreslice.host.snapshot import discover
 from coreslice.host.sysfs import MAX_CPU, format_cpu_list, parse_cpu_list
 
-from .hosttree import BOOT_ID, make_host_tree
+from ..hosttree import BOOT_ID, make_host_tree
 
 
 def test_cpu_lists_round_trip():
@@ -143,7 +143,7 @@ def test_a_host_root_that_is_no_directory_is_refused(tmp_path, make):
         discover(root)
 
 
-Q35 = Path(__file__).resolve().parents[1] / "fixtures/hosts/qemu-q35"
+Q35 = Path(__file__).resolve().parents[2] / "fixtures/hosts/qemu-q35"
 VDA1 = "devices/pci0000:00/0000:00:02.0/virtio1/block/vda/vda1"  # a virtio-blk disk on 00:02.0
 
 

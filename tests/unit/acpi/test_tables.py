@@ -31,7 +31,7 @@ from coreslice.acpi.tables import (
 )
 from coreslice.errors import UsageError
 
-from .hosttree import make_host_tree
+from ..hosttree import make_host_tree
 
 BASE = 0x7FF00000
 APIC_IDS = [2, 4, 6]

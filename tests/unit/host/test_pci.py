@@ -17,9 +17,9 @@ from coreslice.acpi.tables import McfgAllocation
 from coreslice.host import dmesg, pci
 from coreslice.host.snapshot import discover
 
-from .hosttree import ROOT_PORT, SRIOV_NIC, SRIOV_VF, make_host_tree
+from ..hosttree import ROOT_PORT, SRIOV_NIC, SRIOV_VF, make_host_tree
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hosts"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "hosts"
 
 
 def log_of(name: str) -> list[str]:

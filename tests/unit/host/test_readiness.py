@@ -7,7 +7,7 @@ import pytest
 from coreslice import cli
 from coreslice.host import readiness as hostcheck
 
-from .hosttree import make_host_tree
+from ..hosttree import make_host_tree
 
 READY = "console=ttyS0 maxcpus=1 mem=1G memory_corruption_check=0 intel_iommu=off"
 

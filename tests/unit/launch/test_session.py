@@ -22,7 +22,7 @@ from coreslice.machine.fake import FakeMachine
 from coreslice.machine.sriov import FakeOps
 from coreslice.request import boot_request
 
-from .hosttree import SRIOV_NIC, SRIOV_VF, make_host_tree
+from ..hosttree import SRIOV_NIC, SRIOV_VF, make_host_tree
 
 GIB = 1 << 30
 

@@ -17,8 +17,8 @@ from coreslice import cli
 from coreslice.acpi import acpica
 from coreslice.acpi.tables import checksum
 
-from .test_acpi_aml import assert_iasl_agrees
-from .test_pci_discovery import FIXTURES, Q35, Q35_PXB, SUPERMICRO, T630, XW9400, Z8
+from ..acpi.test_aml import assert_iasl_agrees
+from ..host.test_pci import FIXTURES, Q35, Q35_PXB, SUPERMICRO, T630, XW9400, Z8
 
 _BLOCK = re.compile(r"\[\d+\] (?:16|32|64)-Bit \w+ Address Space Resource\n(.*?)\n\n", re.S)
 _KIND = {"Bus Number Range": "bus", "I/O Range": "io", "Memory Range": "mem"}

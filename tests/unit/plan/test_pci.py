@@ -20,8 +20,8 @@ from coreslice.host.snapshot import discover
 from coreslice.machine.pci import FakePci
 from coreslice.plan.boot import PCI_PARAMS
 
-from .hosttree import ROOT_PORT, SRIOV_NIC, SRIOV_VF, add_pci_function
-from .test_boot_validation import Fakes, host_tree, initrd, refused, spec  # noqa: F401 (fixtures)
+from ..hosttree import ROOT_PORT, SRIOV_NIC, SRIOV_VF, add_pci_function
+from ..plan.test_boot import Fakes, host_tree, initrd, refused, spec  # noqa: F401 (fixtures)
 
 ECAM_20 = (0xB0000000 + (0x20 << 20), 2 << 20)  # buses 20-21 of the MCFG allocation at 0xb0000000
 
@@ -155,7 +155,7 @@ def test_cli_device_flag(tmp_path, host_tree, debian_kernel, initrd, capsys):  #
 
 # --- the emulated machine, captured (tests/fixtures/hosts/qemu-q35-pxb) ------------------------
 
-PXB_HOST = Path(__file__).resolve().parents[1] / "fixtures/hosts/qemu-q35-pxb"
+PXB_HOST = Path(__file__).resolve().parents[2] / "fixtures/hosts/qemu-q35-pxb"
 
 
 def test_emulated_console_on_a_pxb_root_bus(spec):

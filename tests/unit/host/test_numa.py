@@ -21,10 +21,10 @@ from coreslice.host import numa
 from coreslice.host.memory import Range
 from coreslice.host.snapshot import discover
 
-from .hosttree import make_host_tree, two_node_srat
+from ..hosttree import make_host_tree, two_node_srat
 
 GIB = 1 << 30
-QEMU_NUMA2 = Path(__file__).parents[1] / "fixtures/hosts/qemu-q35-numa2"
+QEMU_NUMA2 = Path(__file__).parents[2] / "fixtures/hosts/qemu-q35-numa2"
 
 
 def test_layout_sizes_match_acpi_6_5():

@@ -12,7 +12,7 @@ from coreslice.host import profiles as hostcfg
 from coreslice.acpi.tables import build_madt
 from coreslice.errors import UsageError
 
-from .hosttree import make_host_tree
+from ..hosttree import make_host_tree
 
 GRUB = 'GRUB_DEFAULT=0\nGRUB_CMDLINE_LINUX_DEFAULT="quiet splash"\nGRUB_CMDLINE_LINUX=""\n'
 

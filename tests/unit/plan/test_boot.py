@@ -20,7 +20,7 @@ from coreslice.machine.pci import FakePci
 from coreslice.machine.physmem import FakeMemory
 from coreslice.request import BootSpec
 
-from .hosttree import BOOT_ID, make_host_tree
+from ..hosttree import BOOT_ID, make_host_tree
 
 GIB = 1 << 30
 
@@ -264,7 +264,7 @@ def test_kernel_and_loader_data_in_different_gib_fit_the_slot(spec, host_tree, t
     on a 2 MiB boundary (as the Debian 6.12 kernel's init_size is not) and 4 KiB edge pages they
     would need 8 page-table pages, one more than the low-memory slot holds; rounded out to 2 MiB
     inside the slice's own RAM they fit (and map nothing outside it)."""
-    from .bzimage_fixture import write_bzimage
+    from ..bzimage_fixture import write_bzimage
     odd = write_bzimage(tmp_path / "vmlinuz-odd", payload_size=4 << 20, init_size=(56 << 20) + 0x3000)
     plan = launch.boot(dataclasses.replace(spec, kernel=odd, mem_size=2 * GIB, mem_base=0x100000000),
                        host=discover(host_tree), machine=Fakes().machine()).plan

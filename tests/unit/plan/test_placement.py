@@ -11,7 +11,7 @@ from coreslice.host.snapshot import discover
 from coreslice.ledger import SliceRecord
 from coreslice.plan.placement import Held, Request, fit_memory, free_resources, held_resources, place
 
-from .hosttree import BOOT_ID, make_host_tree, two_node_srat
+from ..hosttree import BOOT_ID, make_host_tree, two_node_srat
 
 GIB = 1 << 30
 MIB = 1 << 20

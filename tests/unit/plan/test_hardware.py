@@ -13,7 +13,7 @@ from coreslice import cli, machine
 from coreslice.acpi.tables import checksum
 from coreslice.machine.fake import FakeMachine
 
-from .hosttree import SRIOV_NIC, make_host_tree
+from ..hosttree import SRIOV_NIC, make_host_tree
 
 
 def x2apic_madt(apic_ids):

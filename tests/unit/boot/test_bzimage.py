@@ -12,8 +12,8 @@ from coreslice.boot.errors import BootFormatError
 from coreslice.boot.structs import SetupHeader
 from coreslice.errors import UsageError
 
-from .bzimage_fixture import INIT_SIZE, PAYLOAD_SIZE, RELEASE, SETUP_SECTS, VERSION_AT, write_bzimage
-from .hosttree import make_host_tree
+from ..bzimage_fixture import INIT_SIZE, PAYLOAD_SIZE, RELEASE, SETUP_SECTS, VERSION_AT, write_bzimage
+from ..hosttree import make_host_tree
 
 # Documentation/arch/x86/boot.rst, "The Real-Mode Kernel Header": (field, offset, size).
 BOOT_RST_HEADER = [

@@ -13,7 +13,7 @@ from coreslice.boot.structs import BootE820Entry, BootParams
 from coreslice.boot.zeropage import E820Entry, E820Type
 from coreslice.errors import UsageError
 
-from .bzimage_fixture import write_bzimage
+from ..bzimage_fixture import write_bzimage
 
 E820 = [
     E820Entry(0x28000, 0x8000, E820Type.RAM),

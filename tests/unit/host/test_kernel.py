@@ -13,7 +13,7 @@ from coreslice.acpi.tables import checksum
 from coreslice.host import readiness
 from coreslice.host.snapshot import discover
 
-from .hosttree import make_host_tree
+from ..hosttree import make_host_tree
 
 
 def _boot(capsys, root, tmp_path):
