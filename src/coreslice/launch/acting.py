@@ -37,13 +37,8 @@ class UndoLog:
         """Undo everything logged, newest first; say what was and what could not be undone."""
         if not self.entries:
             return "nothing had been changed"
-        n, failed = len(self.entries), []
-        while self.entries:
-            what, fn = self.entries.pop()
-            try:
-                fn()
-            except Exception as e:  # keep undoing the rest
-                failed.append(f"{what} ({e})")
+        n = len(self.entries)
+        failed = vfprep.undo_all(self.entries)
         if failed:
             return f"undid {n - len(failed)} of {n} changes; could not undo: {'; '.join(failed)}: fix these by hand"
         return f"undid all {n} changes made before the failure"

@@ -40,14 +40,19 @@ class Preparation:
 
     def undo(self) -> list[str]:
         """Undo every logged change, newest first; returns what could not be undone."""
-        failed = []
-        while self.undo_log:
-            what, fn = self.undo_log.pop()
-            try:
-                fn()
-            except Exception as e:  # keep undoing the rest
-                failed.append(f"{what} ({e})")
-        return failed
+        return undo_all(self.undo_log)
+
+
+def undo_all(log: list[tuple[str, Callable[[], None]]]) -> list[str]:
+    """Run the undo steps of ``log`` newest first, emptying it; what could not be undone."""
+    failed = []
+    while log:
+        what, fn = log.pop()
+        try:
+            fn()
+        except Exception as e:  # keep undoing the rest
+            failed.append(f"{what} ({e})")
+    return failed
 
 
 def _enable(ops: SriovOps, c: Checked, prep: Preparation, progress) -> None:
