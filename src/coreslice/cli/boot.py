@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from coreslice import config as configmod
@@ -96,6 +97,9 @@ def cmd_boot(args) -> int:
     machine = machine_for(req.live, req.host_root)
     progress = (lambda _m: None) if args.json else stderr_progress
     result = LaunchSession(req, machine, progress).run()
+    for w in result.plan.warnings:  # --json carries them in plan.warnings
+        if not args.json:
+            print(f"coreslice: warning: {w}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0

@@ -71,6 +71,7 @@ class Plan:
     dsdt_asl: str           # the DSDT as ASL (dry runs write it)
     reuse_slot: bool = False
     pci: PciPlan | None = None  # assigned PCI functions, their roots and ECAM (pciplan.py)
+    warnings: tuple[str, ...] = ()  # what boots but may not work, said at boot and in --json
 
     @property
     def entry(self) -> int:
@@ -100,6 +101,7 @@ class Plan:
             },
             "e820": [e.to_json() for e in self.e820],
             "pci": self.pci.to_json() if self.pci else None,
+            "warnings": list(self.warnings),
         }
 
 
@@ -257,6 +259,17 @@ def _check_device_interrupts(cpus: list[int], apic_ids: list[int], host: Host, p
                          "that the slice's devices send: they would never interrupt the slice; boot the host "
                          "with intremap=off (coreslice host configure --intremap off, xAPIC), or pass "
                          "--devices-polled if the slice's drivers poll")
+
+
+def _warnings(pci: PciPlan | None, base: int) -> list[str]:
+    out = []
+    if pci is not None and pci.devices and base >= 1 << 32:
+        # The kernel places its swiotlb bounce buffers below 4 GiB; with no RAM there it has none
+        # ("swiotlb_memblock_alloc: Failed to allocate"), so a device that can only DMA to 32-bit
+        # addresses cannot reach the slice's memory at all.
+        out.append("the slice's RAM lies all above 4 GiB, so its kernel has no swiotlb: a device limited to "
+                   "32-bit DMA cannot work there; give it memory below 4 GiB if one of its devices is")
+    return out
 
 
 def check_resources(cpus: list[int], base: int, size: int, host: Host) -> list[int]:
@@ -466,4 +479,5 @@ def make_plan(spec: BootSpec, host: Host, read_slot: SlotReader) -> Plan:
         zero_page_addr=zero_page_addr, cmdline_addr=cmdline_addr, acpi_addr=acpi_addr,
         page_tables_addr=slot + lowmem.PAGE_TABLES_OFFSET, page_table_ranges=pt_ranges,
         e820=e820, mcfg=mcfg, acpi=acpi, dsdt_asl=dsdt.asl, reuse_slot=reuse, pci=pci,
+        warnings=tuple(_warnings(pci, base)),
     )

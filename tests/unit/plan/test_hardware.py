@@ -107,3 +107,12 @@ def test_memory_above_2_to_the_46_is_refused(capsys, tmp_path):
     assert rc == 2 and "ends above 64 TiB" in err, err
     rc, _, err = _boot(capsys, root, tmp_path, "--cpus", "1", "--memory", f"512M@0x{(1 << 46) - (1 << 30):x}")
     assert rc == 0, err
+
+
+def test_a_slice_with_devices_all_above_4g_is_warned_of_swiotlb(capsys, tmp_path):
+    root = make_host_tree(tmp_path / "host")
+    rc, doc, err = _boot(capsys, root, tmp_path, "--cpus", "1", "--memory", "512M@0x100000000", "--device", SRIOV_NIC)
+    assert rc == 0, err
+    assert any("no swiotlb" in w for w in doc["plan"]["warnings"])
+    rc, doc, err = _boot(capsys, root, tmp_path, "--cpus", "1", "--memory", "512M@0x40000000", "--device", SRIOV_NIC)
+    assert rc == 0 and doc["plan"]["warnings"] == []
