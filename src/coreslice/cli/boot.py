@@ -9,6 +9,7 @@ from pathlib import Path
 
 from coreslice import config as configmod
 from coreslice.cli import slices, sriov
+from coreslice.cli.host import root_arg
 from coreslice.launch.session import LaunchSession, stderr_progress
 from coreslice.machine import FAKE_MACHINE_ENV, for_host as machine_for
 from coreslice.request import BootRequest, boot_request
@@ -71,7 +72,7 @@ def register(sub) -> None:
     p.add_argument("--dry-run", type=Path, metavar="DIR",
                    help="do everything except touching the machine: write plan.json, dsdt.asl and one file per "
                         "segment (physical address in the name) into DIR")
-    p.add_argument("--host-root", type=Path, default=Path("/"), metavar="DIR",
+    p.add_argument("--host-root", type=root_arg, default=Path("/"), metavar="DIR",
                    help="read the host from a captured tree of its /sys, /proc and /dev/kmsg instead of the live "
                         "host (only with --dry-run; for tests and planning on another machine; tests may set "
                         f"{FAKE_MACHINE_ENV}=1 to launch onto in-memory fakes instead)")
