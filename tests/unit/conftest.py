@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from .bzimage_fixture import DEBIAN_SIZED, SyntheticKernel, write_bzimage
+from .hosttree import make_host_tree
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +21,17 @@ def debian_kernel(tmp_path_factory):
     run without fetching it.  Why the size matters: bzimage_fixture.DEBIAN_SIZED."""
     path = write_bzimage(tmp_path_factory.mktemp("debian-sized") / "vmlinuz-synthetic", **DEBIAN_SIZED)
     return SyntheticKernel(path)
+
+
+@pytest.fixture
+def host_tree(tmp_path):
+    """A synthetic host tree (hosttree.py): the emulated machine's shape, 4 CPUs, two root buses."""
+    return make_host_tree(tmp_path / "host")
+
+
+@pytest.fixture
+def initrd(tmp_path):
+    """A small stand-in initramfs (its bytes are only copied, never unpacked)."""
+    p = tmp_path / "initrd.img"
+    p.write_bytes(b"\x07" * 300_000)
+    return p

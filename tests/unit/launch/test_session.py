@@ -22,21 +22,14 @@ from coreslice.machine.fake import FakeMachine
 from coreslice.machine.sriov import FakeOps
 from coreslice.request import boot_request
 
-from ..hosttree import SRIOV_NIC, SRIOV_VF, make_host_tree
+from ..hosttree import SRIOV_NIC, SRIOV_VF
 
 GIB = 1 << 30
 
 
 @pytest.fixture
-def tree(tmp_path):
-    return make_host_tree(tmp_path / "host")
-
-
-@pytest.fixture
-def initrd(tmp_path):
-    p = tmp_path / "initrd.img"
-    p.write_bytes(b"\x07" * 200_000)
-    return p
+def tree(host_tree):
+    return host_tree
 
 
 @pytest.fixture

@@ -41,18 +41,6 @@ class Fakes:
 
 
 @pytest.fixture
-def host_tree(tmp_path):
-    return make_host_tree(tmp_path / "host")
-
-
-@pytest.fixture
-def initrd(tmp_path):
-    p = tmp_path / "initrd.img"
-    p.write_bytes(b"\x07" * 300_000)
-    return p
-
-
-@pytest.fixture
 def spec(debian_kernel, initrd):
     return BootSpec(kernel=debian_kernel.vmlinuz, initrd=initrd, cpus=[1, 2], mem_size=GIB // 2,
                     mem_base=0x40000000, console="io:0x2f8", cmdline="quiet")

@@ -21,7 +21,7 @@ from coreslice.machine.pci import FakePci
 from coreslice.plan.boot import PCI_PARAMS
 
 from ..hosttree import ROOT_PORT, SRIOV_NIC, SRIOV_VF, add_pci_function
-from ..plan.test_boot import Fakes, host_tree, initrd, refused, spec  # noqa: F401 (fixtures)
+from ..plan.test_boot import Fakes, refused, spec  # noqa: F401 (spec is a fixture)
 
 ECAM_20 = (0xB0000000 + (0x20 << 20), 2 << 20)  # buses 20-21 of the MCFG allocation at 0xb0000000
 
