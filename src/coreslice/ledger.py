@@ -376,11 +376,11 @@ class Ledger:
         assert got is not None
         return got
 
-    def check(self, rec: SliceRecord) -> None:
+    def check(self, rec: SliceRecord, *, relaunch: bool = True) -> None:
         """reserve()'s conflict check alone, to refuse early with the same message (a record
         without slot and console checks CPUs, memory and name only)."""
         with self._connect() as con:
-            _check(rec, self._holding(con))
+            _check(rec, self._holding(con), relaunch)
 
     def begin_launch(self, row_id: int) -> None:
         """The machine is about to change: from now on the slice holds until reboot or stop,

@@ -410,6 +410,34 @@ def test_placed_boot_places_again_when_a_concurrent_launch_took_its_choice(tree,
     assert "slice 'slice-2' started: CPUs 2" in out
 
 
+
+def test_placed_boot_places_again_when_a_launch_reserved_its_choice_while_it_planned(
+        tree, debian_kernel, ledger_path, monkeypatch, capsys):
+    """The other launch reserves the same CPU and memory (under the same default name) between
+    this boot's placement and its early conflict check: a conflict to place again, not a relaunch
+    (the flaky failure of the race test above: 'is being launched right now')."""
+    real_check = Ledger.check
+    calls = []
+
+    def check(self, rec, **kw):
+        if not calls:
+            calls.append(Ledger(self.path, self.boot_id).reserve(SliceRecord(
+                name=rec.name, cpus=rec.cpus, apic_ids=rec.apic_ids, mem_base=rec.mem_base,
+                mem_size=rec.mem_size, low_slot=0x80000), relaunch=False))
+            import sqlite3  # held by another live process, as in the race
+            with sqlite3.connect(self.path) as con:
+                con.execute("UPDATE slices SET pid = ?", (os.getppid(),))
+        return real_check(self, rec, **kw)
+
+    monkeypatch.setattr(Ledger, "check", check)
+    monkeypatch.setenv("CORESLICE_FAKE_MACHINE", "1")
+    rc = cli.main(["boot", "--kernel", str(debian_kernel.vmlinuz), "--ncpus", "1", "--memory", "512M",
+                   "--console", "io:0x2f8", "--host-root", str(tree), "--ledger", str(ledger_path)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "a concurrent launch took those resources; placing again" in err
+    assert "slice 'slice-2' started: CPUs 2" in out
+
 # -- a damaged ledger file -------------------------------------------------------------------------
 
 def _damage(kind: str, path: Path, spec, host) -> None:

@@ -228,7 +228,7 @@ class LaunchSession:
         cpus = placement.cpus if placement else list(req.cpus or ())
         base = placement.mem_base if placement else req.mem_base
         spec = req.spec(cpus, base, devices=[c.vf for c in checked], cmdline_prefix=prefix, pci_extra=pci_extra)
-        plan, image = plan_spec(spec, view, self.machine, ledger)
+        plan, image = plan_spec(spec, view, self.machine, ledger, relaunch=_is_relaunch(placement))
         return Planned(spec, plan, image, placement, checked)
 
     # -- the whole transaction --------------------------------------------------------------
@@ -239,7 +239,13 @@ class LaunchSession:
         host = self.host or discover(req.host_root)
         ledger = open_ledger(req.ledger, host, readonly=True)  # read only until the reservation
         for attempt in range(1, PLACE_TRIES + 1):
-            planned = self.plan(host, ledger)
+            try:
+                planned = self.plan(host, ledger)
+            except LedgerConflict:  # a concurrent launch reserved between placing and checking
+                if not req.placed_by_us or attempt == PLACE_TRIES:
+                    raise
+                self.progress("a concurrent launch took those resources; placing again")
+                continue
             t1 = time.perf_counter()
             result = BootResult(planned.plan, planned.image, {"plan": t1 - t0}, placement=planned.placement)
             if req.dry_run is not None:
@@ -261,11 +267,15 @@ class LaunchSession:
 
     def _launch(self, planned: Planned, host: Host, result: BootResult, t0: float) -> BootResult:
         assert self.machine is not None
-        # Resources placement chose as free are a relaunch only when placement said so (--name).
-        relaunch = planned.placement is None or planned.placement.relaunch is not None
+        relaunch = _is_relaunch(planned.placement)
         ledger = open_ledger(self.req.ledger, host, readonly=False)
         return reserve_and_act(planned.spec, planned.plan, planned.image, planned.vfs, host, self.machine,
                                ledger, self.progress, result, t0, relaunch=relaunch)
+
+
+def _is_relaunch(placement: Placement | None) -> bool:
+    # Resources placement chose as free are a relaunch only when placement said so (--name).
+    return placement is None or placement.relaunch is not None
 
 
 def reserve_and_act(spec: BootSpec, plan: Plan, image: BootImage, vfs: list[vfplan.Checked], host: Host,
@@ -350,15 +360,18 @@ def check_guest_kernel(guest_kernel: str, reqs, devices, host: Host) -> None:
             raise UsageError(f"--device {fn.address} is an SR-IOV VF of {fn.physfn}; {vfplan.STOCK_VF_REFUSAL}")
 
 
-def plan_spec(spec: BootSpec, host: Host, machine: Machine | None, ledger: Ledger | None) -> tuple[Plan, BootImage]:
-    """A decided spec against the host: the ledger's conflicts, every plan check, the image."""
+def plan_spec(spec: BootSpec, host: Host, machine: Machine | None, ledger: Ledger | None,
+              *, relaunch: bool = True) -> tuple[Plan, BootImage]:
+    """A decided spec against the host: the ledger's conflicts, every plan check, the image.
+    ``relaunch=False``: the resources were placed as free, so a slice holding them is a conflict
+    (reserve()'s rule), never a relaunch."""
     held = ledger.holding() if ledger else []
     if ledger is not None:  # CPUs, memory or name of a recorded slice: refuse now, naming it
         by_num = {c.cpu: c.apic_id for c in host.cpus}
         ledger.check(SliceRecord(
             name=spec.name or f"slice-{spec.cpus[0] if spec.cpus else '?'}", cpus=tuple(spec.cpus),
             apic_ids=tuple(a for a in (by_num.get(c) for c in spec.cpus) if a is not None),
-            mem_base=spec.mem_base, mem_size=spec.mem_size))
+            mem_base=spec.mem_base, mem_size=spec.mem_size), relaunch=relaunch)
     read = slot_reader(machine.mem) if machine is not None and not (host.live and os.geteuid() != 0) \
         else (lambda _slot: None)
     plan = make_plan(spec, host, slot_view(read, held, host.boot_id))
