@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from coreslice import __version__
-from coreslice.cli import boot, demo, dsdt, host, slices, sriov, testbed
+from coreslice.cli import boot, demo, dsdt, host, image, nvme, slices, sriov, testbed
 from coreslice.errors import CoresliceError, UsageError
 
 
@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     host.register(hsub)  # show
     dsdt.register(sub)
     sriov.register(sub)
+    image.register(sub)
+    nvme.register(sub)
     testbed.register(sub)
     demo.register(sub)
     return parser

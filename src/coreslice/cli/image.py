@@ -1,0 +1,5 @@
+"""``coreslice image``: build and install slice disk images (placeholder)."""
+
+
+def register(sub) -> None:
+    pass

@@ -1,0 +1,1 @@
+"""NVMe namespace management through nvme-cli (see ops.py)."""
