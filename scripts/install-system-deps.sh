@@ -102,6 +102,13 @@ qemu_major() {  # the major version of the qemu-system-x86_64 on PATH, or 0
     echo "${v:-0}"
 }
 
+# mkfs.ext4 -d reads a tarball from e2fsprogs 1.47.1 on (slice images are built from one).
+e2fs_new_enough() {
+    local v
+    v=$(mke2fs -V 2>&1 | sed -nE '1s/^mke2fs ([0-9]+)\.([0-9]+)\.?([0-9]*).*/\1 \2 \3/p')
+    [ -n "$v" ] && set -- $v && [ $(( $1 * 10000 + $2 * 100 + ${3:-0} )) -ge 14701 ]
+}
+
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 
 updated=0
@@ -115,10 +122,12 @@ if ! ls /var/lib/apt/lists/*bookworm-backports*Packages* >/dev/null 2>&1; then
     updated=1
 fi
 
-# iproute2 and nvme-cli run inside the emulated host (its root is this machine's); e2fsprogs
-# builds and reads the slices' disk images; acpica-tools checks the generated ACPI tables.
-base_pkgs="e2fsprogs busybox-static cpio kmod iproute2 acpica-tools ca-certificates python3 python3-venv nvme-cli"
-[ "$with_test" -eq 1 ] && base_pkgs="$base_pkgs mmdebstrap git"
+# iproute2, nvme-cli and the ssh client run inside the emulated host (its root is this
+# machine's); mmdebstrap, sfdisk (fdisk), libarchive (read by mkfs.ext4 -d) and e2fsprogs build
+# the slices' disk images; acpica-tools checks the generated ACPI tables.
+base_pkgs="e2fsprogs busybox-static cpio kmod iproute2 acpica-tools ca-certificates python3 python3-venv nvme-cli
+ mmdebstrap fdisk libarchive13 openssh-client"
+[ "$with_test" -eq 1 ] && base_pkgs="$base_pkgs git"
 # From backports: QEMU 10 (the emulated machine; its igb/nvme SR-IOV models need it).
 bp_pkgs="qemu-system-x86 qemu-utils"
 
@@ -127,6 +136,10 @@ for p in $base_pkgs; do installed "$p" || missing="$missing $p"; done
 bp_missing=""
 if [ "$(qemu_major)" -lt 10 ]; then
     bp_missing="$bp_pkgs"
+fi
+# e2fsprogs from backports (1.47.2) where the installed one cannot take a tarball.
+if ! e2fs_new_enough; then
+    bp_missing="$bp_missing e2fsprogs"
 fi
 
 if [ -z "$missing" ] && [ -z "$bp_missing" ] && [ "$updated" -eq 0 ]; then
@@ -144,4 +157,5 @@ if [ -n "$bp_missing" ]; then
 fi
 major=$(qemu_major)
 [ "$major" -ge 10 ] || die "qemu-system-x86_64 is version $major after the install; QEMU 10 or newer is needed"
+e2fs_new_enough || die "mke2fs is $(mke2fs -V 2>&1 | head -1) after the install; e2fsprogs 1.47.1 or newer is needed"
 say "system packages installed (QEMU $major)"

@@ -10,6 +10,7 @@ from pathlib import Path
 from coreslice import config as configmod
 from coreslice.cli import slices, sriov
 from coreslice.cli.host import root_arg
+from coreslice.errors import UsageError
 from coreslice.launch.session import LaunchSession, stderr_progress
 from coreslice.machine import FAKE_MACHINE_ENV, for_host as machine_for
 from coreslice.request import BootRequest, boot_request
@@ -45,8 +46,12 @@ def register(sub) -> None:
     p = sub.add_parser("boot", help="boot a kernel as a slice on parked CPUs and free RAM",
                        description=BOOT_HELP, epilog=BOOT_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernel", required=True, type=Path, metavar="PATH", help="x86-64 bzImage (e.g. /boot/vmlinuz-*)")
+    p.add_argument("--kernel", type=Path, metavar="PATH", help="x86-64 bzImage (e.g. /boot/vmlinuz-*)")
     p.add_argument("--initrd", type=Path, metavar="PATH", help="initramfs for the slice")
+    p.add_argument("--image", metavar="NAME|DIR",
+                   help="boot what `coreslice image build` made: the kernel, initrd and root=LABEL=... of DIR's "
+                        "image.json (a NAME is looked up under /var/lib/coreslice/images); the disk itself must be among the "
+                        "slice's devices (--device or --nvme-vf)")
     p.add_argument("--cmdline", default="", metavar="STR",
                    help="kernel parameters appended after coreslice's own (console, noapic, tsc, pci=off ...)")
     slices.add_placement_args(p)  # --cpus|--ncpus, --memory, --numa-node, --name, --ledger
@@ -83,13 +88,29 @@ def register(sub) -> None:
 def request_from(args) -> BootRequest:
     """The namespace and the configuration file, resolved once into the typed request."""
     config = configmod.load(args.config)
+    kernel, initrd, cmdline = image_boot_files(args.image, args.kernel, args.initrd, args.cmdline)
     return boot_request(
-        kernel=args.kernel, initrd=args.initrd, console=args.console, memory=args.memory, cpus=args.cpus,
-        ncpus=args.ncpus, numa_node=args.numa_node, name=args.name, cmdline=args.cmdline,
+        kernel=kernel, initrd=initrd, console=args.console, memory=args.memory, cpus=args.cpus,
+        ncpus=args.ncpus, numa_node=args.numa_node, name=args.name, cmdline=cmdline,
         devices=args.devices, nic_vfs=args.nic_vfs, nvme_vfs=args.nvme_vfs, mac=args.mac,
         guest_kernel=args.guest_kernel, tsc_khz=args.tsc_khz, earlyprintk=args.earlyprintk,
         devices_polled=args.devices_polled,
         dry_run=args.dry_run, host_root=args.host_root, ledger=args.ledger, config=config)
+
+
+def image_boot_files(image: str | None, kernel: Path | None, initrd: Path | None,
+                     cmdline: str) -> tuple[Path, Path | None, str]:
+    """--image fills --kernel, --initrd and root=LABEL=... (a root= in --cmdline wins)."""
+    if image is None:
+        if kernel is None:
+            raise UsageError("give the slice's kernel with --kernel PATH, or --image NAME|DIR from coreslice image build")
+        return kernel, initrd, cmdline
+    if kernel is not None or initrd is not None:
+        raise UsageError("--image brings its own kernel and initrd; drop --kernel/--initrd, or drop --image")
+    from coreslice.image.build import load_manifest  # only here: keeps boot's imports small
+    m = load_manifest(image)
+    ours = " ".join(w for w in m["cmdline"].split() if not (w.startswith("root=") and "root=" in cmdline))
+    return Path(m["vmlinuz"]), Path(m["initrd"]), " ".join(x for x in (ours, cmdline) if x)
 
 
 def cmd_boot(args) -> int:
