@@ -87,6 +87,20 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "NIC (link K: host 10.99.K.1/24, slice 10.99.K.2); the slice pings the host. "
                         "With --storage/--network the host also gets its own NVMe disk and NIC, "
                         "checked after the slices reported")
+    p.add_argument("--guest-os", metavar="debian|DIR",
+                   help="each slice boots a real OS from its own NVMe disk (implies --storage; needs --network): "
+                        "'debian' builds one per slice with coreslice image build (systemd, cloud-init, "
+                        "openssh-server, the testbed kernel; the Debian root is cached), DIR boots an image "
+                        "out-dir through a copy-on-write overlay.  The host logs in over SSH and the slice's JSON "
+                        "gets \"os\": hostname, ssh_ok, cloud_init, root_source, seconds_to_ssh")
+    p.add_argument("--guest-cloud-config", type=Path, metavar="FILE",
+                   help="cloud-init user-data for --guest-os debian (default: user 'slicer' with the run's key, "
+                        "hostname slice<K>); the host logs in as its first user")
+    p.add_argument("--guest-ssh-key", type=Path, metavar="FILE",
+                   help="the private key the host logs in with (its .pub must be beside it; default: a new "
+                        "ed25519 pair in the run dir)")
+    p.add_argument("--keep-guest-disks", action="store_true",
+                   help="keep the guest disks in the run dir (default: removed after the run; they are large)")
     p.add_argument("--workdir", type=Path, default=None, metavar="DIR",
                    help="run directory (new or empty; anywhere but /proc, /sys, /dev); default: "
                         "$CORESLICE_CACHE/runs/<time>-<pid> (cache: ~/.cache/coreslice)")
@@ -116,6 +130,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         numa=args.numa,
         sriov=args.sriov,
         storage=args.storage, network=args.network,
+        guest_os=args.guest_os, guest_cloud_config=args.guest_cloud_config,
+        guest_ssh_key=args.guest_ssh_key, keep_guest_disks=args.keep_guest_disks,
     )
     return main_run(opts, args.json)
 

@@ -211,6 +211,9 @@ def build(req: BuildRequest, progress: Progress = lambda m: None) -> dict:
     if not info.modules.get(release):
         raise UsageError(f"kernel {release} in {tarball} has no NVMe driver (nvme.ko or built in); its initramfs "
                          "cannot find a root on NVMe: use a kernel with CONFIG_BLK_DEV_NVME")
+    if c.net is not None and c.net.mac is None and info.ifupdown:
+        raise UsageError(f"{tarball} configures its network with ifupdown, whose cloud-init renderer cannot match "
+                         "a NIC by name pattern; give the slice NIC's MAC with --nic-mac")
     if not info.init:
         raise UsageError(f"{tarball} has no /sbin/init or systemd; give a bootable root file system")
     need = needed_bytes(info)

@@ -53,6 +53,9 @@ DROPIN_TEXT = f"""\
 datasource_list: [ NoCloud, None ]
 # Slices may boot under emulation, where RSA/ECDSA host-key generation costs minutes.
 ssh_genkeytypes: [ed25519]
+# A minimal root generates no en_US.UTF-8, so cloud-init's default locale step fails (and
+# cloud-init reports an error); leave the locale alone unless user-data sets one.
+locale: false
 """
 
 
@@ -104,7 +107,9 @@ def _ipv4(text: str, what: str) -> ipaddress.IPv4Address:
 def network_config(net: NetSpec) -> dict:
     """cloud-init network config v2 for the slice's one NIC."""
     # The NIC is a PCIe function named enpXsY by udev; without a MAC match any en* device.
-    eth: dict = {"match": {"macaddress": net.mac} if net.mac else {"name": "en*"}}
+    # set-name: cloud-init's ENI renderer (ifupdown images) names the interface after the key,
+    # so the NIC is renamed to it; it cannot render a name glob (netplan and networkd can).
+    eth: dict = {"match": {"macaddress": net.mac}, "set-name": "slice0"} if net.mac else {"match": {"name": "en*"}}
     if net.mode == "dhcp":
         eth["dhcp4"] = True
     else:

@@ -52,6 +52,7 @@ class TarballInfo:
     init: bool = False
     cloud_init: bool = False
     sshd: bool = False
+    ifupdown: bool = False
 
     def release(self, wanted: str | None = None) -> str:
         """The kernel release the image boots: the newest with vmlinuz, initrd and modules."""
@@ -107,6 +108,8 @@ def scan_tarball(path: Path) -> TarballInfo:
                     info.cloud_init = True
                 elif base in ("usr/sbin/sshd",):
                     info.sshd = True
+                elif base in ("sbin/ifup", "usr/sbin/ifup"):
+                    info.ifupdown = True
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         what = "truncated or damaged" if isinstance(e, (EOFError, tarfile.ReadError)) else "unreadable"
         raise UsageError(f"--rootfs {path} is {what} ({e}); download it again and check its --sha256") from None

@@ -65,6 +65,8 @@ class SliceLink:
     storage: bool
     network: bool
     image: Path | None = None
+    image_format: str = "raw"
+    guest_os: bool = False  # the disk holds a slice OS (guestos.py), not the hello image
 
     @property
     def bus(self) -> int:
@@ -77,6 +79,10 @@ class SliceLink:
     @property
     def nic_address(self) -> str:
         return f"0000:{self.bus + 3:02x}:00.0"
+
+    @property
+    def slice_mac(self) -> str:
+        return f"52:54:00:99:{self.k:02x}:02"
 
     @property
     def host_nic_address(self) -> str:
@@ -148,13 +154,13 @@ def machine_args(links: Sequence[SliceLink], run_dir: Path, host_devices: bool =
         if link.storage:
             rp = f"{pxb}rp1"
             args += ["-device", f"pcie-root-port,id={rp},bus={pxb},chassis={bus:#x},slot=1,addr=0x1",
-                     "-drive", f"if=none,id={pxb}disk,format=raw,file={link.image}",
+                     "-drive", f"if=none,id={pxb}disk,format={link.image_format},file={link.image}",
                      "-device", f"nvme,drive={pxb}disk,serial=cs-{pxb},bus={rp},addr=0x0"]
         if link.network:
             rp = f"{pxb}rp2"
             args += ["-device", f"pcie-root-port,id={rp},bus={pxb},chassis={bus:#x},slot=2,addr=0x2",
                      "-netdev", f"hubport,id={pxb}net,hubid={link.k}",
-                     "-device", f"{NIC_MODEL},netdev={pxb}net,mac=52:54:00:99:{link.k:02x}:02,"
+                     "-device", f"{NIC_MODEL},netdev={pxb}net,mac={link.slice_mac},"
                                 f"bus={rp},addr=0x0",
                      "-netdev", f"hubport,id={pxb}hostnet,hubid={link.k}",
                      "-device", f"{NIC_MODEL},netdev={pxb}hostnet,mac=52:54:00:99:{link.k:02x}:01,"
@@ -283,7 +289,7 @@ def read_image_file(image: Path, name: str) -> str | None:
 def build_images(links: Sequence[SliceLink], run_dir: Path) -> None:
     build_image(run_dir / "disk-host.img", HOST_DISK_LABEL, {DATA_FILE: known_content("host") + "\n"})
     for link in links:
-        if link.storage and link.image is not None:
+        if link.storage and link.image is not None and not link.guest_os:
             build_image(link.image, f"cs-{link.port.name}", {DATA_FILE: known_content(link.port.name) + "\n"})
 
 
@@ -294,7 +300,7 @@ def slice_result(link: SliceLink, report: dict | None) -> dict:
     """``storage`` / ``network`` of a slice's JSON result (after the machine stopped)."""
     rep = report or {}
     out: dict = {"devices": link.describe()}
-    if link.storage:
+    if link.storage and not link.guest_os:
         st = rep.get("storage") or {}
         text = read_image_file(link.image, RESULT_FILE) if link.image else None
         out["storage"] = {
@@ -304,7 +310,7 @@ def slice_result(link: SliceLink, report: dict | None) -> dict:
             "written_reported": st.get("written"),
             "result_file": text.strip() if text else None,
         }
-    if link.network:
+    if link.network and not link.guest_os:
         nt = rep.get("network") or {}
         out["network"] = {"ping_ok": bool(nt.get("ping_ok")), "rtt_ms": nt.get("rtt_ms"),
                           "address": link.slice_ip, "peer": link.host_ip}

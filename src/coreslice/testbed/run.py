@@ -29,6 +29,7 @@ from pathlib import Path
 
 import coreslice
 from coreslice.errors import CoresliceError, UsageError
+from coreslice.testbed import guestos
 from coreslice.testbed import hostview, initramfs, interrupts, job as jobmod, kernels, report
 from coreslice.testbed.paths import cache_dir
 from coreslice.testbed.qemu import (
@@ -74,6 +75,11 @@ class RunOptions:
     # and NIC.
     storage: bool = False
     network: bool = False
+    # A real OS on each slice's NVMe (testbed/guestos.py): "debian" or an image out-dir.
+    guest_os: str | None = None
+    guest_cloud_config: Path | None = None
+    guest_ssh_key: Path | None = None  # private key; its .pub beside it
+    keep_guest_disks: bool = False
 
 
 def python_for_host() -> tuple[str, str]:
@@ -89,6 +95,9 @@ def _named_files(args) -> list[Path]:
         v = jobmod.option_value(args, opt)
         if v and os.path.isabs(v):
             out.append(Path(v))
+    v = jobmod.option_value(args, "--image")
+    if v and os.path.isabs(v):
+        out.append(Path(v) / "image.json")
     return out
 
 
@@ -164,8 +173,9 @@ def _read_int(path: Path) -> int | None:
 
 
 class _SliceState:
-    def __init__(self, job: jobmod.SliceJob) -> None:
+    def __init__(self, job: jobmod.SliceJob, guest: bool = False) -> None:
         self.job = job
+        self.guest = guest  # runs a guest OS: reached over SSH by the host, reports nothing
         self.started: float | None = None  # monotonic
         self.started_wall: float | None = None
         self.started_uptime: float | None = None
@@ -178,7 +188,7 @@ class _SliceState:
 
     def waiting(self, now: float, slice_timeout: float) -> bool:
         """Still expected to report."""
-        if self.report is not None or self.exit_code is None or self.exit_code != 0:
+        if self.report is not None or self.exit_code is None or self.exit_code != 0 or self.guest:
             return False
         return self.started is not None and now - self.started < slice_timeout
 
@@ -205,6 +215,11 @@ def run(options: RunOptions) -> dict:
     host_initrd = (initramfs.build_host_initramfs(kernel, initramfs.HOST_MODULES + sriovdevs.MODULES)
                    if options.sriov else initramfs.build_host_initramfs(kernel))
     slice_initrd = initramfs.build_slice_initramfs(kernel)
+    if options.guest_os is not None:
+        guestos.check_choice(options.guest_os)
+        if not options.network:
+            raise UsageError("--guest-os: the host reaches the slice's OS over SSH; add --network")
+        options = dataclasses.replace(options, storage=True)
     data = options.storage or options.network
     if data:
         extra_mods = datapath.DATA_MODULES + (sriovdevs.MODULES if options.sriov else ())
@@ -232,12 +247,24 @@ def run(options: RunOptions) -> dict:
                                       machine.serial_ports, allow_shared_console=options.wait_each,
                                       default_kind="pxb" if options.pci_consoles else "isa")
     links: list[datapath.SliceLink] = []
+    guests: list[guestos.Guest] = []
+    guest_lines: list[str] = []
     if data:
         links = [datapath.link_for_port(j.port, options.storage, options.network, run_dir) for j in jobs]
         names = [ln.port.name for ln in links]
         if len(set(names)) != len(names):
             raise UsageError("--storage/--network: give each slice its own console (root bus)")
         jobs = [dataclasses.replace(j, args=datapath.slice_args(j.args, ln)) for j, ln in zip(jobs, links)]
+        if options.guest_os is not None:
+            key = guestos.ensure_keypair(run_dir, options.guest_ssh_key)
+            for ln in links:
+                guests.append(guestos.prepare(options.guest_os, run_dir, ln.k, kernel, key,
+                                              options.guest_cloud_config, ln.slice_ip, ln.host_ip, ln.slice_mac))
+            links = [dataclasses.replace(ln, image=g.disk, image_format=g.disk_format, guest_os=True)
+                     for ln, g in zip(links, guests)]
+            jobs = [dataclasses.replace(j, args=guestos.slice_args(j.args, g)) for j, g in zip(jobs, guests)]
+            guest_lines = guestos.host_check_lines(
+                [(j.index, g, ln.slice_ip) for j, g, ln in zip(jobs, guests, links)], key, options.slice_timeout)
         datapath.build_images(links, run_dir)
         config.extra_args = tuple(config.extra_args) + tuple(datapath.machine_args(links, run_dir))
     # The source tree, venv and slice kernels/initrds each get a share of their own, mounted
@@ -258,13 +285,13 @@ def run(options: RunOptions) -> dict:
         jobmod.render_job_script(run_dir, hp.interpreter, hp.pythonpath, jobs, options.host_cmds,
                                  wait_each=options.wait_each,
                                  setup_lines=datapath.host_setup_lines(links) if data else (),
-                                 check_lines=datapath.host_check_lines(links) if data else ())
+                                 check_lines=guest_lines + (datapath.host_check_lines(links) if data else []))
     )
     for i, cmd in enumerate(options.host_cmds):
         (run_dir / f"hostcmd-{i}.sh").write_text(cmd + "\n")
 
     progress(f"run directory {run_dir}")
-    states = [_SliceState(j) for j in jobs]
+    states = [_SliceState(j, guest=bool(guests)) for j in jobs]
     host: dict = {
         "kernel_release": kernel.release,
         "kernel_package_version": kernel.version,
@@ -388,7 +415,25 @@ def run(options: RunOptions) -> dict:
     result = _collect(run_dir, machine, states, options, host)
     if data:
         _collect_data(run_dir, result, states, links)
+    if guests:
+        _collect_guests(run_dir, result, states, guests, options.keep_guest_disks)
     return result
+
+
+def _collect_guests(run_dir: Path, result: dict, states: list[_SliceState], guests: list, keep: bool) -> None:
+    ok = True
+    for s, g, out in zip(states, guests, result["slices"]):
+        o = guestos.result(run_dir, s.job.index, g, s.ended_uptime)
+        out["os"] = o
+        out["booted"] = o["ssh_ok"]
+        ok = ok and o["ssh_ok"] and o["cloud_init"] == "done" and (g.hostname is None or o["hostname"] == g.hostname)
+        if not keep:
+            guestos.discard_disk(g)
+    result["guest_os_ok"] = bool(ok)
+    # "booted" of a guest slice is its SSH login, known only now: the overall verdict again.
+    booted = all(sl["booted"] for sl in result["slices"] if sl["exit_code"] == 0)
+    result["ok"] = bool(result["host"]["job_finished"] and booted and result.get("data_ok", True) and ok)
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def _collect_data(run_dir: Path, result: dict, states: list[_SliceState],
@@ -537,6 +582,11 @@ def format_summary(result: dict) -> str:
             nt = s["network"]
             out.append(f"         network: ping {nt['peer']} from {nt['address']} "
                        f"{'ok, rtt ' + str(nt['rtt_ms']) + ' ms' if nt['ping_ok'] else 'FAILED'}")
+        if s.get("os"):
+            o = s["os"]
+            out.append(f"         os: ssh {o['user']}@ " + (
+                f"ok after {o['seconds_to_ssh']} s: hostname {o['hostname']}, {o['nproc']} CPUs, root "
+                f"{o['root_source']}, cloud-init {o['cloud_init']}" if o["ssh_ok"] else f"FAILED ({o['ssh_error']})"))
         out.append(f"         console log {s['console_log']}")
         if s["exit_code"] and s.get("stderr"):
             out += ["         " + ln for ln in s["stderr"].strip().splitlines()[-5:]]

@@ -84,7 +84,7 @@ def test_network_config_static_by_mac_round_trips():
     net = ci.parse_network("10.99.1.2/24,10.99.1.1,10.99.1.1;9.9.9.9", mac="02:c5:00:00:00:07")
     seed = ci.make_seed(hostname="s1", net=net)
     assert yaml.safe_load(seed.network_config) == {"version": 2, "ethernets": {"slice0": {
-        "match": {"macaddress": "02:c5:00:00:00:07"}, "dhcp4": False, "addresses": ["10.99.1.2/24"],
+        "match": {"macaddress": "02:c5:00:00:00:07"}, "set-name": "slice0", "dhcp4": False, "addresses": ["10.99.1.2/24"],
         "routes": [{"to": "0.0.0.0/0", "via": "10.99.1.1"}],
         "nameservers": {"addresses": ["10.99.1.1", "9.9.9.9"]}}}}
 
@@ -320,6 +320,7 @@ def test_seed_files():
     assert files[d + "network-config"] == (seed.network_config, 0o600)
     text, mode = files["etc/cloud/cloud.cfg.d/90-coreslice.cfg"]
     assert mode == 0o644 and b"coreslice" in text.splitlines()[0]
-    assert yaml.safe_load(text) == {"datasource_list": ["NoCloud", "None"], "ssh_genkeytypes": ["ed25519"]}
+    assert yaml.safe_load(text) == {"datasource_list": ["NoCloud", "None"], "ssh_genkeytypes": ["ed25519"],
+                                     "locale": False}
     assert not any(p.startswith("/") for p in files)
     assert d + "network-config" not in ci.seed_files(ci.make_seed(hostname="s1"))
