@@ -53,7 +53,7 @@ BUSY_TIMEOUT = 30.0  # seconds a launch waits for another one's transaction
 # SQLite's messages for a file it cannot open, lock or write (anything else is a damaged file).
 _ACCESS_PROBLEM = re.compile(r"locked|readonly|read-only|unable to open|permission|disk I/O", re.I)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the namespaces table (image install); a version-1 file gains it on the next write
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS slices (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -79,6 +79,19 @@ CREATE TABLE IF NOT EXISTS slices (
     ended_at    REAL
 );
 CREATE INDEX IF NOT EXISTS slices_by_boot ON slices (boot_id, state);
+-- Which NVMe namespace holds which VF's disk (coreslice image install).  Not per host boot: a
+-- namespace stays attached to its secondary controller across reboots.
+CREATE TABLE IF NOT EXISTS namespaces (
+    pf           TEXT    NOT NULL,          -- the PF's PCI address
+    subsysnqn    TEXT    NOT NULL,
+    nsid         INTEGER NOT NULL,
+    vf_index     INTEGER NOT NULL,
+    cntlid       INTEGER NOT NULL,          -- the VF's secondary controller
+    created      INTEGER NOT NULL,          -- 1: image install created the namespace
+    image        TEXT,                      -- the image out-dir (image.json)
+    installed_at REAL    NOT NULL,
+    PRIMARY KEY (subsysnqn, nsid)
+);
 """
 
 
@@ -408,6 +421,25 @@ class Ledger:
         """Forget a reservation whose launch stopped before the first write to the machine."""
         with self._transaction() as con:
             con.execute("DELETE FROM slices WHERE id = ? AND state = 'reserved'", (row_id,))
+
+    def record_namespace(self, *, pf: str, subsysnqn: str, nsid: int, vf_index: int, cntlid: int,
+                         created: bool, image: str | None) -> None:
+        """The namespace now holds VF ``vf_index``'s disk (replacing an older record of it)."""
+        with self._transaction() as con:
+            con.execute("INSERT OR REPLACE INTO namespaces (pf, subsysnqn, nsid, vf_index, cntlid, created, image, "
+                        "installed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (pf, subsysnqn, nsid, vf_index, cntlid, int(created), image, time.time()))
+
+    def namespaces(self) -> list[dict]:
+        """Every recorded namespace -> VF assignment ([] for a ledger from before them)."""
+        with self._connect() as con:
+            if con is None:
+                return []
+            try:
+                rows = con.execute("SELECT * FROM namespaces ORDER BY pf, nsid").fetchall()
+            except sqlite3.OperationalError:  # a version-1 file opened read-only: no such table
+                return []
+            return [dict(r) for r in rows]
 
     def mark_stopped(self, row_id: int) -> None:
         with self._transaction() as con:

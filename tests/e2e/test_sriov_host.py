@@ -27,7 +27,24 @@ FIND = ('pf() { for d in /sys/bus/pci/devices/*; do [ -e $d/sriov_totalvfs ] && 
 
 
 @pytest.fixture(scope="module")
-def result(testbed_ready):
+def image_tar():
+    """A small synthetic root where the emulated host can read it (the cache: shared read-only;
+    the host's /tmp is its own)."""
+    import importlib.util
+    from coreslice.testbed.paths import cache_dir
+    spec = importlib.util.spec_from_file_location(
+        "rootfs_fixture", Path(__file__).resolve().parents[1] / "unit" / "image" / "rootfs_fixture.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    d = cache_dir() / "test-data"
+    d.mkdir(exist_ok=True)
+    return mod.make_root(d / f"install-root-{os.getpid()}.tar")
+
+
+@pytest.fixture(scope="module")
+def result(testbed_ready, image_tar):
+    install = (f'python3 -m coreslice image install --rootfs {image_tar} --out-dir /tmp/img1 --quiet '
+               '--nvme-vf $NVME:1')
     cmds = [
         # 0: refused before any change: index beyond the VFs, a NIC given as NVMe, a VF for a stock kernel
         FIND + 'python3 -m coreslice sriov prepare --nic-vf $NIC:7; echo rc=$?; '
@@ -51,9 +68,22 @@ def result(testbed_ready):
         FIND + f'python3 -m coreslice boot --kernel {testbed_ready[0].vmlinuz} --cpus 1 '
                '--memory 512M@0x40000000 --console io:0x2f8 --guest-kernel slice '
                '--nic-vf $NIC:1 --nvme-vf $NVME:1 --dry-run /tmp/dry --json',
+        # 6: image install (issue 10 section 3) on the detached namespace 1, for VF 1 (online since 1)
+        FIND + install + ' --nsid 1 --json; echo rc=$?',
+        # 7: where namespace 1 is now, and what the ledger says
+        FIND + 'C=/dev/$(ls /sys/bus/pci/devices/$NVME/nvme); nvme list-ctrl $C -n 1 -o json; '
+               'ls /sys/block; python3 -c "import json,sqlite3; c=sqlite3.connect(\'/run/coreslice/ledger.sqlite3\'); '
+               'print(json.dumps([list(r) for r in c.execute(\'select nsid, vf_index, cntlid, created from namespaces\')]))"',
+        # 8: refused, nothing changed: ns 1 is attached (to the VF); VF 3's controller is offline;
+        # then ns 2 (8 MiB) is too small: found after the attach, so the attach is undone
+        FIND + install.replace("--out-dir /tmp/img1", "--out-dir /tmp/img2") + ' --nsid 1; echo rc=$?; '
+               + install.replace("--out-dir /tmp/img1", "--out-dir /tmp/img3").replace("$NVME:1", "$NVME:3")
+               + ' --nsid 2; echo rc=$?; '
+               + install.replace("--out-dir /tmp/img1", "--out-dir /tmp/img4") + ' --nsid 2; echo rc=$?; '
+               'C=/dev/$(ls /sys/bus/pci/devices/$NVME/nvme); nvme list-ctrl $C -n 2 -o json; ls /sys/block',
     ]
     cmd = [sys.executable, "-m", "coreslice.cli.testbed", "run", "--sriov", "--json", "--quiet",
-           "--smp", "2", "--memory", "2G", "--timeout", "240"]
+           "--smp", "2", "--memory", "2G", "--timeout", "300"]
     for c in cmds:
         cmd += ["--host-cmd", c]
     env = dict(os.environ, PYTHONPATH=str(SRC))
@@ -112,3 +142,35 @@ def test_slice_kernel_plan_gets_the_vfs(result):
     permit = re.search(r"permit_probe_only=(\S+)", cmdline).group(1)
     assert all(a[5:] in permit for a in vfs), (permit, vfs)
     assert "pci-vf-as-pf.pf=" in cmdline and "pci-vf-as-pf.vf=1" in cmdline
+
+
+def test_image_install_builds_on_a_namespace_and_gives_it_to_the_vf(result):
+    out = result[6]["output"]
+    assert out.rstrip().endswith("rc=0"), out
+    inst = json.loads(out[:out.rindex("rc=")])["install"]
+    assert inst["nsid"] == 1 and inst["vf_index"] == 1 and inst["created"] is False
+    assert inst["secondary_controller"] == 2  # VF 1 = VFN 2 (test_prepare_reports_vfs)
+    assert re.fullmatch(r"/dev/nvme\d+n1", inst["host_block_device"]), inst
+    img = inst["image"]
+    assert img["label"] == "cloudimg-rootfs" and img["target"]["kind"] == "block"
+    assert img["partition"]["sector_bytes"] in (512, 4096)
+    # Afterwards: namespace 1 is attached to the VF's secondary controller only (not the host's,
+    # so no block device is left), and the ledger says so.
+    out = result[7]["output"]
+    ctrls, _ = json.JSONDecoder().raw_decode(out.lstrip())
+    ids = [c.get("cntlid", c.get("ctrl_id")) for c in ctrls.get("ctrl_list", [])]
+    assert ids == [2], out
+    assert "nvme0n1" not in out.split() and "[[1, 1, 2, 0]]" in out, out
+
+
+def test_image_install_refusals_and_undo(result):
+    out = result[8]["output"]
+    rcs = re.findall(r"rc=(\d)", out)
+    assert rcs == ["2", "2", "2"], out
+    assert "namespace 1 is attached to controller(s) 0x2" in out
+    assert "is offline" in out
+    assert "needs" in out and "undone: detach namespace 2 from the host" in out, out
+    # Namespace 2 ends attached to nothing again.
+    tail = out[out.rindex("rc=") + 4:].lstrip()
+    ctrls, _ = json.JSONDecoder().raw_decode(tail)
+    assert ctrls["num_ctrl"] == 0 and ctrls["ctrl_list"] == [], tail

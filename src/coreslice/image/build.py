@@ -79,9 +79,12 @@ def _name_of(req: BuildRequest) -> str:
     return req.out_dir.name or "slice"
 
 
-def check(req: BuildRequest) -> Checked:
-    """Step 1: every input, before anything is written or fetched."""
-    req.target, req.out_dir = Path(os.path.abspath(req.target)), Path(os.path.abspath(req.out_dir))
+def check(req: BuildRequest, *, with_target: bool = True) -> Checked:
+    """Step 1: every input, before anything is written or fetched (``with_target=False``: all
+    but the target, which image install attaches only later)."""
+    req.out_dir = Path(os.path.abspath(req.out_dir))
+    if with_target:
+        req.target = Path(os.path.abspath(req.target))
     disk.check_label(req.label)
     disk.check_tools()
     if (req.rootfs is None) == (req.debian is None):
@@ -116,7 +119,8 @@ def check(req: BuildRequest) -> Checked:
     seed = cloudinit.make_seed(hostname=hostname, instance_id=req.instance_id, cloud_config=config,
                                ssh_keys=keys, net=net)
     _check_out_dir(req.out_dir, req.force)
-    disk.check_target(req.target, req.size, 0, force=req.force)  # fail fast; sized again in step 3
+    if with_target:
+        disk.check_target(req.target, req.size, 0, force=req.force)  # fail fast; sized again in step 3
     return Checked(req, seed, hostname, net, fields)
 
 

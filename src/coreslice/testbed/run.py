@@ -240,7 +240,8 @@ def run(options: RunOptions) -> dict:
         cpu_model=options.cpu_model,
         x2apic=options.x2apic,
         numa=options.numa,
-        extra_args=tuple(sriovdevs.device_args()) if options.sriov else (),
+        extra_args=tuple(sriovdevs.device_args(ns_images=sriovdevs.namespace_images(run_dir)))
+        if options.sriov else (),
     )
     machine = QemuMachine(config, run_dir)
     jobs = jobmod.complete_slice_args(options.slices, kernel.vmlinuz, slice_initrd,

@@ -32,8 +32,25 @@ NVME_VFS = 4
 NVME_VQ_PER_VF, NVME_VI_PER_VF = 2, 1
 
 
-def device_args(nic_mac: str = "52:54:00:c5:00:00") -> list[str]:
-    """QEMU arguments for the two SR-IOV PFs and their root ports."""
+# Namespaces of the nvme subsystem, created detached (QEMU's nvme has no Namespace Management,
+# only Attachment): image install attaches one to the host, builds on it and hands it to a VF.
+NAMESPACES = ((1, 160), (2, 8))  # (nsid, MiB): 2 is too small for an image (the undo path)
+
+
+def namespace_images(run_dir) -> list:
+    """Sparse backing files for NAMESPACES in the run dir."""
+    out = []
+    for nsid, mib in NAMESPACES:
+        path = run_dir / f"sriov-ns{nsid}.img"
+        with open(path, "wb") as f:
+            f.truncate(mib << 20)
+        out.append(path)
+    return out
+
+
+def device_args(nic_mac: str = "52:54:00:c5:00:00", ns_images=()) -> list[str]:
+    """QEMU arguments for the two SR-IOV PFs and their root ports (and, given their backing
+    files, the detached namespaces of NAMESPACES)."""
     vq, vi = NVME_VFS * NVME_VQ_PER_VF, NVME_VFS * NVME_VI_PER_VF
     devs = [
         f"pcie-root-port,id=srnicrp,bus=pcie.0,addr={NIC_SLOT:#x},chassis=0x80,slot=0",
@@ -48,6 +65,9 @@ def device_args(nic_mac: str = "52:54:00:c5:00:00") -> list[str]:
     out: list[str] = []
     for d in devs:
         out += ["-device", d]
+    for (nsid, _mib), img in zip(NAMESPACES, ns_images):
+        out += ["-drive", f"if=none,id=srns{nsid},format=raw,file={img}",
+                "-device", f"nvme-ns,drive=srns{nsid},bus=srnvme,nsid={nsid},detached=on,shared=on"]
     return out
 
 

@@ -1,0 +1,123 @@
+"""image install's order and undo, against a stand-in controller (nvme ops recorded, not run).
+
+The nvme commands themselves are tested against recorded nvme-cli output (tests/unit/nvme) and,
+for real, inside the emulated host (tests/e2e/test_sriov_host.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from coreslice.errors import CoresliceError, UsageError
+from coreslice.image import build as buildmod
+from coreslice.image import install as inst
+from coreslice.ledger import Ledger
+from coreslice.nvme import ops
+
+
+@dataclass
+class Info:
+    cntlid: int = 0
+    pci: str = "0000:00:06.0"
+    subnqn: str = "nqn.test"
+
+
+@dataclass
+class Ctrl:
+    name: str = "nvme0"
+
+
+@dataclass
+class Sec:
+    scid: int = 2
+
+
+@dataclass
+class Ns:
+    controllers: list
+    size_bytes: int = 1 << 30
+
+
+@pytest.fixture
+def calls(monkeypatch, tmp_path):
+    log: list[tuple] = []
+    attached = {1: [], 2: [0x41]}
+    monkeypatch.setattr(ops, "controller_info", lambda c: Info())
+    monkeypatch.setattr(ops, "vf_secondary", lambda c, i: Sec())
+    monkeypatch.setattr(ops, "namespace", lambda c, n: Ns(list(attached[n])))
+    def rec(name, ret=None):
+        def f(*a, **kw):
+            log.append((name, *a[1:]))
+            return ret
+        return f
+    monkeypatch.setattr(ops, "create", rec("create", 7))
+    monkeypatch.setattr(ops, "attach_to_host", rec("attach_to_host", "/dev/nvme0n7"))
+    monkeypatch.setattr(ops, "detach", rec("detach"))
+    monkeypatch.setattr(ops, "attach", rec("attach"))
+    monkeypatch.setattr(ops, "delete", rec("delete"))
+    monkeypatch.setattr(buildmod, "check", lambda req, with_target=True: None)
+    monkeypatch.setattr(inst, "_ledger", lambda p: Ledger(tmp_path / "l.sqlite3", "boot-1"))
+    return log
+
+
+def _req(tmp_path, **kw):
+    b = buildmod.BuildRequest(target=Path("/dev/null"), out_dir=tmp_path / "out", rootfs=str(tmp_path / "r.tar"))
+    return inst.InstallRequest(pf="nvme0", vf_index=1, build=b, **kw)
+
+
+def test_create_attach_build_detach_give_to_vf_record(calls, monkeypatch, tmp_path):
+    built = []
+    monkeypatch.setattr(buildmod, "build", lambda b, p: built.append(b.target) or {"label": "x"})
+    r = inst.install(_req(tmp_path, size=1 << 30), ctrl=Ctrl())
+    assert calls == [("create", 1 << 30, 4096), ("attach_to_host", 7, 10.0), ("detach", 7, [0]), ("attach", 7, [2])]
+    assert built == [Path("/dev/nvme0n7")]
+    assert (r["nsid"], r["created"], r["secondary_controller"]) == (7, True, 2)
+    [row] = Ledger(tmp_path / "l.sqlite3", "boot-1").namespaces()
+    assert (row["nsid"], row["vf_index"], row["cntlid"], row["created"]) == (7, 1, 2, 1)
+
+
+def test_a_build_failure_undoes_attach_and_create(calls, monkeypatch, tmp_path):
+    def fail(b, p):
+        raise UsageError("--target /dev/nvme0n7 has 8 MiB, the image needs 140 MiB; give a larger device")
+    monkeypatch.setattr(buildmod, "build", fail)
+    with pytest.raises(UsageError) as e:
+        inst.install(_req(tmp_path, size=1 << 30), ctrl=Ctrl())
+    assert "undone: detach namespace 7 from the host, delete namespace 7" in str(e.value)
+    assert calls[-2:] == [("detach", 7, [0]), ("delete", 7)]
+    assert Ledger(tmp_path / "l.sqlite3", "boot-1").namespaces() == []
+
+
+def test_a_failure_giving_it_to_the_vf_undoes_back_to_the_start(calls, monkeypatch, tmp_path):
+    monkeypatch.setattr(buildmod, "build", lambda b, p: {})
+    def attach(*a):
+        raise CoresliceError("nvme attach-ns failed: Invalid Controller Identifier")
+    monkeypatch.setattr(ops, "attach", attach)
+    with pytest.raises(CoresliceError, match="undone: delete namespace 7"):
+        inst.install(_req(tmp_path, size=1 << 30), ctrl=Ctrl())
+    assert calls[-1] == ("delete", 7)
+
+
+@pytest.mark.parametrize("kw, msg", [({"size": 1 << 30, "nsid": 1}, "exactly one"), ({}, "exactly one"),
+                                      ({"nsid": 2}, "attached to controller")])
+def test_refusals_change_nothing(calls, tmp_path, kw, msg):
+    with pytest.raises(UsageError, match=msg):
+        inst.install(_req(tmp_path, **kw), ctrl=Ctrl())
+    assert calls == []
+
+
+def test_an_existing_namespace_is_not_deleted_on_failure(calls, monkeypatch, tmp_path):
+    def fail(b, p):
+        raise UsageError("too small")
+    monkeypatch.setattr(buildmod, "build", fail)
+    with pytest.raises(UsageError, match="undone: detach namespace 1 from the host$"):
+        inst.install(_req(tmp_path, nsid=1), ctrl=Ctrl())
+    assert ("delete", 1) not in calls
+
+
+def test_parse_vf():
+    assert inst.parse_vf("0000:8d:00.0:1") == ("0000:8d:00.0", 1)
+    assert inst.parse_vf("nvme0:3") == ("nvme0", 3)
+    with pytest.raises(UsageError, match="PF:INDEX"):
+        inst.parse_vf("nvme0")
