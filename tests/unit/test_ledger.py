@@ -387,6 +387,17 @@ def test_two_boots_placed_at_the_same_moment_both_get_room(tree, debian_kernel, 
     assert len(Ledger(ledger_path, BOOT_ID).holding()) == 2
 
 
+def _boot_places_again(tree, debian_kernel, ledger_path, monkeypatch, capsys) -> None:
+    """A placed one-CPU boot succeeds on CPU 2 after saying it placed again."""
+    monkeypatch.setenv("CORESLICE_FAKE_MACHINE", "1")
+    rc = cli.main(["boot", "--kernel", str(debian_kernel.vmlinuz), "--ncpus", "1", "--memory", "512M",
+                   "--console", "io:0x2f8", "--host-root", str(tree), "--ledger", str(ledger_path)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "a concurrent launch took those resources; placing again" in err
+    assert "slice 'slice-2' started: CPUs 2" in out
+
+
 def test_placed_boot_places_again_when_a_concurrent_launch_took_its_choice(tree, debian_kernel, ledger_path,
                                                                            monkeypatch, capsys):
     """Deterministic version of the race above: another launch reserves CPU 1 between this
@@ -401,14 +412,7 @@ def test_placed_boot_places_again_when_a_concurrent_launch_took_its_choice(tree,
         return real_reserve(self, rec, **kw)
 
     monkeypatch.setattr(Ledger, "reserve", reserve)
-    monkeypatch.setenv("CORESLICE_FAKE_MACHINE", "1")
-    rc = cli.main(["boot", "--kernel", str(debian_kernel.vmlinuz), "--ncpus", "1", "--memory", "512M",
-                   "--console", "io:0x2f8", "--host-root", str(tree), "--ledger", str(ledger_path)])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    assert "a concurrent launch took those resources; placing again" in err
-    assert "slice 'slice-2' started: CPUs 2" in out
-
+    _boot_places_again(tree, debian_kernel, ledger_path, monkeypatch, capsys)
 
 
 def test_placed_boot_places_again_when_a_launch_reserved_its_choice_while_it_planned(
@@ -430,13 +434,8 @@ def test_placed_boot_places_again_when_a_launch_reserved_its_choice_while_it_pla
         return real_check(self, rec, **kw)
 
     monkeypatch.setattr(Ledger, "check", check)
-    monkeypatch.setenv("CORESLICE_FAKE_MACHINE", "1")
-    rc = cli.main(["boot", "--kernel", str(debian_kernel.vmlinuz), "--ncpus", "1", "--memory", "512M",
-                   "--console", "io:0x2f8", "--host-root", str(tree), "--ledger", str(ledger_path)])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    assert "a concurrent launch took those resources; placing again" in err
-    assert "slice 'slice-2' started: CPUs 2" in out
+    _boot_places_again(tree, debian_kernel, ledger_path, monkeypatch, capsys)
+
 
 # -- a damaged ledger file -------------------------------------------------------------------------
 
