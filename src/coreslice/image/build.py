@@ -105,9 +105,9 @@ def check(req: BuildRequest, *, with_target: bool = True) -> Checked:
     if req.sha256 is not None:
         from coreslice.image import download  # only with a checksum: keeps the common imports small
         download.check_sha256_arg(req.sha256)
-    if req.kernel_debs and req.rootfs is not None:
-        raise UsageError("--kernel-deb installs into a --debian root (mmdebstrap resolves its dependencies); "
-                         "for a tarball, use one that holds its kernel, or build with --debian")
+    if req.kernel_debs and req.rootfs is not None and os.geteuid() != 0:
+        raise UsageError("--kernel-deb with --rootfs installs packages in a chroot of the tarball, which needs "
+                         "root; run as root, or build from --debian (no root needed)")
     fields = []
     for d in req.kernel_debs:
         _check_input_file(d, "--kernel-deb")
@@ -176,7 +176,7 @@ def obtain_tarball(c: Checked, progress: Progress, times: dict) -> tuple[Path, d
                 raise UsageError(f"--rootfs {path} has sha256 {got}, not {req.sha256.lower()}; get the file again "
                                  "or correct --sha256")
             source["sha256"] = got
-        return path, source
+        return _with_kernel_debs(c, path, source, progress, times)
     req.cache.mkdir(parents=True, exist_ok=True)
     if req.rootfs is not None:
         name = Path(req.rootfs.split("?", 1)[0]).name or "rootfs.tar"
@@ -185,7 +185,8 @@ def obtain_tarball(c: Checked, progress: Progress, times: dict) -> tuple[Path, d
         from coreslice.image import download
         path = download.fetch(req.rootfs, dest, req.sha256, progress)
         times["download"] = round(time.perf_counter() - t, 3)
-        return path, {"url": req.rootfs, "sha256": req.sha256.lower(), "tarball": str(path)}  # type: ignore[union-attr]
+        return _with_kernel_debs(c, path, {"url": req.rootfs, "sha256": req.sha256.lower(),  # type: ignore[union-attr]
+                                           "tarball": str(path)}, progress, times)
     sources = rootfs.host_sources(req.debian, req.apt_etc)  # type: ignore[arg-type]
     key = rootfs.cache_key(req.debian, req.packages, req.kernel_debs, sources)  # type: ignore[arg-type]
     path = req.cache / "rootfs" / f"{req.debian}-{key}.tar"
@@ -198,6 +199,25 @@ def obtain_tarball(c: Checked, progress: Progress, times: dict) -> tuple[Path, d
         times["mmdebstrap"] = round(time.perf_counter() - t, 3)
     return path, {"debian": req.debian, "packages": list(req.packages),
                   "kernel_debs": [str(d) for d in req.kernel_debs], "tarball": str(path), "cache_key": key}
+
+
+def _with_kernel_debs(c: Checked, path: Path, source: dict, progress: Progress, times: dict) -> tuple[Path, dict]:
+    """A tarball root with --kernel-deb: the packages installed in a chroot of it (the
+    prototype's dpkg + apt --fix-broken), cached by the tarball's and the packages' contents."""
+    req = c.req
+    if not req.kernel_debs:
+        return path, source
+    t = time.perf_counter()
+    from coreslice.image import download
+    h = download.sha256_file(path)[:16] + "-" + rootfs.cache_key("tarball", (), req.kernel_debs, ())
+    out = req.cache / "rootfs" / f"tarball-{h}.tar"
+    if out.is_file():
+        progress(f"using the cached root with the kernel packages {out}")
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rootfs.install_debs_into_tarball(path, req.kernel_debs, out, progress)
+        times["kernel_debs"] = round(time.perf_counter() - t, 3)
+    return out, {**source, "kernel_debs": [str(d) for d in req.kernel_debs], "tarball": str(out)}
 
 
 def build(req: BuildRequest, progress: Progress = lambda m: None) -> dict:

@@ -19,9 +19,11 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,3 +266,61 @@ def build_debian(suite: str, packages: Sequence[str], kernel_debs: Sequence[Path
         tmp.unlink(missing_ok=True)
         raise RootfsError(f"mmdebstrap exited with {proc.returncode}: {' | '.join(tail)}")
     os.replace(tmp, out)
+
+
+# -- slice kernel packages into a tarball root (the prototype's dpkg + apt --fix-broken) ----
+
+def chroot_install_script(debs: Sequence[str]) -> str:
+    """What runs inside the extracted root (sh): install the kernel packages, let apt bring
+    what they depend on, and make sure an initramfs exists for each kernel installed."""
+    names = " ".join(shlex.quote(f"/tmp/coreslice-debs/{Path(d).name}") for d in debs)
+    # Absolute paths: the root's own tools, never a shell's built-in applet of the same name.
+    return ("set -e; export DEBIAN_FRONTEND=noninteractive; "
+            f"/usr/bin/dpkg -i {names} || /usr/bin/apt-get -y -q -f install; "
+            "for k in /lib/modules/*; do r=${k##*/}; [ -e /boot/initrd.img-$r ] || "
+            "/usr/sbin/update-initramfs -c -k $r; done")
+
+
+def install_debs_into_tarball(tarball: Path, debs: Sequence[Path], out: Path, progress: Callable[[str], None]) -> None:
+    """Extract ``tarball``, install ``debs`` in a chroot of it and pack it again into ``out``.
+
+    Needs root (a chroot, and the tree's owners kept on extraction).  The chroot's /proc, /sys
+    and /dev are mounted in a mount namespace of its own (``unshare --mount``), so they vanish
+    with that process whatever happens: nothing is left mounted on this machine."""
+    if os.geteuid() != 0:
+        raise UsageError("--kernel-deb with --rootfs installs packages in a chroot of the tarball, which needs "
+                         "root; run as root, or build from --debian (no root needed)")
+    work = Path(tempfile.mkdtemp(prefix=".coreslice-chroot-", dir=out.parent))
+    root = work / "root"
+    try:
+        root.mkdir()
+        progress(f"extracting {tarball.name} for the kernel packages")
+        _tool(["tar", "-x", "-p", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-f", str(tarball),
+               "-C", str(root)], "extracting the root tarball")
+        (root / "tmp/coreslice-debs").mkdir(parents=True, exist_ok=True)
+        for d in debs:
+            shutil.copyfile(d, root / "tmp/coreslice-debs" / Path(d).name)
+        resolv = Path("/etc/resolv.conf")
+        if resolv.is_file() and not (root / "etc/resolv.conf").is_symlink():
+            shutil.copyfile(resolv, root / "etc/resolv.conf")  # apt -f install may need the network
+        (root / "tmp/coreslice-debs/install.sh").write_text(chroot_install_script(debs) + "\n")
+        r = shlex.quote(str(root))
+        mounts = (f"mount -t proc proc {r}/proc && mount --rbind /sys {r}/sys && mount --rbind /dev {r}/dev && "
+                  f"chroot {r} /bin/sh /tmp/coreslice-debs/install.sh")
+        progress("installing the kernel packages in a chroot (dpkg -i, then apt-get -f install)")
+        _tool(["unshare", "--mount", "--propagation", "private", "sh", "-c", mounts], "installing the kernel packages")
+        shutil.rmtree(root / "tmp/coreslice-debs")
+        progress(f"packing the root again as {out.name}")
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        _tool(["tar", "-c", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-f", str(tmp), "-C", str(root), "."],
+              "packing the root")
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _tool(argv: list[str], what: str) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+        raise RootfsError(f"{what} failed ({argv[0]} exited {proc.returncode}): {tail}")

@@ -222,3 +222,58 @@ def test_sources_come_from_this_machines_apt(tmp_path):
     assert "deb [signed-by=/k.gpg] http://b/debian trixie-updates main" in lines
     assert "deb [signed-by=/k.gpg] http://a/debian-security trixie-security main" in lines
     assert rootfs.host_sources("trixie", tmp_path / "none") == []
+
+
+def _busybox_root(path: Path) -> Path:
+    """A root whose /bin/sh is busybox and whose dpkg / update-initramfs are scripts that record
+    how they were called, so the chroot step runs for real without a Debian tree."""
+    bb = shutil.which("busybox")
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for d in ("./", "./bin", "./usr", "./usr/bin", "./usr/sbin", "./etc", "./tmp", "./proc", "./sys", "./dev", "./boot",
+                  "./lib", "./lib/modules", "./lib/modules/" + REL, "./var", "./var/log", "./home", "./home/u"):
+            ti = tarfile.TarInfo(d)
+            ti.type, ti.mode = tarfile.DIRTYPE, 0o1777 if d == "./tmp" else 0o755
+            tar.addfile(ti)
+        tar.add(bb, "./bin/busybox")
+        for name, body in (("dpkg", 'echo "dpkg $*" >>/var/log/calls; echo "$1" >/boot/marker'),
+                           ("apt-get", 'echo "apt-get $*" >>/var/log/calls'),
+                           ("update-initramfs", 'echo "update-initramfs $*" >>/var/log/calls; : >/boot/initrd.img-$3')):
+            data = f"#!/bin/busybox sh\n{body}\n".encode()
+            ti = tarfile.TarInfo(f"./usr/{'sbin' if name == 'update-initramfs' else 'bin'}/{name}")
+            ti.size, ti.mode = len(data), 0o755
+            tar.addfile(ti, io.BytesIO(data))
+        for link in ("sh", "mount", "echo"):
+            ti = tarfile.TarInfo(f"./bin/{link}")
+            ti.type, ti.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(ti)
+        ti = tarfile.TarInfo("./home/u/owned")
+        ti.uid = ti.gid = 1000
+        tar.addfile(ti, io.BytesIO(b""))
+    return path
+
+
+def test_kernel_debs_into_a_tarball_root_run_in_a_chroot_and_leave_no_mounts(tmp_path):
+    if os.geteuid() != 0 or not shutil.which("busybox") or not shutil.which("unshare"):
+        pytest.skip("needs root, busybox and unshare")
+    src = _busybox_root(tmp_path / "bb.tar")
+    deb = tmp_path / "linux-image-test_1_amd64.deb"
+    deb.write_bytes(b"!<arch>\n")
+    out = tmp_path / "out.tar"
+    before = Path("/proc/self/mountinfo").read_text().count("\n")
+    rootfs.install_debs_into_tarball(src, [deb], out, lambda m: None)
+    assert Path("/proc/self/mountinfo").read_text().count("\n") == before  # nothing left mounted
+    with tarfile.open(out) as tar:
+        calls = tar.extractfile("./var/log/calls").read().decode()
+        assert tar.extractfile("./boot/marker").read() == b"-i\n", (calls, tar.getnames())
+        assert f"./boot/initrd.img-{REL}" in tar.getnames()
+        assert not any(n.startswith("./tmp/coreslice-debs") for n in tar.getnames())
+        assert tar.getmember("./home/u/owned").uid == 1000  # owners kept through extract + repack
+    assert calls.splitlines() == [f"dpkg -i /tmp/coreslice-debs/{deb.name}", f"update-initramfs -c -k {REL}"], calls
+    assert not any(p.name.startswith(".coreslice-chroot-") for p in tmp_path.iterdir())
+
+
+def test_kernel_debs_into_a_tarball_need_root(tmp_path, monkeypatch):
+    from coreslice.errors import UsageError
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(UsageError, match="needs root"):
+        rootfs.install_debs_into_tarball(tmp_path / "r.tar", [tmp_path / "k.deb"], tmp_path / "o.tar", lambda m: None)
