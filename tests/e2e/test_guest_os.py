@@ -41,7 +41,7 @@ def test_slice_boots_debian_from_its_nvme_and_answers_ssh(testbed_ready, tmp_pat
     log = s["console_log"]
     assert result["host"].get("error") is None, result["host"]
     assert s["exit_code"] == 0, s["stderr"]
-    assert "root=LABEL=cloudimg-rootfs" in " ".join(s["args"]) or "--image" in s["args"]
+    assert "root=LABEL=cloudimg-rootfs" in s["output"]["plan"]["cmdline"]  # from the image's image.json
     o = s["os"]
     assert o["ssh_ok"], f"no SSH login ({o['ssh_error']}); console: {log}"
     assert o["hostname"] == "guest-one", log  # set by cloud-init from the test's seed

@@ -249,6 +249,7 @@ def build(req: BuildRequest, progress: Progress = lambda m: None) -> dict:
         raise UsageError(f"--target {req.target}: the partition would have {layout.size >> 20} MiB, the tree needs "
                          f"{need >> 20} MiB; give a larger target")
     req.out_dir.mkdir(parents=True, exist_ok=True)
+    forget_image(req.out_dir)  # --force: an older image there must not outlive its disk
     written: list[Path] = []
     try:
         with tempfile.TemporaryDirectory(prefix="coreslice-image-") as scratch:
@@ -301,7 +302,22 @@ def build(req: BuildRequest, progress: Progress = lambda m: None) -> dict:
             p.unlink(missing_ok=True)
         if isinstance(e, CoresliceError):
             raise type(e)(f"{e}; {', '.join(undone)}") from e
+        if isinstance(e, OSError):  # disk full, a directory vanished ...: one line, not a traceback
+            raise disk.DiskError(f"{e.strerror or e} ({e.filename or req.out_dir}) while writing the image; "
+                                 f"{', '.join(undone)}; free space or fix the path, then build again") from e
         raise
+
+
+def forget_image(out_dir: Path) -> list[str]:
+    """Remove image.json and the boot files of ``out_dir`` (what ``boot --image`` would take)."""
+    gone = []
+    for name in (MANIFEST, "vmlinuz", "initrd.img"):
+        try:
+            (out_dir / name).unlink()
+            gone.append(f"removed {out_dir / name}")
+        except FileNotFoundError:
+            pass
+    return gone
 
 
 def _meta(seed: cloudinit.Seed, key: str) -> str | None:

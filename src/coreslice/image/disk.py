@@ -199,7 +199,7 @@ def write_partition_table(target: Target, layout: Layout) -> None:
 
 def partition_node(target: Target, deadline: float = 10.0) -> Path:
     """The block device of partition 1 (nvme0n1 -> nvme0n1p1, sda -> sda1), once udev made it."""
-    name = str(target.path)
+    name = os.path.realpath(target.path)  # /dev/disk/by-id/... -> /dev/nvme0n1
     node = Path(name + ("p1" if name[-1].isdigit() else "1"))
     _optional(["blockdev", "--rereadpt", name])
     _optional(["udevadm", "settle", "-t", str(int(deadline))])  # no udev: devtmpfs makes the node
@@ -292,5 +292,9 @@ def discard(target: Target) -> str:
             return f"removed {target.path}"
         except OSError:
             return f"could not remove {target.path}"
-    _optional(["wipefs", "-q", "-a", str(target.path)])
-    return f"wiped the partition table of {target.path}"
+    try:
+        ok = subprocess.run(["wipefs", "-q", "-a", str(target.path)], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    return (f"wiped the partition table of {target.path}" if ok else
+            f"could NOT wipe {target.path}: run wipefs -a {target.path} before using it")

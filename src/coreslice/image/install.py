@@ -85,7 +85,14 @@ def install(req: InstallRequest, progress: Progress = lambda m: None, ctrl: ops.
     # The image's own inputs (cloud-config, keys, tarball, ...): checked with a stand-in target
     # path, since the block device exists only after the attach.
     b = req.build
-    buildmod.check(b, with_target=False)
+    checked = buildmod.check(b, with_target=False)
+    # The tree's size against the namespace's, before anything is created or attached.
+    tarball, _ = buildmod.obtain_tarball(checked, progress, {})
+    from coreslice.image import rootfs
+    tree = buildmod.needed_bytes(rootfs.scan_tarball(tarball))
+    if need is not None and need < tree:
+        raise UsageError(f"the image needs {-(-tree >> 20)} MiB but the namespace would have {need >> 20} MiB; "
+                         "give a larger --size or another --nsid")
     ledger = _ledger(req.ledger)
     undo = _Undo()
     created = False
@@ -98,8 +105,12 @@ def install(req: InstallRequest, progress: Progress = lambda m: None, ctrl: ops.
         else:
             nsid = req.nsid  # type: ignore[assignment]
         progress(f"attaching namespace {nsid} to this host's controller 0x{info.cntlid:x}")
-        dev = ops.attach_to_host(ctrl, nsid, req.wait)
+        ops.attach(ctrl, nsid, [info.cntlid])
+        # Registered before the rescan and the wait: a block device that never appears must
+        # still leave the namespace detached (and deletable).
         undo.add(f"detach namespace {nsid} from the host", lambda: ops.detach(ctrl, nsid, [info.cntlid]))
+        ctrl.cli.text("ns-rescan", ctrl.dev)
+        dev = ops.wait_block_device(ctrl, nsid, req.wait)
         progress(f"namespace {nsid} is {dev}; building the image on it")
         b.target = Path(dev)
         result = buildmod.build(b, progress)
@@ -113,6 +124,8 @@ def install(req: InstallRequest, progress: Progress = lambda m: None, ctrl: ops.
                                 cntlid=sec.scid, created=created, image=str(b.out_dir))
     except BaseException as e:
         what = undo.run()
+        if created or "result" in locals():  # the disk is gone or undone: so is the image
+            what += buildmod.forget_image(b.out_dir)
         if isinstance(e, CoresliceError):
             raise type(e)(f"{e}; undone: {', '.join(what) or 'nothing had been changed'}") from e
         raise

@@ -112,6 +112,11 @@ def scan_tarball(path: Path) -> TarballInfo:
                     info.sshd = True
                 elif base in ("sbin/ifup", "usr/sbin/ifup"):
                     info.ifupdown = True
+            # tarfile takes a short read at a member boundary for the end: a tar cut there (an
+            # interrupted copy) would pass.  A complete one ends in two zero blocks (POSIX ustar).
+            tar.fileobj.seek(tar.offset)
+            if tar.fileobj.read(1024) != bytes(1024):
+                raise tarfile.ReadError(f"no end-of-archive marker after {info.members} entries")
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         what = "truncated or damaged" if isinstance(e, (EOFError, tarfile.ReadError)) else "unreadable"
         raise UsageError(f"--rootfs {path} is {what} ({e}); download it again and check its --sha256") from None

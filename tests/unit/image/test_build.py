@@ -146,6 +146,8 @@ def test_bad_input_writes_nothing(case, tmp_path, root_tar, capsys):
     assert rc == 2, cap
     assert cap.err.count("\n") == 1 and cap.err.startswith("coreslice: error: "), cap.err
     assert json.loads(cap.out)["ok"] is False
+    if case == "truncated":
+        assert "truncated or damaged" in cap.err, cap.err
     if case == "exists":
         assert img.read_bytes() == b"precious"
     elif case != "directory target":
