@@ -305,9 +305,13 @@ def install_debs_into_tarball(tarball: Path, debs: Sequence[Path], out: Path, pr
         (root / "tmp/coreslice-debs").mkdir(parents=True, exist_ok=True)
         for d in debs:
             shutil.copyfile(d, root / "tmp/coreslice-debs" / Path(d).name)
-        resolv = Path("/etc/resolv.conf")
-        if resolv.is_file() and not (root / "etc/resolv.conf").is_symlink():
-            shutil.copyfile(resolv, root / "etc/resolv.conf")  # apt -f install may need the network
+        # apt -f install may need the network: this machine's resolver while in the chroot, the
+        # root's own file (or none) again afterwards.
+        theirs = root / "etc/resolv.conf"
+        saved = theirs.read_bytes() if theirs.is_file() and not theirs.is_symlink() else None
+        lent = Path("/etc/resolv.conf").is_file() and not theirs.is_symlink()
+        if lent:
+            shutil.copyfile("/etc/resolv.conf", theirs)
         (root / "tmp/coreslice-debs/install.sh").write_text(chroot_install_script(debs) + "\n")
         r = shlex.quote(str(root))
         mounts = (f"mount -t proc proc {r}/proc && mount --rbind /sys {r}/sys && mount --rbind /dev {r}/dev && "
@@ -315,6 +319,11 @@ def install_debs_into_tarball(tarball: Path, debs: Sequence[Path], out: Path, pr
         progress("installing the kernel packages in a chroot (dpkg -i, then apt-get -f install)")
         _tool(["unshare", "--mount", "--propagation", "private", "sh", "-c", mounts], "installing the kernel packages")
         shutil.rmtree(root / "tmp/coreslice-debs")
+        if lent:
+            if saved is None:
+                theirs.unlink(missing_ok=True)
+            else:
+                theirs.write_bytes(saved)
         progress(f"packing the root again as {out.name}")
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         _tool(["tar", "-c", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-f", str(tmp), "-C", str(root), "."],

@@ -52,10 +52,21 @@ class Guest:
                 "user": self.user}
 
 
-def check_choice(value: str) -> str:
-    if value != "debian" and not (Path(value) / "image.json").is_file():
+def check_choice(value: str, key: Path | None = None, slices: int = 1) -> str:
+    """``debian``, or an image out-dir.  A ready image carries its own seed: the host can log in
+    only with the key it holds, and only one slice can have its address (build it with
+    --network 10.99.1.2/24,10.99.1.1 --nic-mac 52:54:00:99:01:02, the first link's)."""
+    if value == "debian":
+        return value
+    if not (Path(value) / "image.json").is_file():
         raise UsageError(f"--guest-os {value}: give 'debian' or an image out-dir holding image.json "
                          "(made by coreslice image build --out-dir DIR)")
+    if key is None:
+        raise UsageError(f"--guest-os {value}: its seed holds its own SSH key; give the matching private key "
+                         "with --guest-ssh-key")
+    if slices != 1:
+        raise UsageError(f"--guest-os {value}: one image has one address; boot one slice with it, or use "
+                         "--guest-os debian")
     return value
 
 

@@ -216,7 +216,7 @@ def run(options: RunOptions) -> dict:
                    if options.sriov else initramfs.build_host_initramfs(kernel))
     slice_initrd = initramfs.build_slice_initramfs(kernel)
     if options.guest_os is not None:
-        guestos.check_choice(options.guest_os)
+        guestos.check_choice(options.guest_os, options.guest_ssh_key, len(options.slices))
         if not options.network:
             raise UsageError("--guest-os: the host reaches the slice's OS over SSH; add --network")
         options = dataclasses.replace(options, storage=True)

@@ -59,7 +59,11 @@ def test_choice_and_key_checks(tmp_path):
     with pytest.raises(UsageError, match="image.json"):
         guestos.check_choice(str(tmp_path))
     (tmp_path / "image.json").write_text("{}")
-    assert guestos.check_choice(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(UsageError, match="--guest-ssh-key"):
+        guestos.check_choice(str(tmp_path))
+    with pytest.raises(UsageError, match="one slice"):
+        guestos.check_choice(str(tmp_path), tmp_path / "k", 2)
+    assert guestos.check_choice(str(tmp_path), tmp_path / "k") == str(tmp_path)
     with pytest.raises(UsageError, match=r"\.pub"):
         guestos.ensure_keypair(tmp_path, tmp_path / "nokey")
 
