@@ -86,11 +86,19 @@ def test_built_by_a_user_without_root(nobody_dir, root_tar):
     """No mount, loop device or chown: an unprivileged user builds the same image."""
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         pytest.skip("needs root to switch to an unprivileged user")
+    import yaml
     work = nobody_dir
     shutil.copy(root_tar, work / "root.tar")
     (work / "root.tar").chmod(0o644)
-    env = {**os.environ, "PYTHONPATH": SRC, "HOME": str(work), "CORESLICE_CACHE": str(work / "cache")}
-    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+    # The user reads only what it is given: the tree and the venv may sit in a root-only folder
+    # (a clone under mktemp -d), so the package and PyYAML are copied next to the work.
+    lib = work / "lib"
+    shutil.copytree(Path(SRC) / "coreslice", lib / "coreslice")
+    shutil.copytree(Path(yaml.__file__).parent, lib / "yaml")
+    os.system(f"chmod -R a+rX {lib}")
+    env = {**os.environ, "PYTHONPATH": str(lib), "HOME": str(work), "CORESLICE_CACHE": str(work / "cache")}
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           os.path.realpath(sys.executable), "-m",
                            "coreslice", "image", "build", "--rootfs", str(work / "root.tar"), "--target",
                            str(work / "s.img"), "--out-dir", str(work / "out"), "--json", "--quiet"],
                           capture_output=True, text=True, env=env, cwd=work)
