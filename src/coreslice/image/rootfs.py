@@ -261,15 +261,19 @@ def build_debian(suite: str, packages: Sequence[str], kernel_debs: Sequence[Path
     except FileNotFoundError:
         raise UsageError("mmdebstrap is not installed; run scripts/install-system-deps.sh") from None
     tail: list[str] = []
+    first_error = None  # the cause (e.g. "dpkg: error: ..."), often far above mmdebstrap's last lines
     assert proc.stdout is not None
     for line in proc.stdout:
         line = line.rstrip()
-        tail = (tail + [line])[-5:]
+        tail = (tail + [line])[-3:]
+        if first_error is None and re.search(r"\berror\b|^E: ", line, re.I):
+            first_error = line
         if line.startswith("I: "):
             progress("mmdebstrap: " + line[3:])
     if proc.wait() != 0:
         tmp.unlink(missing_ok=True)
-        raise RootfsError(f"mmdebstrap exited with {proc.returncode}: {' | '.join(tail)}")
+        cause = [first_error] if first_error and first_error not in tail else []
+        raise RootfsError(f"mmdebstrap exited with {proc.returncode}: {' | '.join(cause + tail)}")
     os.replace(tmp, out)
 
 

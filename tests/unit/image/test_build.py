@@ -287,3 +287,20 @@ def test_kernel_debs_into_a_tarball_need_root(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(UsageError, match="needs root"):
         rootfs.install_debs_into_tarball(tmp_path / "r.tar", [tmp_path / "k.deb"], tmp_path / "o.tar", lambda m: None)
+
+
+def test_a_failed_mmdebstrap_names_its_first_error_and_leaves_no_tarball(tmp_path, monkeypatch):
+    """The cause (dpkg's error) is far above mmdebstrap's own last lines: the message carries it."""
+    fake = tmp_path / "bin" / "mmdebstrap"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'I: extracting archives...'\necho \"dpkg: error: cannot stat pathname 'x.deb'\"\n"
+                    "for i in 1 2 3 4 5 6; do echo noise $i; done\necho 'E: mmdebstrap failed to run'\nexit 25\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    seen = []
+    out = tmp_path / "root.tar"
+    with pytest.raises(rootfs.RootfsError) as e:
+        rootfs.build_debian("bookworm", (), (), [], out, seen.append)
+    assert "dpkg: error: cannot stat pathname" in str(e.value) and "mmdebstrap failed to run" in str(e.value)
+    assert seen == ["mmdebstrap: extracting archives..."]
+    assert list(tmp_path.glob("root.tar*")) == []
