@@ -21,7 +21,6 @@ import json
 import re
 import shlex
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,6 @@ from coreslice.testbed.tools import ToolError, progress, read_or_none, run_tool
 
 SUITE = "bookworm"
 DEFAULT_USER = "slicer"
-OS_MARK = "CORESLICE-OS"
 # What the guest OS needs on the command line besides root=LABEL=...: its journal on the kernel
 # log, which the slice's UART shows (user-space console output is not seen without an IRQ).
 GUEST_CMDLINE = "systemd.journald.forward_to_kmsg=1 systemd.journald.max_level_kmsg=info systemd.show_status=1"
@@ -220,11 +218,3 @@ def result(run_dir: Path, i: int, guest: Guest, boot_end_uptime: float | None) -
 def discard_disk(guest: Guest) -> None:
     """Guest disks are large: a run keeps its logs, not its disk (unless the caller asked)."""
     guest.disk.unlink(missing_ok=True)
-
-
-def ssh_available() -> bool:
-    return shutil.which("ssh") is not None and shutil.which("ssh-keygen") is not None
-
-
-def qemu_img_available() -> bool:
-    return subprocess.run(["which", "qemu-img"], capture_output=True).returncode == 0
