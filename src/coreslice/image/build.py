@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -129,14 +128,8 @@ def _is_url(value: str) -> bool:
 
 
 def _check_input_file(path: Path, what: str) -> None:
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise UsageError(f"{what} {path}: {e.strerror}; give a readable file") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise UsageError(f"{what} {path} is not a regular file; give a file")
-    if not os.access(path, os.R_OK):
-        raise UsageError(f"{what} {path} is not readable; check its permissions")
+    from coreslice.plan.boot import input_file_size  # the loader's own check: opened, regular, readable
+    input_file_size(path, what, what)
 
 
 def _check_out_dir(d: Path, force: bool) -> None:
