@@ -304,3 +304,30 @@ def test_a_failed_mmdebstrap_names_its_first_error_and_leaves_no_tarball(tmp_pat
     assert "dpkg: error: cannot stat pathname" in str(e.value) and "mmdebstrap failed to run" in str(e.value)
     assert seen == ["mmdebstrap: extracting archives..."]
     assert list(tmp_path.glob("root.tar*")) == []
+
+
+def _mounted_block_device() -> Path | None:
+    """A block device node of this machine holding a mounted file system (read-only use)."""
+    mounted = {line.split()[2] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+    for dev in sorted(Path("/dev").iterdir()):
+        try:
+            st = dev.stat()
+        except OSError:
+            continue
+        import stat as st_mod
+        if st_mod.S_ISBLK(st.st_mode) and f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" in mounted:
+            return dev
+    return None
+
+
+def test_a_mounted_block_device_is_refused_as_a_target(tmp_path):
+    """Against this machine's own mounted disk: only stat and mountinfo are read, nothing opened
+    for writing (the check comes first)."""
+    dev = _mounted_block_device()
+    if dev is None:
+        pytest.skip("no mounted block device on this machine (a container without one)")
+    from coreslice.errors import UsageError
+    with pytest.raises(UsageError, match="is mounted; unmount it first"):
+        disk.check_target(dev, None, 1 << 20)
+    with pytest.raises(UsageError, match="drop --size"):
+        disk.check_target(dev, 1 << 30, 1 << 20)
