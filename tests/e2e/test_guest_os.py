@@ -56,3 +56,36 @@ def test_slice_boots_debian_from_its_nvme_and_answers_ssh(testbed_ready, tmp_pat
     assert data["network"]["slices"]["10.99.1.2"]["ok"]
     assert result["guest_os_ok"] and result["ok"]
     assert not (work / "guest-1.img").exists()  # the large disk is not kept
+
+
+def test_an_image_built_with_image_build_boots_through_an_overlay(testbed_ready, tmp_path):
+    """--guest-os DIR: the disk `coreslice image build` wrote, as a user would build it (the
+    image's default user gets --ssh-key), booted through a qcow2 overlay: the image file itself
+    is not changed."""
+    from coreslice.cli import main
+    from coreslice.testbed import guestos
+    from coreslice.testbed.paths import cache_dir
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "e2e", "-f", str(key)], check=True)
+    where = cache_dir() / "test-runs" / f"guest-dir-{time.strftime('%H%M%S')}-{os.getpid()}"
+    where.mkdir(parents=True)  # the emulated host sees the cache, not this test's /tmp
+    img, out = where / "disk.img", where / "image"
+    try:
+        # The same Debian root as the testbed's (same inputs: cached), seeded for link 1.
+        assert main(["image", "build", "--debian", guestos.SUITE, "--kernel-deb",
+                     str(guestos.kernel_deb(testbed_ready[0])), "--target", str(img), "--out-dir", str(out),
+                     "--ssh-key", f"{key}.pub", "--network", "10.99.1.2/24,10.99.1.1",
+                     "--nic-mac", "52:54:00:99:01:02", "--hostname", "dirguest", "--quiet"]) == 0
+        before = (img.stat().st_mtime_ns, img.stat().st_size)
+        result = run(RunOptions(slices=["--cpus 1-2 --memory 2G@0x100000000"], guest_os=str(out), network=True,
+                                guest_ssh_key=key, workdir=where / "run", slice_timeout=420, timeout=900))
+        o = result["slices"][0]["os"]
+        log = result["slices"][0]["console_log"]
+        assert o["ssh_ok"], f"no SSH login ({o['ssh_error']}); console: {log}"
+        assert (o["hostname"], o["user"], o["root_source"], o["cloud_init"]) == \
+            ("dirguest", "debian", "/dev/nvme0n1p1", "done"), log
+        assert o["disk"]["format"] == "qcow2"
+        assert result["ok"]
+        assert (img.stat().st_mtime_ns, img.stat().st_size) == before  # written only through the overlay
+    finally:
+        img.unlink(missing_ok=True)
