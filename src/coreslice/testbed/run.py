@@ -207,6 +207,16 @@ def _parse_event(line: str) -> tuple[str, list[str], float | None]:
 
 def run(options: RunOptions) -> dict:
     """Run the testbed as described by ``options``; return the result dict (see module doc)."""
+    guests: list[guestos.Guest] = []
+    try:
+        return _run(options, guests)
+    finally:  # guest disks are large: gone whatever happened (a failure, SIGTERM), unless kept
+        if not options.keep_guest_disks:
+            for g in guests:
+                guestos.discard_disk(g)
+
+
+def _run(options: RunOptions, guests: list) -> dict:
     if options.smp < 2:
         raise UsageError(f"--smp {options.smp}: the host keeps CPU 0, give at least 2 CPUs")
     check_size(options.memory, "--memory")
@@ -248,7 +258,6 @@ def run(options: RunOptions) -> dict:
                                       machine.serial_ports, allow_shared_console=options.wait_each,
                                       default_kind="pxb" if options.pci_consoles else "isa")
     links: list[datapath.SliceLink] = []
-    guests: list[guestos.Guest] = []
     guest_lines: list[str] = []
     if data:
         links = [datapath.link_for_port(j.port, options.storage, options.network, run_dir) for j in jobs]
@@ -417,19 +426,17 @@ def run(options: RunOptions) -> dict:
     if data:
         _collect_data(run_dir, result, states, links)
     if guests:
-        _collect_guests(run_dir, result, states, guests, options.keep_guest_disks)
+        _collect_guests(run_dir, result, states, guests)
     return result
 
 
-def _collect_guests(run_dir: Path, result: dict, states: list[_SliceState], guests: list, keep: bool) -> None:
+def _collect_guests(run_dir: Path, result: dict, states: list[_SliceState], guests: list) -> None:
     ok = True
     for s, g, out in zip(states, guests, result["slices"]):
         o = guestos.result(run_dir, s.job.index, g, s.ended_uptime)
         out["os"] = o
         out["booted"] = o["ssh_ok"]
         ok = ok and o["ssh_ok"] and o["cloud_init"] == "done" and (g.hostname is None or o["hostname"] == g.hostname)
-        if not keep:
-            guestos.discard_disk(g)
     result["guest_os_ok"] = bool(ok)
     # "booted" of a guest slice is its SSH login, known only now: the overall verdict again.
     booted = all(sl["booted"] for sl in result["slices"] if sl["exit_code"] == 0)
