@@ -105,12 +105,17 @@ def test_a_build_failure_undoes_attach_and_create(calls, monkeypatch, tmp_path):
     assert Ledger(tmp_path / "l.sqlite3", "boot-1").namespaces() == []
 
 
-def test_a_failure_giving_it_to_the_vf_undoes_back_to_the_start(calls, monkeypatch, tmp_path):
-    monkeypatch.setattr(buildmod, "build", lambda b, p: {})
+def _vf_attach_fails(monkeypatch) -> None:
+    """Attaching to the host works; attaching to the VF's secondary controller (0x2) fails."""
     def attach(c, nsid, ctrls):
         if ctrls == [2]:
             raise CoresliceError("nvme attach-ns failed: Invalid Controller Identifier")
     monkeypatch.setattr(ops, "attach", attach)
+
+
+def test_a_failure_giving_it_to_the_vf_undoes_back_to_the_start(calls, monkeypatch, tmp_path):
+    monkeypatch.setattr(buildmod, "build", lambda b, p: {})
+    _vf_attach_fails(monkeypatch)
     with pytest.raises(CoresliceError, match="undone: delete namespace 7"):
         inst.install(_req(tmp_path, size=1 << 30), ctrl=Ctrl(cli=Cli(calls)))
     assert calls[-1] == ("delete", 7)
@@ -163,10 +168,7 @@ def test_a_failure_after_the_build_removes_the_image_files(calls, monkeypatch, t
             (out / n).write_text("x")
         return {}
     monkeypatch.setattr(buildmod, "build", build)
-    def attach(c, nsid, ctrls):
-        if ctrls == [2]:
-            raise CoresliceError("nvme attach-ns failed")
-    monkeypatch.setattr(ops, "attach", attach)
+    _vf_attach_fails(monkeypatch)
     with pytest.raises(CoresliceError, match="removed .*image.json"):
         inst.install(_req(tmp_path, size=1 << 30), ctrl=Ctrl(cli=Cli(calls)))
     assert not any(out.iterdir())
