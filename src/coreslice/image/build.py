@@ -37,8 +37,8 @@ Progress = Callable[[str], None]
 
 
 def default_cache() -> Path:
-    env = os.environ.get("CORESLICE_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "coreslice").expanduser() / "images"
+    from coreslice.testbed.paths import cache_root  # the one cache location; created only when used
+    return cache_root() / "images"
 
 
 @dataclass
