@@ -48,12 +48,19 @@ ENV = "CORESLICE_LEDGER"
 
 HOLDING = ("reserved", "launching", "running", "failed")
 REPLACEABLE = ("running", "failed")
+# The steps of a launch, in order, as recorded in ``phase`` before each begins: a launcher killed
+# in one leaves the row saying how far it got (`coreslice list` shows it, `stop` recovers it).
+PHASES = ("reserved", "devices", "parking", "writing", "waking", "woken")
+# Columns added after version 1, with the SQL that adds each to an older file.
+_ADDED_COLUMNS = {"request": "TEXT", "on_crash": "TEXT", "phase": "TEXT"}
 BUSY_TIMEOUT = 30.0  # seconds a launch waits for another one's transaction
 
 # SQLite's messages for a file it cannot open, lock or write (anything else is a damaged file).
 _ACCESS_PROBLEM = re.compile(r"locked|readonly|read-only|unable to open|permission|disk I/O", re.I)
 
-SCHEMA_VERSION = 2  # 2: the namespaces table (image install); a version-1 file gains it on the next write
+# 2: the namespaces table (image install); 3: slices.request, on_crash and phase (lifecycle).
+# An older file gains what it lacks on the next write (_upgrade); reads of it see NULLs.
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS slices (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -73,6 +80,9 @@ CREATE TABLE IF NOT EXISTS slices (
     pid         INTEGER,                    -- the coreslice process that launched it
     error       TEXT,
     replaces    TEXT    NOT NULL DEFAULT '[]',  -- JSON list of row ids this launch relaunches
+    request     TEXT,                       -- JSON list: the `coreslice boot` arguments (restart)
+    on_crash    TEXT,                       -- "restart" or "none": what `coreslice watch` does
+    phase       TEXT,                       -- the launch's last step begun (PHASES), for crash recovery
     reserved_at REAL    NOT NULL,           -- Unix times
     launched_at REAL,
     running_at  REAL,
@@ -125,6 +135,9 @@ class SliceRecord:
     pid: int | None = None
     error: str | None = None
     replaces: tuple[int, ...] = ()
+    request: tuple[str, ...] | None = None   # the boot arguments, as `restart` replays them
+    on_crash: str | None = None
+    phase: str | None = None
     times: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -169,6 +182,8 @@ class SliceRecord:
             "low_slot": self.low_slot, "console": self.console, "devices": list(self.devices),
             "kernel": self.kernel, "initrd": self.initrd, "cmdline": self.cmdline,
             "pid": self.pid, "error": self.error, "replaces": list(self.replaces), "times": self.times,
+            "request": list(self.request) if self.request is not None else None,
+            "on_crash": self.on_crash, "phase": self.phase,
         }
 
 
@@ -200,7 +215,7 @@ def pid_alive(pid: int | None) -> bool:
 
 _COLUMNS = ("id", "boot_id", "name", "state", "cpus", "apic_ids", "mem_base", "mem_size", "low_slot",
             "console", "devices", "kernel", "initrd", "cmdline", "pid", "error", "replaces",
-            "reserved_at", "launched_at", "running_at", "ended_at")
+            "reserved_at", "launched_at", "running_at", "ended_at", *_ADDED_COLUMNS)
 
 
 class _DamagedRow(Exception):
@@ -238,6 +253,8 @@ def _record(row: sqlite3.Row) -> SliceRecord:
         devices=_json_list(row, "devices", str), kernel=_typed(row, "kernel", str),
         initrd=_typed(row, "initrd", str), cmdline=_typed(row, "cmdline", str), pid=_typed(row, "pid", int),
         error=_typed(row, "error", str), replaces=_json_list(row, "replaces", int), times=t,
+        request=_json_list(row, "request", str) if row["request"] is not None else None,
+        on_crash=_typed(row, "on_crash", str), phase=_typed(row, "phase", str),
     )
 
 
@@ -298,7 +315,9 @@ class Ledger:
             # Create the schema once: running it on every connection would rewrite the file's
             # header, so that even a refused launch changed the ledger.
             if not self.readonly and con.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                con.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+                con.executescript(SCHEMA)
+                _upgrade(con)
+                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             yield con
         except _DamagedRow as e:
             raise self._damaged(str(e)) from None
@@ -330,7 +349,10 @@ class Ledger:
         if con is None:
             return []
         try:
-            rows = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM slices WHERE {where} ORDER BY id", args)
+            have = {r[1] for r in con.execute("PRAGMA table_info(slices)")}
+            # An older file read without upgrading it (read-only) lacks the newer columns.
+            cols = [c if c in have or c not in _ADDED_COLUMNS else f"NULL AS {c}" for c in _COLUMNS]
+            rows = con.execute(f"SELECT {', '.join(cols)} FROM slices WHERE {where} ORDER BY id", args)
         except sqlite3.OperationalError as e:
             if "no such table" in str(e):
                 return []
@@ -379,11 +401,12 @@ class Ledger:
             replaces = _check(rec, self._holding(con), relaunch)
             cur = con.execute(
                 "INSERT INTO slices (boot_id, name, state, cpus, apic_ids, mem_base, mem_size, low_slot, "
-                "console, devices, kernel, initrd, cmdline, pid, replaces, reserved_at) "
-                "VALUES (?, ?, 'reserved', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "console, devices, kernel, initrd, cmdline, pid, replaces, reserved_at, request, on_crash, phase) "
+                "VALUES (?, ?, 'reserved', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'reserved')",
                 (self.boot_id, rec.name, json.dumps(list(rec.cpus)), json.dumps(list(rec.apic_ids)),
                  rec.mem_base, rec.mem_size, rec.low_slot, rec.console, json.dumps(list(rec.devices)),
-                 rec.kernel, rec.initrd, rec.cmdline, os.getpid(), json.dumps(replaces), now))
+                 rec.kernel, rec.initrd, rec.cmdline, os.getpid(), json.dumps(replaces), now,
+                 json.dumps(list(rec.request)) if rec.request is not None else None, rec.on_crash))
             row_id = cur.lastrowid
         got = self.get(row_id)
         assert got is not None
@@ -441,9 +464,24 @@ class Ledger:
                 return []
             return [dict(r) for r in rows]
 
+    def set_phase(self, row_id: int, phase: str) -> None:
+        """Record the launch step about to begin (one of PHASES)."""
+        if phase not in PHASES:
+            raise ValueError(f"unknown launch phase {phase!r}")
+        with self._transaction() as con:
+            con.execute("UPDATE slices SET phase = ? WHERE id = ?", (phase, row_id))
+
     def mark_stopped(self, row_id: int) -> None:
         with self._transaction() as con:
             con.execute("UPDATE slices SET state = 'stopped', ended_at = ? WHERE id = ?", (time.time(), row_id))
+
+
+def _upgrade(con: sqlite3.Connection) -> None:
+    """Add the columns a file written by an older coreslice lacks (SQLite: ADD COLUMN only)."""
+    have = {r[1] for r in con.execute("PRAGMA table_info(slices)")}
+    for col, kind in _ADDED_COLUMNS.items():
+        if col not in have:
+            con.execute(f"ALTER TABLE slices ADD COLUMN {col} {kind}")
 
 
 def _check(rec: SliceRecord, holding: list[SliceRecord], relaunch: bool = True) -> list[int]:
