@@ -55,9 +55,10 @@ def register(sub) -> None:
     p.add_argument("--cmdline", default="", metavar="STR",
                    help="kernel parameters appended after coreslice's own (console, noapic, tsc, pci=off ...)")
     slices.add_placement_args(p)  # --cpus|--ncpus, --memory, --numa-node, --name, --ledger
-    p.add_argument("--console", required=True, metavar="io:PORT|PCI-ADDR",
+    p.add_argument("--console", required=True, metavar="io:PORT|PCI-ADDR|none",
                    help="the slice's serial console: a legacy 16550 port (io:0x2f8) or a PCI UART (0000:00:03.0), "
-                        "which is unbound from its host driver and counts as an assigned PCI function")
+                        "which is unbound from its host driver and counts as an assigned PCI function; or 'none': "
+                        "no UART, read the kernel log from the slice's memory with `coreslice console NAME`")
     p.add_argument("--device", dest="devices", action="append", default=[], metavar="PCI-ADDR",
                    help="a PCI function for the slice (repeatable): unbound from its host driver before the first "
                         "write; the slice's DSDT then lists the root complexes holding its functions, and the slice "
@@ -129,6 +130,7 @@ def cmd_boot(args) -> int:
     name = result.slice.name if result.slice else req.name or f"slice-{p.cpus[0]}"
     what = f"dry run written to {result.dry_run_dir}" if result.dry_run_dir else f"slice '{name}' started"
     print(f"{what}: CPUs {','.join(map(str, p.cpus))} (APIC IDs {','.join(map(str, p.apic_ids))}), "
-          f"{format_size(p.mem_size)}@0x{p.mem_base:x}, console 0x{p.console.port:x}, "
+          f"{format_size(p.mem_size)}@0x{p.mem_base:x}, "
+          f"console {'none' if p.console.port is None else f'0x{p.console.port:x}'}, "
           f"{result.image.total_bytes >> 20} MiB in {sum(result.phases.values()):.2f} s")
     return 0

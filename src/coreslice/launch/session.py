@@ -130,7 +130,8 @@ def slice_record(spec: BootSpec, plan: Plan) -> SliceRecord:
     return SliceRecord(
         name=spec.name or f"slice-{plan.cpus[0]}", cpus=tuple(plan.cpus), apic_ids=tuple(plan.apic_ids),
         mem_base=plan.mem_base, mem_size=plan.mem_size, low_slot=plan.slot,
-        console=plan.console.pci_address or f"io:0x{plan.console.port:x}", devices=devices,
+        console=plan.console.pci_address or (f"io:0x{plan.console.port:x}" if plan.console.port is not None else None),
+        devices=devices,
         kernel=str(spec.kernel), initrd=str(spec.initrd) if spec.initrd else None, cmdline=plan.cmdline)
 
 

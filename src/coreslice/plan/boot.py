@@ -32,7 +32,7 @@ from coreslice.units import format_size, parse_size
 
 @dataclass
 class Console:
-    port: int
+    port: int | None            # None: `--console none`, the slice has no UART (coreslice console reads its log)
     pci_address: str | None = None
     pci_driver: str | None = None
 
@@ -112,11 +112,13 @@ PCI_PARAMS = "pci=nobios,norom,nobar,realloc=off,lastbus=0x100"
 PCIE_PORTS_PARAM = "pcie_ports=compat"
 
 
-def slice_cmdline(console_port: int, tsc_khz: int, user: str, earlyprintk: bool, pci: bool = False,
+def slice_cmdline(console_port: int | None, tsc_khz: int, user: str, earlyprintk: bool, pci: bool = False,
                   pci_extra: str = "") -> str:
     """The parameters a stock kernel needs to live in a slice (DESIGN.md §3), then the user's."""
-    params = [
-        f"console=uart,io,0x{console_port:x},115200n8",
+    # No console=: the kernel logs to its ring buffer only (and a dummy VT: the zero page's
+    # screen_info is zero, so vgacon stays off); `coreslice console` reads that ring.
+    params = [f"console=uart,io,0x{console_port:x},115200n8"] if console_port is not None else []
+    params += [
         "noapic",               # never program the IOAPIC, which the host owns
         "no_ipi_broadcast=1",   # "all but self" IPIs would reach the host's CPUs too
         f"tsc_early_khz={tsc_khz}",  # no PIT/HPET/PM timer to calibrate against
@@ -131,7 +133,7 @@ def slice_cmdline(console_port: int, tsc_khz: int, user: str, earlyprintk: bool,
         # 8-bit destination misroutes on CPUs with APIC IDs above 255 (seen on a 260-CPU
         # emulated machine: __irq_msi_compose_msg warned for pcieport).
         params.append(PCIE_PORTS_PARAM)
-    if earlyprintk:
+    if earlyprintk and console_port is not None:
         params.append(f"earlyprintk=serial,0x{console_port:x},115200")
     if user.strip():
         params.append(user.strip())
@@ -281,6 +283,10 @@ def check_resources(cpus: list[int], base: int, size: int, host: Host) -> list[i
 
 def _check_console(spec: BootSpec, host: Host) -> Console:
     text = spec.console.strip()
+    if text.lower() == "none":
+        if spec.earlyprintk:
+            raise UsageError("--earlyprintk prints to the console, and --console none has none; drop one of them")
+        return Console(None)
     if text.lower().startswith("io:"):
         try:
             port = int(text[3:], 0)

@@ -175,6 +175,19 @@ def test_pci_console_accepted(spec, host_tree):
     assert "console=uart,io,0xc000,115200n8" in result.plan.cmdline
 
 
+def test_console_none_boots_without_a_uart(spec, host_tree):
+    fakes = Fakes()
+    result = launch.boot(dataclasses.replace(spec, console="none"), host=discover(host_tree),
+                         machine=fakes.machine())
+    assert result.plan.console.port is None and result.plan.console.pci_address is None
+    assert "console=" not in result.plan.cmdline and "earlyprintk" not in result.plan.cmdline
+    assert fakes.pci.detached == []
+
+
+def test_console_none_refuses_earlyprintk(spec, host_tree):
+    refused(spec, host_tree, "--console none", console="none", earlyprintk=True)
+
+
 def test_tsc_unknown(spec, tmp_path):
     tree = make_host_tree(tmp_path / "h3", tsc=False)
     refused(spec, tree, "TSC frequency", tsc_khz=None)
