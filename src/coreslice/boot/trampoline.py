@@ -14,13 +14,17 @@ bytes with iced-x86 and check the text. Only fields that depend on the arguments
   - absolute (linear) addresses from ``base``: the GDT base in the GDTR and both far-jump targets,
     so the page works at any SIPI vector;
   - immediates: ``cr3``, ``boot_params``, ``entry``.
-Nothing here uses a stack, and the code never writes memory (the GDT's Accessed bits are preset so
-the CPU has nothing to set either), so the page is left byte-for-byte as loaded.
+Nothing here uses a stack.  The code writes memory twice, and only in its own page: the wake
+handshake (``HANDSHAKE_OFFSET``), a word set as the first instruction after DS = CS and another
+just before the jump to the kernel, so the loader can tell "the CPU never woke" from "it woke
+but never reached the kernel" from "it is in the kernel".  Everything else stays as loaded (the
+GDT's Accessed bits are preset so the CPU has nothing to set there).
 
 Page layout (offsets in the page)::
 
     0x000  16-bit code | 32-bit code | 64-bit code | GDT, GDTR, IDTR (8-aligned)
     ...    zeros
+    0xEF0  HANDSHAKE_OFFSET: u32 ENTERED, u32 IN_KERNEL, written by the CPU (zero as loaded)
     0xF00  RECORD_OFFSET: RECORD_SIZE bytes for the loader (see below); never touched by the code
 
 Requirement on the caller: the page tables at ``cr3`` must identity-map this page, because the
@@ -45,6 +49,12 @@ CANONICAL_LIMIT = 1 << 47  # entry/boot_params are identity mapped: lower canoni
 # and that ``build_trampoline`` returns bytes that end before it.
 RECORD_OFFSET = 0xF00
 RECORD_SIZE = 0x100
+
+# The wake handshake: two 32-bit words the woken CPU sets (its only writes), zero as loaded.
+HANDSHAKE_OFFSET = 0xEF0
+HANDSHAKE_SIZE = 8
+ENTERED_MAGIC = 0x43534531    # "1ESC" little endian: the CPU executes the trampoline
+IN_KERNEL_MAGIC = 0x43534B32  # "2KSC": the CPU is about to jump to the kernel's 64-bit entry
 
 # GDT selectors. 0x10 and 0x18 are fixed by the Linux boot protocol (__BOOT_CS, __BOOT_DS).
 CODE32_SEL = 0x08  # 32-bit code, used only between CR0.PE and CR0.PG
@@ -155,6 +165,8 @@ def _real_mode(s: _Symbols, cr3: int, entry: int, boot_params: int) -> list[Insn
         Insn(_h("fc"), "cld", "string operations count up (EFLAGS.DF = 0)"),
         Insn(_h("8cc8"), "mov ax, cs", "CS = SIPI vector << 8"),
         Insn(_h("8ed8"), "mov ds, ax", "so [off] addresses this page"),
+        Insn(_h("66c706") + _u16(HANDSHAKE_OFFSET) + _u32(ENTERED_MAGIC),
+             f"mov dword [{HANDSHAKE_OFFSET:#x}], {ENTERED_MAGIC:#x}", "handshake: the CPU woke"),
         # o32: load a full 32-bit base (SDM LGDT/LIDT: a 16-bit operand would use 24 bits).
         Insn(_h("660f0116") + _u16(s.gdtr), f"o32 lgdt [{s.gdtr:#x}]", "§9.9.1 step 2"),
         # A null IDT: until the kernel loads its own, an NMI or fault shuts the core down rather
@@ -205,6 +217,10 @@ def _long_mode(s: _Symbols, cr3: int, entry: int, boot_params: int) -> list[Insn
     return [
         Insn(_h("48be") + _u64(boot_params), f"mov rsi, {boot_params:#x}", "struct boot_params"),
         Insn(_h("48b8") + _u64(entry), f"mov rax, {entry:#x}", "kernel load address + 0x200"),
+        # A 32-bit absolute address (ModRM 04, SIB 25): the page is below 1 MiB, identity mapped.
+        Insn(_h("c70425") + _u32(s.base + HANDSHAKE_OFFSET + 4) + _u32(IN_KERNEL_MAGIC),
+             f"mov dword [{s.base + HANDSHAKE_OFFSET + 4:#x}], {IN_KERNEL_MAGIC:#x}",
+             "handshake: into the kernel"),
         Insn(_h("ffe0"), "jmp rax"),
     ]
 
@@ -279,14 +295,15 @@ def trampoline_blocks(base: int, *, cr3: int, entry: int, boot_params: int) -> l
         for name, bits, at, build in _BLOCKS
     ]
     end = blocks[-1].offset + blocks[-1].size
-    assert end <= RECORD_OFFSET, f"trampoline ({end:#x} bytes) overlaps the loader record"
+    assert end <= HANDSHAKE_OFFSET, f"trampoline ({end:#x} bytes) overlaps the handshake words"
     return blocks
 
 
 def build_trampoline(base: int, *, cr3: int, entry: int, boot_params: int) -> bytes:
     """The trampoline bytes to write at physical ``base`` (SIPI vector ``base >> 12``).
 
-    The result starts at offset 0 of the page and ends before ``RECORD_OFFSET``; the rest of the
+    The result starts at offset 0 of the page and ends with the (zeroed) handshake words, before
+    ``RECORD_OFFSET``: writing it clears what an earlier wake left there, and the rest of the
     page is free for the loader's record.
     """
     page = bytearray()
@@ -294,7 +311,16 @@ def build_trampoline(base: int, *, cr3: int, entry: int, boot_params: int) -> by
         page += bytes(block.offset - len(page))  # alignment padding (zeros) before the block
         for insn in block.items:
             page += insn.code
-    return bytes(page)
+    return bytes(page.ljust(HANDSHAKE_OFFSET + HANDSHAKE_SIZE, b"\0"))
+
+
+def handshake(raw: bytes) -> str:
+    """What the handshake words (8 bytes read at base + HANDSHAKE_OFFSET) say: "none" (the CPU
+    never ran the trampoline), "entered" (it did, but has not reached the kernel) or "kernel"."""
+    entered, in_kernel = struct.unpack("<II", raw[:HANDSHAKE_SIZE])
+    if in_kernel == IN_KERNEL_MAGIC:
+        return "kernel"
+    return "entered" if entered == ENTERED_MAGIC else "none"
 
 
 def trampoline_listing(base: int, *, cr3: int, entry: int, boot_params: int) -> str:
@@ -312,5 +338,6 @@ def trampoline_listing(base: int, *, cr3: int, entry: int, boot_params: int) -> 
             note = f"  ; {insn.note}" if insn.note else ""
             lines.append(f"{offset:04x}  {insn.code.hex(' '):<30} {insn.text}{note}".rstrip())
             offset += len(insn.code)
-    lines.append(f"\n{RECORD_OFFSET:04x}  ; loader record, {RECORD_SIZE:#x} bytes (not code)")
+    lines.append(f"\n{HANDSHAKE_OFFSET:04x}  ; handshake words, {HANDSHAKE_SIZE} bytes (written by the CPU)")
+    lines.append(f"{RECORD_OFFSET:04x}  ; loader record, {RECORD_SIZE:#x} bytes (not code)")
     return "\n".join(lines) + "\n"

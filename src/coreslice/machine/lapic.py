@@ -51,13 +51,19 @@ def init_cpus(apic: LocalApic, apic_ids: list[int]) -> None:
             apic.send_icr(apic_id, DM_INIT | TRIGGER_LEVEL)
 
 
-def start_cpu(apic: LocalApic, apic_id: int, vector: int, sleep=time.sleep) -> None:
+def start_cpu(apic: LocalApic, apic_id: int, vector: int, sleep=time.sleep) -> float:
+    """The two SIPIs (after init_cpus); returns time.perf_counter() at the first, from which the
+    wake handshake's latency counts."""
     if not 0 < vector < 0x100:
         raise LaunchError(f"SIPI vector 0x{vector:x} out of range (the trampoline must sit below 1 MiB)")
     sleep(INIT_DELAY)
+    first = None
     for _ in range(2):
         apic.send_icr(apic_id, DM_STARTUP | vector)
+        first = first if first is not None else time.perf_counter()
         sleep(SIPI_DELAY)
+    assert first is not None
+    return first
 
 
 class ApicRegisters(Protocol):
@@ -183,9 +189,14 @@ class X2Apic:
 
 
 class FakeApic:
-    def __init__(self, mode: str = "xapic"):
+    """Records every ICR write; ``on_startup(apic_id, vector)`` plays the woken CPU (FakeMachine)."""
+
+    def __init__(self, mode: str = "xapic", on_startup=None):
         self.mode = mode
         self.sent: list[tuple[int, int]] = []
+        self.on_startup = on_startup
 
     def send_icr(self, apic_id: int, command: int) -> None:
         self.sent.append((apic_id, command))
+        if command & 0b111 << 8 == DM_STARTUP and self.on_startup is not None:
+            self.on_startup(apic_id, command & 0xFF)

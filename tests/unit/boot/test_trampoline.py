@@ -11,6 +11,9 @@ from unicorn import x86_const as r
 
 from coreslice.boot.pagetables import build_identity_page_tables
 from coreslice.boot.trampoline import (
+    HANDSHAKE_OFFSET,
+    HANDSHAKE_SIZE,
+    handshake,
     RECORD_OFFSET,
     RECORD_SIZE,
     build_trampoline,
@@ -80,7 +83,8 @@ def test_layout_code_before_the_record_area():
     code = build_trampoline(0x20000, **ARGS)
     assert RECORD_OFFSET + RECORD_SIZE <= 0x1000
     assert len(code) <= RECORD_OFFSET
-    assert len(code) == blocks[-1].offset + blocks[-1].size
+    assert blocks[-1].offset + blocks[-1].size <= HANDSHAKE_OFFSET
+    assert len(code) == HANDSHAKE_OFFSET + HANDSHAKE_SIZE
     for block in blocks:
         at = block.offset
         assert code[at:at + block.size] == b"".join(i.code for i in block.items)
@@ -111,7 +115,7 @@ def test_only_base_dependent_fields_change_with_the_base():
     for block in trampoline_blocks(0x7000, **ARGS):
         at = block.offset
         for insn in block.items:
-            if insn.text.startswith(("jmp dword", "jmp 0x")) or "GDTR base" in insn.note:
+            if insn.text.startswith(("jmp dword", "jmp 0x")) or "GDTR base" in insn.note or "into the kernel" in insn.note:
                 patched.update(range(at, at + len(insn.code)))
             at += len(insn.code)
     assert diff and set(diff) <= patched
@@ -184,9 +188,9 @@ class Machine:
         assert uc.reg_read(r.UC_X86_REG_CR0) == CR0_AFTER_RESET
         assert uc.reg_read(r.UC_X86_REG_CS) == self.base >> 4
 
-    def run(self) -> None:
+    def run(self, count: int = 1000) -> None:
         self._init_state()
-        self.uc.emu_start(self.base, self.stub_end, count=1000)
+        self.uc.emu_start(self.base, self.stub_end, count=count)
         assert self.trace[0] == self.base  # first fetch at CS:IP = (base >> 4):0
 
     def qwords(self, addr: int, n: int) -> list[int]:
@@ -235,8 +239,19 @@ def test_trampoline_reaches_the_kernel_entry_in_long_mode(base):
         assert uc.reg_read(seg) == 0x18
     eflags = uc.reg_read(r.UC_X86_REG_EFLAGS)
     assert not eflags & 1 << 9 and not eflags & 1 << 10  # IF, DF clear
-    # The code never writes memory: the page reads back exactly as loaded.
-    assert bytes(uc.mem_read(base, len(m.code))) == m.code
+    # The code writes only its handshake words: the rest of the page reads back as loaded.
+    page = bytes(uc.mem_read(base, len(m.code)))
+    hs = slice(HANDSHAKE_OFFSET, HANDSHAKE_OFFSET + HANDSHAKE_SIZE)
+    assert page[:hs.start] + page[hs.stop:] == m.code[:hs.start] + m.code[hs.stop:]
+    assert m.code[hs] == bytes(HANDSHAKE_SIZE)  # zero as loaded: a new wake starts from "none"
+    assert handshake(page[hs]) == "kernel"
+
+
+def test_handshake_says_entered_before_the_kernel_entry():
+    m = Machine(0x20000, _stub(BOOT_PARAMS + 0x800, []))
+    assert handshake(bytes(m.uc.mem_read(0x20000 + HANDSHAKE_OFFSET, HANDSHAKE_SIZE))) == "none"
+    m.run(count=8)  # a few real-mode instructions: past the first handshake write, not to the kernel
+    assert handshake(bytes(m.uc.mem_read(0x20000 + HANDSHAKE_OFFSET, HANDSHAKE_SIZE))) == "entered"
 
 
 def test_unmapped_address_faults_after_the_switch():
