@@ -44,6 +44,9 @@ class BootSpec:
     extra: dict = field(default_factory=dict)
     name: str | None = None  # the slice's name in the ledger; default slice-<first CPU>
     devices_polled: bool = False  # its drivers poll: blocked or misrouted MSIs do no harm
+    on_crash: str = "none"        # "restart": `coreslice watch` restarts it after a panic or halt
+    record_argv: tuple[str, ...] | None = None  # the boot arguments the ledger keeps for restart
+    wake_timeout: float = 2.0     # seconds boot waits for the woken CPU's handshake
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,9 @@ class BootRequest:
     host_root: Path = Path("/")
     ledger: Path | None = None
     config: Config = field(default_factory=Config)
+    on_crash: str = "none"
+    record_argv: tuple[str, ...] | None = None
+    wake_timeout: float = 2.0
 
     @property
     def placed_by_us(self) -> bool:
@@ -83,7 +89,8 @@ class BootRequest:
         return BootSpec(kernel=self.kernel, initrd=self.initrd, cpus=list(cpus), mem_size=self.mem_size,
                         mem_base=mem_base, console=self.console, cmdline=cmdline, tsc_khz=self.tsc_khz,
                         earlyprintk=self.earlyprintk, name=self.name, devices=[*self.devices, *devices],
-                        extra={"pci_extra": pci_extra} if pci_extra else {}, devices_polled=self.devices_polled)
+                        extra={"pci_extra": pci_extra} if pci_extra else {}, devices_polled=self.devices_polled,
+                        on_crash=self.on_crash, record_argv=self.record_argv, wake_timeout=self.wake_timeout)
 
 
 def check_cmdline(text: str) -> str:
@@ -134,7 +141,8 @@ def boot_request(*, kernel: Path, initrd: Path | None, console: str, memory: str
                  mac: str | None = None, guest_kernel: str = "stock", tsc_khz: int | None = None,
                  earlyprintk: bool = False, devices_polled: bool = False, dry_run: Path | None = None,
                  host_root: Path = Path("/"),
-                 ledger: Path | None = None, config: Config | None = None) -> BootRequest:
+                 ledger: Path | None = None, config: Config | None = None, on_crash: str = "none",
+                 record_argv: tuple[str, ...] | None = None, wake_timeout: float = 2.0) -> BootRequest:
     """Flags + config -> request.  Defaults for CPUs and memory come from the config's [slice]
     when the flags give none (flags always win)."""
     config = config or Config()
@@ -147,4 +155,5 @@ def boot_request(*, kernel: Path, initrd: Path | None, console: str, memory: str
         numa_node=numa_node, name=check_name(name), cmdline=check_cmdline(cmdline), devices=tuple(devices),
         vfs=tuple(vfs), guest_kernel=guest_kernel, tsc_khz=check_tsc_khz(tsc_khz), earlyprintk=earlyprintk,
         devices_polled=devices_polled,
-        dry_run=dry_run, host_root=Path(host_root), ledger=ledger, config=config)
+        dry_run=dry_run, host_root=Path(host_root), ledger=ledger, config=config, on_crash=on_crash,
+        record_argv=record_argv, wake_timeout=wake_timeout)

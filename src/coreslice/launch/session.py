@@ -26,7 +26,7 @@ from coreslice.boot.image import BootImage, build_image
 from coreslice.errors import LaunchError, UsageError
 from coreslice.host import consoles
 from coreslice.host.snapshot import Host, discover
-from coreslice.launch import acting
+from coreslice.launch import acting, scrub
 from coreslice.launch.vfprep import PreparedVf
 from coreslice.ledger import Ledger, LedgerConflict, SliceRecord, resolve_path
 from coreslice.machine import Machine, lapic
@@ -52,6 +52,7 @@ class BootResult:
     ledger_path: Path | None = None
     placement: Placement | None = None
     vfs: list = field(default_factory=list)  # PreparedVf (or planned ones on a dry run)
+    wake: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -69,6 +70,8 @@ class BootResult:
             "ledger": str(self.ledger_path) if self.ledger_path else None,
             "placement": self.placement.to_json() if self.placement else None,
             "vfs": [v.to_json() for v in self.vfs],
+            # Seconds from the first SIPI until the CPU ran the trampoline / jumped to the kernel.
+            "wake": {k: round(v, 6) for k, v in self.wake.items()} or None,
             # ru_maxrss is in KiB on Linux: the loader's peak memory, reported for the benchmark.
             "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         }
@@ -132,7 +135,8 @@ def slice_record(spec: BootSpec, plan: Plan) -> SliceRecord:
         mem_base=plan.mem_base, mem_size=plan.mem_size, low_slot=plan.slot,
         console=plan.console.pci_address or (f"io:0x{plan.console.port:x}" if plan.console.port is not None else None),
         devices=devices,
-        kernel=str(spec.kernel), initrd=str(spec.initrd) if spec.initrd else None, cmdline=plan.cmdline)
+        kernel=str(spec.kernel), initrd=str(spec.initrd) if spec.initrd else None, cmdline=plan.cmdline,
+        request=spec.record_argv, on_crash=spec.on_crash)
 
 
 # -- dry runs -----------------------------------------------------------------------------------
@@ -292,10 +296,18 @@ def reserve_and_act(spec: BootSpec, plan: Plan, image: BootImage, vfs: list[vfpl
         row = ledger.reserve(slice_record(spec, plan), relaunch=relaunch)
         result.slice, result.ledger_path = row, ledger.path
         progress(f"reserved slice '{row.name}' in the ledger {ledger.path}")
+    pause_for_tests("reserved")
     undo, acted = acting.UndoLog(), acting.Acted()
+
+    def phase(name: str) -> None:
+        if row is not None:
+            ledger.set_phase(row.id, name)  # type: ignore[union-attr,arg-type]
+        pause_for_tests(name)
+
     try:
         # What can still fail without a trace (the msr device) comes first.
         apic = boot_cpu_apic(host, machine, plan.apic_mode)
+        phase("devices")
         acting.prepare_devices(plan, vfs, machine, progress, acted, undo)
     except BaseException as e:
         what = undo.undo()
@@ -308,8 +320,10 @@ def reserve_and_act(spec: BootSpec, plan: Plan, image: BootImage, vfs: list[vfpl
     _fill_detached(result, plan, acted)
     if row is not None:
         ledger.begin_launch(row.id)  # type: ignore[union-attr,arg-type]
+    spans = scrub.ranges(plan.mem_base, plan.mem_size, plan.slot)
     try:
-        acting.start(plan, image, machine, apic, progress, acted)
+        acting.start(plan, image, machine, apic, progress, acted, phase=phase,
+                     scrub=lambda p: scrub.scrub(machine.mem, spans, p), wake_timeout=spec.wake_timeout)
     except BaseException as e:  # its CPUs may run: it stays held until reboot, relaunch or stop
         if row is not None:
             ledger.finish(row.id, error=str(e) or type(e).__name__)  # type: ignore[union-attr,arg-type]
@@ -318,9 +332,24 @@ def reserve_and_act(spec: BootSpec, plan: Plan, image: BootImage, vfs: list[vfpl
         ledger.finish(row.id)  # type: ignore[union-attr,arg-type]
         result.slice = ledger.get(row.id)  # type: ignore[union-attr,arg-type]
     result.vfs = acted.vfs
+    result.wake = acted.wake
     result.phases.update(acted.phases)
     result.phases["total"] = time.perf_counter() - t0
     return result
+
+
+# Fault injection for the crash-consistency tests (tests/unit/launch/test_kill9.py and the
+# emulated machine's): the launch stops at the start of phase $CORESLICE_TEST_PAUSE_AT, writes its
+# pid to $CORESLICE_TEST_PAUSE_FILE and waits to be killed.  Unset, it costs one dict lookup.
+PAUSE_ENV, PAUSE_FILE_ENV = "CORESLICE_TEST_PAUSE_AT", "CORESLICE_TEST_PAUSE_FILE"
+
+
+def pause_for_tests(phase: str) -> None:
+    if os.environ.get(PAUSE_ENV) != phase:
+        return
+    Path(os.environ[PAUSE_FILE_ENV]).write_text(f"{os.getpid()} {phase}\n")
+    while True:
+        time.sleep(3600)
 
 
 def _fill_detached(result: BootResult, plan: Plan, acted: acting.Acted) -> None:
@@ -393,32 +422,11 @@ def boot(spec: BootSpec, *, host: Host, machine: Machine, dry_run: Path | None =
     return reserve_and_act(spec, plan, image, [], host, machine, ledger, progress, result, t0)
 
 
-def stop(name: str, *, host: Host, machine: Machine, ledger: Ledger, progress: Progress = lambda _m: None) -> SliceRecord:
-    """INIT a slice's CPUs (they go back to wait-for-SIPI), clear its low-memory slot record and
-    mark it stopped in the ledger: its CPUs, memory and slot are free again."""
-    row = next((r for r in ledger.holding() if r.name == name), None)
-    if row is None:
-        names = ", ".join(r.name for r in ledger.holding()) or "none"
-        raise UsageError(f"no slice named '{name}' in this host boot (slices: {names}; ledger {ledger.path}); "
-                         "see coreslice list")
-    if row.state == "reserved":
-        raise UsageError(f"slice '{name}' is being launched by process {row.pid}; wait for it to finish, then stop it")
-    if host.apic_mode is None:
-        raise UsageError("cannot tell whether the host runs x2APIC or xAPIC; run 'modprobe msr' and retry")
-    apic = boot_cpu_apic(host, machine, host.apic_mode)
-    progress(f"INIT to CPUs {','.join(map(str, row.cpus))} (APIC IDs {','.join(map(str, row.apic_ids))})")
-    lapic.init_cpus(apic, list(row.apic_ids))
-    if row.low_slot is not None:
-        rec = slot_reader(machine.mem)(row.low_slot)
-        if (rec is not None and rec.boot_id == host.boot_id and set(rec.apic_ids) == set(row.apic_ids)
-                and (rec.mem_base, rec.mem_size) == (row.mem_base, row.mem_size)):
-            progress(f"clearing the record in low-memory slot 0x{row.low_slot:x}")
-            machine.mem.write(lowmem.record_address(row.low_slot), bytes(lowmem.RECORD_SIZE))
-    writable = Ledger(ledger.path, ledger.boot_id)
-    writable.mark_stopped(row.id)  # type: ignore[arg-type]
-    stopped = writable.get(row.id)  # type: ignore[arg-type]
-    assert stopped is not None
-    return stopped
+def stop(name: str, **kw):
+    """`coreslice stop` (launch/stopping.py)."""
+    from coreslice.launch.stopping import stop as _stop
+
+    return _stop(name, **kw)
 
 
 def stderr_progress(msg: str) -> None:

@@ -23,6 +23,11 @@ class PhysicalMemory(Protocol):
     def write(self, addr: int, data: bytes | memoryview) -> None: ...
     def write_and_check(self, addr: int, data: bytes | bytearray) -> bool: ...
     def write_file_and_check(self, addr: int, path: Path, offset: int, size: int) -> bool: ...
+    def zero(self, addr: int, size: int, progress=None) -> None: ...
+
+
+# Zeroing goes a chunk at a time through one mapping, so progress can be told on large ranges.
+ZERO_CHUNK = 256 << 20
 
 
 # The bulk copy and its read-back use libc's memmove and memcmp on the mappings themselves: a
@@ -143,6 +148,24 @@ class DevMem:
             del dst
             m.close()
 
+    def zero(self, addr: int, size: int, progress=None) -> None:
+        """Zero [addr, addr + size) with libc memset through one mapping of the range, a chunk at
+        a time; ``progress(done, size)`` after each chunk."""
+        m, off = self._map(addr, size)
+        view = ctypes.c_char.from_buffer(m, off)
+        try:
+            base = ctypes.addressof(view)
+            done = 0
+            while done < size:
+                n = min(ZERO_CHUNK, size - done)
+                ctypes.memset(base + done, 0, n)
+                done += n
+                if progress is not None:
+                    progress(done, size)
+        finally:
+            del view
+            m.close()
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -181,6 +204,18 @@ class FakeMemory:
     def write(self, addr: int, data: bytes | memoryview) -> None:
         self.writes.append((addr, len(data)))
         self._store(addr, data)
+
+    def zero(self, addr: int, size: int, progress=None) -> None:
+        self.writes.append((addr, size))
+        end = addr + size
+        for page in [p for p in self.pages if addr <= p and p + PAGE <= end]:
+            del self.pages[page]  # an absent page reads as zeros
+        for a in {addr & ~(PAGE - 1), (end - 1) & ~(PAGE - 1)}:  # partial pages at the ends
+            if a in self.pages:
+                lo, hi = max(addr, a), min(end, a + PAGE)
+                self.pages[a][lo - a:hi - a] = bytes(hi - lo)
+        if progress is not None:
+            progress(size, size)
 
     def write_and_check(self, addr: int, data: bytes) -> bool:
         self.write(addr, data)
