@@ -362,8 +362,9 @@ class Ledger:
     def _holding(self, con: sqlite3.Connection | None) -> list[SliceRecord]:
         marks = ",".join("?" * len(HOLDING))
         rows = self._select(con, f"boot_id = ? AND state IN ({marks})", (self.boot_id, *HOLDING))
-        # A reservation whose process died never touched the machine: it holds nothing.
-        return [r for r in rows if r.state != "reserved" or pid_alive(r.pid)]
+        # A reservation whose process died before detaching devices never touched the machine:
+        # it holds nothing.  One that died while detaching holds until `stop` gives them back.
+        return [r for r in rows if r.state != "reserved" or pid_alive(r.pid) or not untouched(r)]
 
     # -- reading ----------------------------------------------------------------------------------
     def holding(self) -> list[SliceRecord]:
@@ -396,7 +397,7 @@ class Ledger:
         now = time.time()
         with self._transaction() as con:
             for dead in self._select(con, "boot_id = ? AND state = 'reserved'", (self.boot_id,)):
-                if not pid_alive(dead.pid):  # gave up (or died) before touching the machine
+                if not pid_alive(dead.pid) and untouched(dead):  # gave up (or died) before touching the machine
                     con.execute("DELETE FROM slices WHERE id = ?", (dead.id,))
             replaces = _check(rec, self._holding(con), relaunch)
             cur = con.execute(
@@ -474,6 +475,24 @@ class Ledger:
     def mark_stopped(self, row_id: int) -> None:
         with self._transaction() as con:
             con.execute("UPDATE slices SET state = 'stopped', ended_at = ? WHERE id = ?", (time.time(), row_id))
+
+
+def untouched(rec: SliceRecord) -> bool:
+    """A ``reserved`` row whose launch had not begun changing the machine (no phase past it)."""
+    return rec.phase in (None, "reserved")
+
+
+def explain(rec: SliceRecord) -> str | None:
+    """For a launch whose process is gone mid-way: what that left, and what recovers it."""
+    if rec.state not in ("reserved", "launching") or pid_alive(rec.pid):
+        return None
+    if untouched(rec):
+        return "its launcher died before changing anything; it holds nothing"
+    if rec.state == "reserved":
+        return (f"its launcher (pid {rec.pid}) died while detaching devices; "
+                f"coreslice stop {rec.name} --return-devices gives them back")
+    return (f"its launcher (pid {rec.pid}) died while {rec.phase}; its CPUs may run: "
+            f"coreslice stop {rec.name} parks and scrubs it, coreslice restart {rec.name} boots it again")
 
 
 def _upgrade(con: sqlite3.Connection) -> None:

@@ -287,7 +287,7 @@ def test_stop_frees_the_slice(spec, host, ledger, tree, ledger_path, monkeypatch
     fakes = Fakes()
     result = launch.boot(spec, host=host, machine=fakes.machine(), ledger=ledger)
     slot = result.plan.slot
-    row = launch.stop("web", host=host, machine=fakes.machine(), ledger=ledger)
+    row = launch.stop("web", host=host, machine=fakes.machine(), ledger=ledger).slice
     assert row.state == "stopped" and ledger.holding() == []
     # INIT went to both CPUs and the slot record is gone, so the slot is free physically too.
     assert {a for a, c in fakes.apics[-1].sent if c >> 8 & 7 == 0b101} == {1, 2}

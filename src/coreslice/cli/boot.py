@@ -43,8 +43,9 @@ exit status: 0 booted (or dry run written), 1 failed while acting on the machine
 
 
 def register(sub) -> None:
+    # allow_abbrev=False: a recorded request is replayed by `restart`; it must mean the same then.
     p = sub.add_parser("boot", help="boot a kernel as a slice on parked CPUs and free RAM",
-                       description=BOOT_HELP, epilog=BOOT_EPILOG,
+                       description=BOOT_HELP, epilog=BOOT_EPILOG, allow_abbrev=False,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernel", type=Path, metavar="PATH", help="x86-64 bzImage (e.g. /boot/vmlinuz-*)")
     p.add_argument("--initrd", type=Path, metavar="PATH", help="initramfs for the slice")
@@ -75,6 +76,13 @@ def register(sub) -> None:
                    help="the slice's drivers poll its devices: boot even where their interrupts cannot reach it "
                         "(a host with interrupt remapping on blocks their MSIs; CPUs with APIC IDs above 255 "
                         "cannot be named by an MSI); without it such slices are refused")
+    p.add_argument("--on-crash", choices=("none", "restart"), default="none",
+                   help="what `coreslice watch` does when the slice panics, halts, powers off or reboots: "
+                        "'restart' boots it again with this request (default: none, it stays stopped in place)")
+    p.add_argument("--wake-timeout", type=_seconds, default=2.0, metavar="S",
+                   help="seconds to wait for the woken CPU to report, from the trampoline, that it reached the "
+                        "kernel entry (default 2; a CPU on hardware answers within microseconds); boot fails "
+                        "with exit 1 when it does not")
     p.add_argument("--dry-run", type=Path, metavar="DIR",
                    help="do everything except touching the machine: write plan.json, dsdt.asl and one file per "
                         "segment (physical address in the name) into DIR")
@@ -83,7 +91,43 @@ def register(sub) -> None:
                         "host (only with --dry-run; for tests and planning on another machine; tests may set "
                         f"{FAKE_MACHINE_ENV}=1 to launch onto in-memory fakes instead)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the plan and phase timings")
-    p.set_defaults(func=cmd_boot)
+    p.set_defaults(func=cmd_boot, boot_parser=p)
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 < v <= 600:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds between 0 and 600; give e.g. 2")
+    return v
+
+
+# Not kept for `restart`: placement is replaced by the resources the slice got (the ledger row),
+# and the rest says how this one run prints or where it reads, not what the slice is.
+NOT_RECORDED = {"help", "cpus", "ncpus", "memory", "numa_node", "name", "ledger", "json", "dry_run", "host_root"}
+
+
+def recorded_argv(parser: argparse.ArgumentParser, args) -> tuple[str, ...]:
+    """The boot arguments that differ from their defaults, as `coreslice restart` replays them
+    (paths made absolute: restart may run from another directory)."""
+    out: list[str] = []
+    for a in parser._actions:
+        if not a.option_strings or a.dest in NOT_RECORDED:
+            continue
+        value = getattr(args, a.dest, None)
+        if value is None or value is False or value == a.default:
+            continue
+        flag = max(a.option_strings, key=len)
+        if a.nargs == 0:
+            out.append(flag)
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, Path) or (a.dest == "image" and Path(v).exists()):
+                v = Path(v).absolute()
+            out += [flag, str(v)]
+    return tuple(out)
 
 
 def request_from(args) -> BootRequest:
@@ -96,7 +140,9 @@ def request_from(args) -> BootRequest:
         devices=args.devices, nic_vfs=args.nic_vfs, nvme_vfs=args.nvme_vfs, mac=args.mac,
         guest_kernel=args.guest_kernel, tsc_khz=args.tsc_khz, earlyprintk=args.earlyprintk,
         devices_polled=args.devices_polled,
-        dry_run=args.dry_run, host_root=args.host_root, ledger=args.ledger, config=config)
+        dry_run=args.dry_run, host_root=args.host_root, ledger=args.ledger, config=config,
+        on_crash=args.on_crash, wake_timeout=args.wake_timeout,
+        record_argv=recorded_argv(args.boot_parser, args) if hasattr(args, "boot_parser") else None)
 
 
 def image_boot_files(image: str | None, kernel: Path | None, initrd: Path | None,
@@ -132,5 +178,6 @@ def cmd_boot(args) -> int:
     print(f"{what}: CPUs {','.join(map(str, p.cpus))} (APIC IDs {','.join(map(str, p.apic_ids))}), "
           f"{format_size(p.mem_size)}@0x{p.mem_base:x}, "
           f"console {'none' if p.console.port is None else f'0x{p.console.port:x}'}, "
-          f"{result.image.total_bytes >> 20} MiB in {sum(result.phases.values()):.2f} s")
+          f"{result.image.total_bytes >> 20} MiB in {result.phases.get('total', 0.0):.2f} s"
+          + (f"; in its kernel {result.wake['kernel_s'] * 1000:.1f} ms after the SIPI" if result.wake else ""))
     return 0

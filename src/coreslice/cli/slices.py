@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from coreslice.request import slice_defaults
 from coreslice.host.sysfs import format_cpu_list, parse_cpu_list
 from coreslice.launch.session import open_ledger, slot_records
 from coreslice.host.consoles import normalize_pci_address
-from coreslice.ledger import ENV as LEDGER_ENV, SliceRecord
+from coreslice.ledger import ENV as LEDGER_ENV, SliceRecord, explain
 from coreslice.machine import FAKE_MACHINE_ENV, for_host as machine_for
 from coreslice.plan.placement import Placement, Request, free_resources, held_resources, place
 from coreslice.request import check_name
@@ -161,6 +162,8 @@ def _row(r: SliceRecord, boot_id: str) -> tuple[str, ...]:
     state = r.state or "?"
     if r.boot_id != boot_id:
         state += " (earlier boot)"
+    elif explain(r):
+        state += f" (launcher died{', ' + r.phase if r.phase else ''})"
     return (r.name, state, format_cpu_list(list(r.cpus)), ",".join(map(str, r.apic_ids)),
             f"{format_size(r.mem_size)}@0x{r.mem_base:x}", f"0x{r.low_slot:x}" if r.low_slot is not None else "-",
             r.console or "-", ",".join(r.devices) or "-", _clock(since))
@@ -185,7 +188,7 @@ def _cmd_list(args) -> int:
     if args.json:
         print(json.dumps({
             "ok": True, "ledger": str(ledger.path), "boot_id": host.boot_id,
-            "slices": [r.to_json() for r in shown],
+            "slices": [{**r.to_json(), "note": explain(r) if r.boot_id == host.boot_id else None} for r in shown],
             "unrecorded": [{"name": h.name, "cpus": sorted(h.cpus), "memory": h.mem.to_json()} for h in unrecorded],
             "free": [f.to_json() for f in free],
         }, indent=2))
@@ -194,6 +197,10 @@ def _cmd_list(args) -> int:
     if shown:
         head = ("NAME", "STATE", "CPUS", "APIC IDS", "MEMORY", "SLOT", "CONSOLE", "DEVICES", "SINCE")
         print(_table([head, *(_row(r, host.boot_id) for r in shown)]))
+        for r in shown:
+            note = explain(r) if r.boot_id == host.boot_id else None
+            if note:
+                print(f"  {r.name}: {note}")
     else:
         print("no slices in this host boot")
     for h in unrecorded:
@@ -205,29 +212,88 @@ def _cmd_list(args) -> int:
     return 0
 
 
-# -- coreslice stop -------------------------------------------------------------------------------
+# -- coreslice stop / restart ----------------------------------------------------------------------
+
+def _acting_on_live_host(args, what: str) -> bool:
+    live = args.host_root.resolve() == Path("/")
+    if not live and os.environ.get(FAKE_MACHINE_ENV) != "1":
+        raise UsageError(f"--host-root describes another machine; {what} acts on the live host only: drop --host-root")
+    if live and os.geteuid() != 0:
+        raise UsageError(f"coreslice {what} must run as root (it resets devices, sends INIT IPIs and writes "
+                         "physical memory); use sudo")
+    return live
+
 
 def _cmd_stop(args) -> int:
     from coreslice.launch.session import stderr_progress, stop
 
-
-    live = args.host_root.resolve() == Path("/")
-    if not live and os.environ.get(FAKE_MACHINE_ENV) != "1":
-        raise UsageError("--host-root describes another machine; stop acts on the live host only: drop --host-root")
-    if live and os.geteuid() != 0:
-        raise UsageError("coreslice stop must run as root (it sends INIT IPIs and writes low memory); use sudo")
+    live = _acting_on_live_host(args, "stop")
     host = discover(args.host_root)
     ledger = open_ledger(args.ledger, host, readonly=True)  # stop() writes only once it stops one
     machine = machine_for(live, args.host_root)
     assert machine is not None
-    row = stop(args.name, host=host, machine=machine, ledger=ledger,
-               progress=(lambda _m: None) if args.json else stderr_progress)
+    out = stop(args.name, host=host, machine=machine, ledger=ledger,
+               progress=(lambda _m: None) if args.json else stderr_progress,
+               scrub=not args.no_scrub, return_devices=args.return_devices)
     if args.json:
-        print(json.dumps({"ok": True, "slice": row.to_json(), "ledger": str(ledger.path)}, indent=2))
-    else:
-        print(f"slice '{row.name}' stopped: CPUs {format_cpu_list(list(row.cpus))} parked, "
-              f"{format_size(row.mem_size)}@0x{row.mem_base:x} free")
+        print(json.dumps({"ok": True, **out.to_json(), "ledger": str(ledger.path)}, indent=2))
+        return 0
+    row = out.slice
+    for w in out.warnings:
+        print(f"coreslice: warning: {w}", file=sys.stderr)
+    scrubbed = f", {format_size(out.scrubbed_bytes)} scrubbed in {out.scrub_s:.2f} s" if out.scrubbed_bytes else \
+        " (not scrubbed: --no-scrub)"
+    print(f"slice '{row.name}' stopped: {len(out.devices)} PCI function(s) quiet, CPUs "
+          f"{format_cpu_list(list(row.cpus))} parked, {format_size(row.mem_size)}@0x{row.mem_base:x} free{scrubbed}")
     return 0
+
+
+def latest(ledger, host, name: str) -> SliceRecord | None:
+    """The newest row of ``name`` in this host boot (held or not)."""
+    rows = [r for r in ledger.slices(history=True) if r.name == name and r.boot_id == host.boot_id]
+    return rows[-1] if rows else None
+
+
+def restart_argv(row: SliceRecord, ledger_arg: Path | None, as_json: bool) -> list[str]:
+    """`coreslice boot` as recorded, on the very CPUs and memory the slice had."""
+    if row.request is None:
+        raise UsageError(f"slice '{row.name}' was recorded without its boot request (by an older coreslice); "
+                         "boot it again with coreslice boot ...")
+    argv = ["boot", *row.request, "--cpus", format_cpu_list(list(row.cpus)),
+            "--memory", f"{format_size(row.mem_size)}@0x{row.mem_base:x}", "--name", row.name]
+    if ledger_arg is not None:
+        argv += ["--ledger", str(ledger_arg)]
+    return argv + (["--json"] if as_json else [])
+
+
+def _cmd_restart(args) -> int:
+    from coreslice.cli import build_parser
+    from coreslice.launch import scrub as scrubbing
+    from coreslice.launch.session import stderr_progress, stop
+
+    live = _acting_on_live_host(args, "restart")
+    host = discover(args.host_root)
+    ledger = open_ledger(args.ledger, host, readonly=True)
+    row = latest(ledger, host, args.name)
+    if row is None:
+        raise UsageError(f"no slice named '{args.name}' in this host boot (ledger {ledger.path}); see coreslice list --all")
+    argv = restart_argv(row, args.ledger, args.json)
+    boot_args = build_parser().parse_args(argv)  # a recorded request that no longer parses: refused here
+    progress = (lambda _m: None) if args.json else stderr_progress
+    machine = machine_for(live, args.host_root)
+    assert machine is not None
+    stopped = None
+    if row.state in ("reserved", "launching", "running", "failed"):
+        # No scrub here: the boot scrubs the same ranges right before writing.
+        stopped = stop(args.name, host=host, machine=machine, ledger=ledger, progress=progress, scrub=False)
+    if args.host_root.resolve() != Path("/"):
+        boot_args.host_root = args.host_root
+    try:
+        return boot_args.func(boot_args)
+    except CoresliceError:
+        if stopped is not None:  # keep stop's promise: nothing of the slice stays in its memory
+            scrubbing.scrub(machine.mem, scrubbing.ranges(row.mem_base, row.mem_size, row.low_slot), progress)
+        raise
 
 
 def register(sub) -> None:
@@ -252,13 +318,35 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print slices and free resources as JSON")
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser("stop", help="stop a slice: INIT its CPUs and free its resources",
-                       description="Send INIT to every CPU of the slice (they return to wait-for-SIPI), "
-                                   "clear its low-memory slot record and mark it stopped in the ledger, "
-                                   "so its CPUs and memory can be given to another slice.")
+    p = sub.add_parser("stop", help="stop a slice: quiet its devices, park its CPUs, scrub and free its memory",
+                       description="Stop a slice without rebooting the host: turn off Bus Master Enable, MSI and "
+                                   "MSI-X of each of its PCI functions and reset each alone (FLR, else a secondary "
+                                   "bus reset of its bridge, where the host kernel offers one), send INIT to its "
+                                   "CPUs (they return to wait-for-SIPI), zero its RAM and low-memory slot, and mark "
+                                   "it stopped in the ledger, so its CPUs, memory and devices can be given to "
+                                   "another slice.  A slice whose launcher was killed mid-way is recovered the "
+                                   "same way.",
+                       epilog="example:\n  coreslice stop web1 --return-devices")
     p.add_argument("name", metavar="NAME", help="the slice's name (see coreslice list)")
+    p.add_argument("--no-scrub", action="store_true",
+                   help="leave the slice's memory as it is (faster on large slices; the next launch there "
+                        "scrubs it anyway, but until then its data stays in RAM)")
+    p.add_argument("--return-devices", action="store_true",
+                   help="bind its PCI functions to their host drivers again afterwards")
     p.add_argument("--ledger", type=Path, metavar="PATH", help=LEDGER_HELP)
     p.add_argument("--host-root", type=root_arg, default=Path("/"), metavar="DIR",
                    help=f"a captured host tree (tests only, with {FAKE_MACHINE_ENV}=1)")
-    p.add_argument("--json", action="store_true", help="print the stopped slice as JSON")
+    p.add_argument("--json", action="store_true", help="print the stopped slice and what was done as JSON")
     p.set_defaults(func=_cmd_stop)
+
+    p = sub.add_parser("restart", help="stop a slice and boot it again with its recorded request",
+                       description="Stop the slice (as coreslice stop, its memory scrubbed by the boot that "
+                                   "follows) and boot it again with the arguments its launch recorded in the "
+                                   "ledger, on the same CPUs and memory.  A stopped, failed or crashed slice is "
+                                   "booted again the same way.")
+    p.add_argument("name", metavar="NAME", help="the slice's name (see coreslice list --all)")
+    p.add_argument("--ledger", type=Path, metavar="PATH", help=LEDGER_HELP)
+    p.add_argument("--host-root", type=root_arg, default=Path("/"), metavar="DIR",
+                   help=f"a captured host tree (tests only, with {FAKE_MACHINE_ENV}=1)")
+    p.add_argument("--json", action="store_true", help="print the boot's JSON")
+    p.set_defaults(func=_cmd_restart)

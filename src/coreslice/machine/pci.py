@@ -1,16 +1,52 @@
-"""Taking a PCI function away from its host driver, through sysfs."""
+"""Taking a PCI function away from its host driver, quieting it, giving it back: through sysfs.
+
+Configuration space is read and written through the function's sysfs ``config`` file, so the
+host kernel's own access method and locking are used (never ports 0xCF8/0xCFC from here).
+"""
 
 from __future__ import annotations
 
+import os
+import struct
 from pathlib import Path
 from typing import Protocol
 
 from coreslice.errors import LaunchError
 
+# PCI Local Bus 3.0 §6.2.2 (Command register), §6.7 (capability list); PCIe Base 5.0 §7.7.1 (MSI),
+# §7.7.2 (MSI-X).
+PCI_COMMAND = 0x04
+COMMAND_BUS_MASTER = 1 << 2
+PCI_STATUS = 0x06
+STATUS_CAP_LIST = 1 << 4
+PCI_CAP_PTR = 0x34
+CAP_MSI, CAP_MSIX = 0x05, 0x11
+MSI_ENABLE = 1 << 0       # MSI Message Control bit 0
+MSIX_ENABLE = 1 << 15     # MSI-X Message Control bit 15
+# The kernel's reset methods (sysfs reset_method, Linux >= 5.15) that reset this function alone:
+# FLR (PCIe §6.6.2), Advanced Features FLR, and "bus": a secondary bus reset of its parent bridge,
+# which the kernel offers only when the function is alone below it.
+OWN_RESETS = ("flr", "af_flr", "bus")
+
 
 class PciControl(Protocol):
     def detach(self, address: str) -> str | None: ...
     def attach(self, address: str, driver: str) -> None: ...
+    def quiesce(self, address: str) -> list[str]: ...
+    def reprobe(self, address: str) -> str | None: ...
+
+
+def capabilities(config: bytes) -> dict[int, int]:
+    """Capability ID -> offset of the first such capability in a config-space dump."""
+    caps: dict[int, int] = {}
+    if len(config) < 0x40 or not struct.unpack_from("<H", config, PCI_STATUS)[0] & STATUS_CAP_LIST:
+        return caps
+    ptr, seen = config[PCI_CAP_PTR] & ~3, set()
+    while 0x40 <= ptr < min(len(config), 0x100) - 1 and ptr not in seen:  # a loop ends the walk
+        seen.add(ptr)
+        caps.setdefault(config[ptr], ptr)
+        ptr = config[ptr + 1] & ~3
+    return caps
 
 
 class SysfsPci:
@@ -42,11 +78,88 @@ class SysfsPci:
         except OSError as e:
             raise LaunchError(f"binding {address} to {driver} failed: {e.strerror}") from e
 
+    def _config_rw(self, address: str, offset: int, fmt: str, value: int | None = None) -> int:
+        path = self.root / "sys/bus/pci/devices" / address / "config"
+        fd = os.open(path, os.O_RDWR if value is not None else os.O_RDONLY)
+        try:
+            if value is not None:
+                os.pwrite(fd, struct.pack(fmt, value), offset)
+            return struct.unpack(fmt, os.pread(fd, struct.calcsize(fmt), offset))[0]
+        finally:
+            os.close(fd)
+
+    def quiesce(self, address: str) -> list[str]:
+        """Stop the function's DMA and interrupts: Bus Master Enable off, MSI and MSI-X off, then
+        reset it alone (FLR, else its bridge's secondary bus) when the kernel offers such a
+        method.  Returns what was done, in words."""
+        dev = self.root / "sys/bus/pci/devices" / address
+        done = []
+        try:
+            config = (dev / "config").read_bytes()
+            cmd = self._config_rw(address, PCI_COMMAND, "<H")
+            self._config_rw(address, PCI_COMMAND, "<H", cmd & ~COMMAND_BUS_MASTER)
+            done.append("bus master off")
+            caps = capabilities(config)
+            for cap, bit, what in ((CAP_MSI, MSI_ENABLE, "MSI"), (CAP_MSIX, MSIX_ENABLE, "MSI-X")):
+                if cap in caps:
+                    ctl = self._config_rw(address, caps[cap] + 2, "<H")
+                    if ctl & bit:
+                        self._config_rw(address, caps[cap] + 2, "<H", ctl & ~bit)
+                        done.append(f"{what} off")
+        except OSError as e:
+            raise LaunchError(f"quieting {address} through {dev}/config failed: {e.strerror}; its DMA may "
+                              "still be on: run coreslice stop again, or reset the function by hand") from e
+        done.append(self._reset_alone(address))
+        return done
+
+    def _reset_alone(self, address: str) -> str:
+        dev = self.root / "sys/bus/pci/devices" / address
+        try:
+            offered = (dev / "reset_method").read_text().split()
+        except OSError:
+            offered = []  # no reset_method (kernel < 5.15) or no method at all
+        own = [m for m in offered if m in OWN_RESETS]
+        if not own:
+            return f"no reset (the kernel offers {' '.join(offered) or 'none'} for it, none of its own alone)"
+        try:
+            # The kernel saves config space, resets, restores it: with bus master off as set above.
+            (dev / "reset_method").write_text(" ".join(own))
+            try:
+                (dev / "reset").write_text("1")
+            finally:
+                (dev / "reset_method").write_text(" ".join(offered))
+        except OSError as e:
+            raise LaunchError(f"resetting {address} ({own[0]}) failed: {e.strerror}; bus master is off, "
+                              "the function may still hold its last state") from e
+        return f"reset ({own[0]})"
+
+    def reprobe(self, address: str) -> str | None:
+        """Let the host kernel bind its own driver to the function again; the driver's name."""
+        dev = self.root / "sys/bus/pci/devices" / address
+        try:
+            if (dev / "driver_override").exists() and (dev / "driver_override").read_text().strip() not in ("", "(null)"):
+                (dev / "driver_override").write_text("\n")
+            if not (dev / "driver").exists():
+                (self.root / "sys/bus/pci/drivers_probe").write_text(address)
+        except OSError as e:
+            raise LaunchError(f"giving {address} back to the host (drivers_probe) failed: {e.strerror}") from e
+        return (dev / "driver").resolve().name if (dev / "driver").exists() else None
+
 
 class FakePci:
     def __init__(self):
         self.detached: list[str] = []
         self.attached: list[tuple[str, str]] = []
+        self.quiesced: list[str] = []
+        self.reprobed: list[str] = []
+
+    def quiesce(self, address: str) -> list[str]:
+        self.quiesced.append(address)
+        return ["bus master off", "reset (flr)"]
+
+    def reprobe(self, address: str) -> str | None:
+        self.reprobed.append(address)
+        return None
 
     def detach(self, address: str) -> str | None:
         self.detached.append(address)

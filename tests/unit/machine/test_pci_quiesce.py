@@ -1,0 +1,68 @@
+"""SysfsPci.quiesce/reprobe against a sysfs tree of regular files (config space as a file)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from coreslice.machine.pci import (CAP_MSI, CAP_MSIX, COMMAND_BUS_MASTER, MSI_ENABLE, MSIX_ENABLE, SysfsPci,
+                                   capabilities)
+
+ADDR = "0000:21:10.0"
+
+
+def config_space(*, msi_on=True, msix_on=True) -> bytearray:
+    c = bytearray(256)
+    struct.pack_into("<HH", c, 0, 0x8086, 0x10CA)
+    struct.pack_into("<H", c, 0x04, 0x0402 | COMMAND_BUS_MASTER)  # memory space + INTx disable, bus master
+    struct.pack_into("<H", c, 0x06, 1 << 4)  # capability list
+    c[0x34] = 0x50
+    c[0x50:0x52] = bytes([0x01, 0x70])  # power management -> 0x70
+    c[0x70:0x72] = bytes([CAP_MSI, 0xA0])
+    struct.pack_into("<H", c, 0x72, 0x0080 | (MSI_ENABLE if msi_on else 0))
+    c[0xA0:0xA2] = bytes([CAP_MSIX, 0x00])
+    struct.pack_into("<H", c, 0xA2, 0x0002 | (MSIX_ENABLE if msix_on else 0))
+    return c
+
+
+@pytest.fixture
+def dev(tmp_path):
+    d = tmp_path / "sys/bus/pci/devices" / ADDR
+    d.mkdir(parents=True)
+    (d / "config").write_bytes(config_space())
+    (d / "reset_method").write_text("pm flr bus\n")
+    (d / "reset").write_text("")
+    return d
+
+
+def test_capabilities_walk_stops_on_a_loop():
+    c = config_space()
+    assert capabilities(bytes(c)) == {0x01: 0x50, CAP_MSI: 0x70, CAP_MSIX: 0xA0}
+    c[0xA1] = 0x50  # MSI-X points back to the first capability
+    assert capabilities(bytes(c)) == {0x01: 0x50, CAP_MSI: 0x70, CAP_MSIX: 0xA0}
+
+
+def test_quiesce_turns_off_dma_and_interrupts_then_resets_with_flr(dev, tmp_path):
+    done = SysfsPci(tmp_path).quiesce(ADDR)
+    assert done == ["bus master off", "MSI off", "MSI-X off", "reset (flr)"]
+    c = (dev / "config").read_bytes()
+    assert not struct.unpack_from("<H", c, 0x04)[0] & COMMAND_BUS_MASTER
+    assert struct.unpack_from("<H", c, 0x04)[0] == 0x0402  # the rest of the command register kept
+    assert struct.unpack_from("<H", c, 0x72)[0] == 0x0080 and struct.unpack_from("<H", c, 0xA2)[0] == 0x0002
+    assert (dev / "reset").read_text() == "1"
+    assert (dev / "reset_method").read_text().split() == ["pm", "flr", "bus"]  # as it was
+
+
+def test_quiesce_without_an_own_reset_says_so(dev, tmp_path):
+    (dev / "reset_method").write_text("pm\n")
+    done = SysfsPci(tmp_path).quiesce(ADDR)
+    assert done[-1].startswith("no reset (the kernel offers pm") and (dev / "reset").read_text() == ""
+
+
+def test_reprobe_clears_the_override_and_asks_the_host_kernel(dev, tmp_path):
+    (dev / "driver_override").write_text("vfio-pci\n")
+    (tmp_path / "sys/bus/pci/drivers_probe").write_text("")
+    assert SysfsPci(tmp_path).reprobe(ADDR) is None  # no kernel here to bind one
+    assert (dev / "driver_override").read_text() == "\n"
+    assert (tmp_path / "sys/bus/pci/drivers_probe").read_text() == ADDR
