@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coreslice.errors import UsageError
+from coreslice.testbed.report import REPORT_TAG
 from coreslice.testbed.topology import SerialPort
 
 CONTINUE_FILE = "continue"
@@ -56,6 +57,17 @@ class SliceJob:
     raw: str  # the --slice string as given
     args: tuple[str, ...]  # completed `coreslice boot` arguments (without --json)
     port: SerialPort | None  # the console the slice reports on, when known
+
+    @property
+    def no_console(self) -> bool:
+        """Booted with ``--console none``: its report is read from its RAM (``coreslice console``)."""
+        return (option_value(self.args, "--console") or "").strip().lower() == "none"
+
+
+# A slice without a UART reports into its kernel log only: the job reads that from the slice's RAM
+# (`coreslice console NAME --wait`, in the background) into slice-<i>.kmsg, which the outside
+# watches as it watches the UART logs.
+KMSG_FILE = "slice-{i}.kmsg"
 
 
 def option_value(args: Sequence[str], name: str) -> str | None:
@@ -237,6 +249,14 @@ def render_job_script(
             f"rc=$?; echo $rc >slice-{i}.rc",
             f"event boot-end {i} $rc",
         ]
+        if job.no_console:
+            kmsg = KMSG_FILE.format(i=i)
+            lines += [
+                f'name=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))[\'slice\'][\'name\'])" '
+                f'slice-{i}.stdout 2>/dev/null)',
+                f'[ -n "$name" ] && "$PY" -m coreslice console "$name" --wait {q(REPORT_TAG)} '
+                f'--timeout {int(continue_timeout)} >{kmsg} 2>&1 </dev/null &',
+            ]
         if wait_each:
             lines.append(_wait_for(f"{CONTINUE_FILE}-{i}", continue_timeout))
     lines += [

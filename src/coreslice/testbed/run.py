@@ -326,6 +326,9 @@ def _run(options: RunOptions, guests: list) -> dict:
         host_con = LogFollower(machine.console_log)
         events = LogFollower(run_dir / jobmod.EVENTS_FILE)
         consoles = {p.name: LogFollower(p.log) for p in machine.serial_ports}
+        # A --console none slice's log, read from its RAM by the job (job.KMSG_FILE).
+        kmsgs = {s.job.index: LogFollower(run_dir / jobmod.KMSG_FILE.format(i=s.job.index))
+                 for s in states if s.job.no_console}
         while True:
             now = time.monotonic()
             for line in host_con.poll():
@@ -375,8 +378,8 @@ def _run(options: RunOptions, guests: list) -> dict:
                               and x.job.port.name == pname and x.report is None
                               and x.started is not None), None)
                     if s is None:
-                        s = next((x for x in states if x.job.port is None and x.report is None
-                                  and x.started is not None), None)
+                        s = next((x for x in states if x.job.port is None and not x.job.no_console
+                                  and x.report is None and x.started is not None), None)
                     if s is None:
                         continue
                     s.report, s.report_at = rep, now
@@ -384,6 +387,14 @@ def _run(options: RunOptions, guests: list) -> dict:
                     secs = now - s.started if s.started else float("nan")
                     progress(f"slice {s.job.index}: user space after {secs:.1f} s "
                              f"(cpus={rep['cpus']} mem_kib={rep['mem_kib']})")
+            for index, follower in kmsgs.items():
+                s = states[index]
+                for line in follower.poll():
+                    rep = report.parse_report(line) if report.REPORT_TAG in line else None
+                    if rep is not None and s.report is None and s.started is not None:
+                        s.report, s.report_at, s.report_log = rep, now, follower.path
+                        progress(f"slice {s.job.index}: user space after {now - s.started:.1f} s, "
+                                 "seen in its RAM (--console none)")
             if options.wait_each:
                 for s in states:
                     if (s.exit_code is not None and not s.released

@@ -139,3 +139,23 @@ def test_wait_each_allows_shared_console_and_waits_per_slice():
     assert lines.index("event boot-end 0 $rc") < w0 < lines.index("event boot-start 1")
     assert '"$RUN/continue-1"' in text
     assert "continue-" not in render_job_script(Path("/r"), "/py", "/src", jobs, [])
+
+
+def test_console_none_slice_reports_through_coreslice_console(tmp_path):
+    """A --console none slice has no UART log: the job reads its kernel log from its RAM into
+    slice-<i>.kmsg (in the background, so the next slice boots at once)."""
+    import subprocess
+
+    jobs = complete_slice_args(["--cpus 1 --memory 256M --console none", "--cpus 2 --memory 256M"],
+                               K, I, PORTS)
+    assert jobs[0].no_console and not jobs[1].no_console and jobs[0].port is None
+    text = render_job_script(Path("/r"), "/py", "/src", jobs, [])
+    line = next(ln for ln in text.splitlines() if "coreslice console" in ln)
+    assert '"$name" --wait CORESLICE-REPORT' in line and line.endswith(">slice-0.kmsg 2>&1 </dev/null &")
+    assert text.count("coreslice console") == 1
+    # the name comes from the boot's JSON
+    (tmp_path / "slice-0.stdout").write_text('{"slice": {"name": "web"}}')
+    name_line = next(ln for ln in text.splitlines() if ln.startswith("name=$("))
+    out = subprocess.run(["sh", "-c", f'PY=python3; {name_line}; echo "$name"'], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "web", out.stderr
