@@ -1,0 +1,229 @@
+"""``coreslice console`` and ``coreslice status``: a slice kernel's log and state, read from its
+RAM on the host (slicelog/), without a UART.  Read-only: nothing is written anywhere.
+
+Thin: the ledger says where a slice's RAM is, slicelog/ reads the log, slicelog/state.py
+decides the state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from coreslice.cli.host import root_arg
+from coreslice.cli.slices import LEDGER_HELP
+from coreslice.errors import CoresliceError, UsageError
+from coreslice.host.snapshot import discover
+from coreslice.launch.session import open_ledger
+from coreslice.ledger import SliceRecord
+from coreslice.machine import FAKE_MACHINE_ENV, for_host as machine_for
+from coreslice.slicelog import LogUnreadable, Record, SliceLog
+from coreslice.slicelog.state import decide
+
+POLL = 0.5            # seconds between reads of the ring with --follow / --wait
+_sleep = time.sleep   # tests replace it
+_now = time.time
+
+
+class WaitTimeout(CoresliceError):
+    """--wait saw no matching record in time (exit 1)."""
+
+
+def _context(args, verb: str):
+    """(host, ledger, machine) for a command that reads slice RAM: the live host as root, or a
+    captured tree with the in-memory machine (tests)."""
+    live = args.host_root.resolve() == Path("/")
+    if not live and os.environ.get(FAKE_MACHINE_ENV) != "1":
+        raise UsageError(f"--host-root describes another machine; {verb} reads the live host's memory only: "
+                         "drop --host-root")
+    if live and os.geteuid() != 0:
+        raise UsageError(f"coreslice {verb} must run as root (it reads the slice's RAM through /dev/mem); use sudo")
+    host = discover(args.host_root)
+    ledger = open_ledger(args.ledger, host, readonly=True)
+    machine = machine_for(live, args.host_root)
+    assert machine is not None
+    return host, ledger, machine
+
+
+def _held(ledger, name: str) -> SliceRecord:
+    for r in ledger.holding():
+        if r.name == name:
+            return r
+    raise UsageError(f"no slice named '{name}' holds resources in this host boot, so there is no log to read; "
+                     "see coreslice list (a stopped slice's RAM is scrubbed)")
+
+
+# -- coreslice console ----------------------------------------------------------------------------
+
+def _emit(rec: Record, json_lines: bool) -> None:
+    if json_lines:
+        print(json.dumps(rec.to_json()), flush=True)
+    else:
+        print("\n".join(rec.lines()), flush=True)
+
+
+def _cmd_console(args) -> int:
+    try:
+        pattern = re.compile(args.wait) if args.wait is not None else None
+    except re.error as e:
+        raise UsageError(f"--wait {args.wait!r} is not a regular expression ({e}); e.g. --wait 'Run /init'") from None
+    _host, ledger, machine = _context(args, "console")
+    row = _held(ledger, args.name)
+    log = SliceLog(machine.mem.read, row.mem_base, row.mem_size)
+    if args.wait is None and not args.follow:
+        records = log.records()
+        if args.json:
+            print(json.dumps({"ok": True, "slice": row.name, "kernel_release": log.info()["osrelease"],
+                              "records": [r.to_json() for r in records]}, indent=2))
+        else:
+            for r in records:
+                _emit(r, False)
+        return 0
+    deadline = time.monotonic() + args.timeout if pattern is not None else None
+    since, generation, why = 0, 0, None
+    seen: list[Record] = []
+    while True:
+        try:
+            records = log.records(since)
+            if log.generation != generation:
+                if generation:  # a new kernel in the same RAM (relaunch): its seq starts again at 0
+                    since, records = 0, log.records(0)
+                generation = log.generation
+            why = None
+        except LogUnreadable as e:
+            records, why = [], str(e)
+            if not any(r.id == row.id for r in ledger.holding()):
+                print(f"coreslice: slice '{row.name}' no longer holds its resources (stopped?)", file=sys.stderr)
+                return 0 if pattern is None else _timeout(args, why)
+        for r in records:
+            since = r.seq + 1
+            if not args.json or pattern is None:
+                _emit(r, args.json)
+            seen.append(r)
+            if pattern is not None and any(pattern.search(t) for t in r.text.split("\n")):
+                if args.json:
+                    print(json.dumps({"ok": True, "slice": row.name, "kernel_release": log.info()["osrelease"],
+                                      "matched": r.to_json(), "records": [x.to_json() for x in seen]}, indent=2))
+                return 0
+        if deadline is not None and time.monotonic() >= deadline:
+            return _timeout(args, why)
+        _sleep(POLL)
+
+
+def _timeout(args, why: str | None) -> int:
+    tail = f" (its log is unreadable: {why})" if why else ""
+    raise WaitTimeout(f"no record of slice '{args.name}' matched --wait {args.wait!r} within {args.timeout:g} s{tail}; "
+                      f"see coreslice console {args.name} for what it logged, or raise --timeout")
+
+
+# -- coreslice status -----------------------------------------------------------------------------
+
+def _latest(ledger, host, name: str) -> SliceRecord:
+    """The newest row of ``name``, this host boot's first."""
+    rows = [r for r in ledger.slices(history=True) if r.name == name]
+    if not rows:
+        raise UsageError(f"no slice named '{name}' in the ledger {ledger.path}; see coreslice list --all")
+    this_boot = [r for r in rows if r.boot_id == host.boot_id]
+    return max(this_boot or rows, key=lambda r: r.id or 0)
+
+
+def status_of(row: SliceRecord, boot_id: str, read) -> dict:
+    """One slice's status document (the JSON contract of `coreslice status --json`)."""
+    release = last = None
+    texts = unreadable = None
+    if row.boot_id != boot_id:
+        state, reason = "stopped", "a slice of an earlier host boot"
+    else:
+        if row.state == "running":
+            try:
+                log = SliceLog(read, row.mem_base, row.mem_size)
+                release = log.info()["osrelease"]
+                records = log.records()
+                texts = [r.text for r in records]
+                last = records[-1].text.split("\n")[-1] if records else None
+            except LogUnreadable as e:
+                unreadable = str(e)
+        state, reason = decide(row.state, texts, unreadable, row.error)
+    running_at = row.times.get("running_at")
+    live = row.boot_id == boot_id and row.state == "running"
+    return {
+        "name": row.name, "state": state, "reason": reason,
+        "uptime_s": round(_now() - running_at, 3) if live and running_at else None,
+        "kernel_release": release, "last_log": last, "cpus": list(row.cpus),
+        "memory": {"base": row.mem_base, "size": row.mem_size}, "on_crash": getattr(row, "on_crash", None),
+    }
+
+
+def _uptime(s: float | None) -> str:
+    if s is None:
+        return "-"
+    m, sec = divmod(int(s), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s"
+
+
+def _cmd_status(args) -> int:
+    host, ledger, machine = _context(args, "status")
+    rows = [_latest(ledger, host, args.name)] if args.name else ledger.holding()
+    docs = [status_of(r, host.boot_id, machine.mem.read) for r in rows]
+    if args.json:
+        print(json.dumps({"ok": True, "ledger": str(ledger.path), "slices": docs}, indent=2))
+        return 0
+    if not docs:
+        print("no slices in this host boot")
+        return 0
+    head = ("NAME", "STATE", "UPTIME", "KERNEL", "LAST LOG")
+    table = [head] + [(d["name"], d["state"] + (f" ({d['reason']})" if d["reason"] and d["state"] != "unknown" else ""),
+                       _uptime(d["uptime_s"]), d["kernel_release"] or "-", (d["last_log"] or "-")[:60]) for d in docs]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for d in docs:
+        if d["state"] == "unknown":
+            print(f"{d['name']}: state unknown: {d['reason']}")
+    return 0
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds > 0; give e.g. 120")
+    return v
+
+
+def register(sub) -> None:
+    p = sub.add_parser("console", help="a slice kernel's log, read from its RAM (no UART needed)",
+                       description="Print the kernel log of a slice, one line per record like dmesg, read from "
+                                   "the printk ring buffer in the slice's RAM (found through its VMCOREINFO "
+                                   "note). Read-only. Needs root on the live host.")
+    p.add_argument("name", metavar="NAME", help="the slice's name (see coreslice list)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new records until interrupted")
+    p.add_argument("--wait", metavar="REGEX",
+                   help="print the log until a record matches REGEX, then exit 0 (exit 1 after --timeout)")
+    p.add_argument("--timeout", type=_seconds, default=60.0, metavar="S", help="seconds --wait waits (default 60)")
+    p.add_argument("--json", action="store_true",
+                   help="records as JSON (one document; with --follow one record per line)")
+    p.add_argument("--ledger", type=Path, metavar="PATH", help=LEDGER_HELP)
+    p.add_argument("--host-root", type=root_arg, default=Path("/"), metavar="DIR",
+                   help=f"a captured host tree (tests only, with {FAKE_MACHINE_ENV}=1)")
+    p.set_defaults(func=_cmd_console)
+
+    p = sub.add_parser("status", help="state of slices: running, panicked, halted, stopped ... (from their logs)",
+                       description="For each slice of this host boot (or slice NAME, also when it has stopped): "
+                                   "its state (launching, running, panicked, halted, stopped, failed, unknown), "
+                                   "uptime, kernel release and last log line, read from the ledger and the "
+                                   "kernel log in its RAM. Read-only. Needs root on the live host.")
+    p.add_argument("name", metavar="NAME", nargs="?", help="one slice (default: all held in this host boot)")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.add_argument("--ledger", type=Path, metavar="PATH", help=LEDGER_HELP)
+    p.add_argument("--host-root", type=root_arg, default=Path("/"), metavar="DIR",
+                   help=f"a captured host tree (tests only, with {FAKE_MACHINE_ENV}=1)")
+    p.set_defaults(func=_cmd_status)
