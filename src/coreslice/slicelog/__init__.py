@@ -26,6 +26,7 @@ class SliceLog:
         self._read = read
         self.mem_base, self.mem_size = mem_base, mem_size
         self.hint = hint
+        self.generation = 0  # +1 each time a (new) note is found: a new kernel restarts its seq at 0
         self._note: VmcoreInfo | None = None
         self._mem: AddressSpace | None = None
         self._layout: Layout | None = None
@@ -37,6 +38,7 @@ class SliceLog:
         if note is None:
             note = find(self._read, self.mem_base, self.mem_size, self.hint)
             self._note, self.hint = note, note.addr
+            self.generation += 1
             self._mem = AddressSpace(self._read, note, self.mem_base, self.mem_size)
             self._layout = None
         assert self._mem is not None

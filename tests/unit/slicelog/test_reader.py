@@ -270,3 +270,16 @@ def test_a_block_that_names_another_descriptor_is_skipped():
     begin, _ = k._lpos(rid & (k.count - 1))
     k.vwrite(k.text_virt + (begin & (k.dsize - 1)), struct.pack("<Q", rid + 5))
     assert texts(log_of(k).records()) == [(0, "one"), (2, "three")]
+
+
+def test_a_new_kernel_in_the_same_ram_is_found_again():
+    k = SliceKernel()
+    k.printk("first kernel", 1)
+    log = log_of(k)
+    assert texts(log.records()) == [(0, "first kernel")] and log.generation == 1
+    # Relaunch: the RAM is scrubbed and a new kernel (another KASLR offset, note elsewhere) boots.
+    k2 = SliceKernel(kernel_offset=0x11C00000, note_at=k.mem_base + 33 * MIB)
+    k2.printk("second kernel", 1)
+    k.mem.pages = k2.mem.pages
+    assert texts(log.records()) == [(0, "second kernel")] and log.generation == 2
+    assert log.hint == k2.note_phys
