@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from coreslice import __version__
-from coreslice.cli import apply, boot, console, demo, dsdt, host, image, nvme, slices, sriov, testbed
+from coreslice.cli import apply, boot, console, demo, dsdt, host, image, nvme, slices, sriov, testbed, watch
 from coreslice.errors import CoresliceError, UsageError
 
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     slices.register(sub)  # plan, list, stop
     console.register(sub)  # console, status
     apply.register(sub)
+    watch.register(sub)
     hostp = sub.add_parser("host", help="this host: what it has (show), whether it is ready (check), its kernel command line (configure)",
                           description="Inspect and configure the host that launches slices.")
     hsub = hostp.add_subparsers(dest="host_command", required=True, metavar="COMMAND")
