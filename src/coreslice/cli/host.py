@@ -288,7 +288,47 @@ def register(host_subparsers) -> argparse.ArgumentParser:
                    help="coreslice configuration naming the SR-IOV PFs (default: $CORESLICE_CONFIG, else "
                         "/etc/coreslice/config.toml); PFs are listed with their VFs and the slice holding each")
     p.set_defaults(func=cmd_show)
+    register_install_units(host_subparsers)
     return p
+
+
+def cmd_install_units(args) -> int:
+    from coreslice.host import units
+
+    r = units.install(args.dest, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(r.to_json(), indent=2))
+    elif args.dry_run:
+        for path, text in r.files.items():
+            print(f"# {path} (dry run: nothing written)")
+            print(text)
+    else:
+        print(f"wrote {', '.join(r.files)}")
+        if r.commands:
+            print(f"enabled {units.APPLY} and {units.WATCH}: the declared slices start at the next host "
+                  f"boot; now: coreslice apply, systemctl start {units.WATCH}")
+        else:
+            print(f"not enabled ({args.dest} is not {units.DEFAULT_DEST}): copy them there, then "
+                  f"systemctl daemon-reload; systemctl enable {units.APPLY} {units.WATCH}")
+    return 0
+
+
+def register_install_units(host_subparsers) -> None:
+    from coreslice.host import units
+
+    p = host_subparsers.add_parser(
+        "install-units", help="install systemd units that start the declared slices at boot and watch them",
+        description=f"Write {units.APPLY} (at host boot: coreslice apply, which boots the slices declared in "
+                    f"/etc/coreslice/slices/*.toml) and {units.WATCH} (coreslice watch: restarts slices booted "
+                    "with --on-crash restart when they crash), both running this coreslice "
+                    f"({' '.join(units.entry_point())}); into {units.DEFAULT_DEST} they are also enabled "
+                    "(systemctl daemon-reload, systemctl enable), not started.",
+        epilog="exit status: 0 written (or printed), 1 systemctl failed, 2 cannot write")
+    p.add_argument("--dest", type=Path, default=units.DEFAULT_DEST, metavar="DIR",
+                   help=f"where to write them (default {units.DEFAULT_DEST}; elsewhere nothing is enabled)")
+    p.add_argument("--dry-run", action="store_true", help="print the units, write nothing")
+    p.add_argument("--json", action="store_true", help="print the files, their text and the systemctl runs as JSON")
+    p.set_defaults(func=cmd_install_units)
 
 
 def cmd_configure(args: argparse.Namespace) -> int:
