@@ -127,7 +127,8 @@ fi
 # the slices' disk images; acpica-tools checks the generated ACPI tables.
 base_pkgs="e2fsprogs busybox-static cpio kmod iproute2 acpica-tools ca-certificates python3 python3-venv nvme-cli
  mmdebstrap fdisk libarchive13 openssh-client"
-[ "$with_test" -eq 1 ] && base_pkgs="$base_pkgs git"
+# systemd: its systemd-analyze verifies the units of `coreslice host install-units` (a container may lack it).
+[ "$with_test" -eq 1 ] && base_pkgs="$base_pkgs git systemd"
 # From backports: QEMU 10 (the emulated machine; its igb/nvme SR-IOV models need it).
 bp_pkgs="qemu-system-x86 qemu-utils"
 
