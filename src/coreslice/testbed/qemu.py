@@ -40,10 +40,23 @@ host binds pcieport to each root port and serial to each UART.
 x2APIC mode adds ``-device intel-iommu,intremap=on,eim=on``: the host kernel enables x2APIC only
 with interrupt remapping, and its command line carries ``intel_iommu=off`` but not
 ``intremap=off``.  The xAPIC machine has no IOMMU.
+
+One emulated machine at a time: :meth:`QemuMachine.launch` takes an exclusive ``flock`` on
+``$CORESLICE_CACHE/qemu.lock`` (:func:`machine_lock_path`) before it starts QEMU and holds it
+for the life of the process (QEMU inherits the descriptor, so the lock goes only when QEMU is
+gone).  Two TCG machines on this 2-core build machine starve each other's vCPU and main-loop
+threads; under that contention a slice CPU (and once the emulated host's only CPU) lost its
+local APIC timer for good (RCU "timer wakeup didn't happen ... Possible timer handling issue",
+the CPU idle in HLT), which runs alone or beside a CPU hog never showed.  A launch that finds
+the lock held waits, saying who holds it, up to ``$CORESLICE_QEMU_LOCK_WAIT`` seconds (default
+1800), then fails with a :class:`ToolError`.  ``CORESLICE_QEMU_LOCK`` names another lock file,
+or ``off`` to run machines side by side on purpose.  Only a real ``qemu-system-*`` binary
+takes the lock (a stand-in script in a unit test does not).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -52,6 +65,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coreslice.testbed.paths import cache_root
 from coreslice.testbed.report import find_report
 from coreslice.testbed.topology import (  # noqa: F401  (the machine's names, for callers)
     PCI_SERIAL_ADDRESS, QEMU, MachineConfig, SerialPort, Share, build_command, check_size, host_append,
@@ -60,6 +74,98 @@ from coreslice.testbed.topology import (  # noqa: F401  (the machine's names, fo
 from coreslice.testbed.tools import ToolError, format_command, progress
 
 PID_FILE = "qemu.pid"  # in the machine's work directory, written at launch
+
+LOCK_ENV = "CORESLICE_QEMU_LOCK"  # lock file path, or "off"
+LOCK_WAIT_ENV = "CORESLICE_QEMU_LOCK_WAIT"  # seconds a launch waits for the lock
+LOCK_FILE = "qemu.lock"  # under the cache root
+DEFAULT_LOCK_WAIT = 1800.0
+_LOCK_POLL = 0.5  # seconds between attempts while another machine runs
+
+
+def machine_lock_path() -> Path | None:
+    """The lock that keeps emulated machines one at a time; None when ``CORESLICE_QEMU_LOCK=off``."""
+    value = os.environ.get(LOCK_ENV, "").strip()
+    if value.lower() in ("off", "none", "0", "no"):
+        return None
+    return Path(value).expanduser() if value else cache_root() / LOCK_FILE
+
+
+def _lock_wait_seconds() -> float:
+    value = os.environ.get(LOCK_WAIT_ENV, "").strip()
+    if not value:
+        return DEFAULT_LOCK_WAIT
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ToolError(f"{LOCK_WAIT_ENV}={value!r}: not a number of seconds; "
+                        f"unset it or give e.g. {int(DEFAULT_LOCK_WAIT)}") from None
+    return max(0.0, seconds)
+
+
+class MachineLock:
+    """An exclusive ``flock`` on one file, held while an emulated machine runs.
+
+    The holder's PID and run directory are written into the file, so a waiting launch can say
+    which machine it waits for.  The lock belongs to the open file description: QEMU, started
+    with the descriptor in ``pass_fds``, keeps it until it exits, even if this process dies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.fd: int | None = None
+
+    def holder(self) -> str:
+        try:
+            text = self.path.read_text(errors="replace").strip()
+        except OSError:
+            return ""
+        return text.splitlines()[0] if text else ""
+
+    def acquire(self, wait: float, owner: str) -> None:
+        """Take the lock, waiting up to ``wait`` seconds; ToolError if it stays held."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise ToolError(f"{self.path}: cannot open the emulated-machine lock: {exc}; "
+                            f"fix it or set {LOCK_ENV} to another file") from exc
+        start = time.monotonic()
+        told = False
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    pass
+                waited = time.monotonic() - start
+                holder = self.holder() or "unknown holder"
+                if waited >= wait:
+                    raise ToolError(
+                        f"another emulated machine still runs after {waited:.0f} s of waiting "
+                        f"({holder}; lock {self.path}): two QEMU machines at once on this host "
+                        f"starve each other (lost APIC timer interrupts); wait for it to end, "
+                        f"raise {LOCK_WAIT_ENV}, or set {LOCK_ENV}=off to run both anyway"
+                    )
+                if not told:
+                    progress(f"waiting for another emulated machine to end ({holder}; lock {self.path})")
+                    told = True
+                time.sleep(min(_LOCK_POLL, max(0.0, wait - waited)))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{owner}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def release(self) -> None:
+        """Drop this process's hold (QEMU's inherited copy goes when QEMU exits)."""
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -93,6 +199,7 @@ class QemuMachine:
         self.launched_at: float | None = None  # time.monotonic()
         self.launched_wall: float | None = None  # time.time()
         self.exit_code: int | None = None
+        self._lock: MachineLock | None = None
 
     # -- command line -------------------------------------------------------------------------
     def command(self) -> list[str]:
@@ -116,11 +223,31 @@ class QemuMachine:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    def _takes_lock(self) -> bool:
+        return Path(self.config.qemu_binary).name.startswith("qemu-system-")
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def launch(self) -> None:
         if self._proc is not None:
             raise RuntimeError("QemuMachine.launch: already launched")
         self.workdir.mkdir(parents=True, exist_ok=True)
         cmd = self.command()
+        lock_path = machine_lock_path() if self._takes_lock() else None
+        if lock_path is not None:
+            lock = MachineLock(lock_path)
+            lock.acquire(_lock_wait_seconds(), f"pid {os.getpid()} run dir {self.workdir}")
+            self._lock = lock
+        try:
+            self._start(cmd)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _start(self, cmd: list[str]) -> None:
         for log in [self.console_log, *(p.log for p in self.serial_ports)]:
             log.write_bytes(b"")
         (self.workdir / "qemu-command.txt").write_text(format_command(cmd) + "\n")
@@ -129,10 +256,12 @@ class QemuMachine:
             stderr = open(self.stderr_log, "wb")
         except OSError as exc:
             raise ToolError(f"{self.stderr_log}: {exc}") from exc
+        # QEMU inherits the machine lock's descriptor: the lock lasts as long as QEMU does.
+        lock_fds = (self._lock.fd,) if self._lock is not None and self._lock.fd is not None else ()
         try:
             self._proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                start_new_session=True, preexec_fn=_die_with_parent, pass_fds=lock_fds,
             )
         except FileNotFoundError as exc:
             raise ToolError(
@@ -156,6 +285,7 @@ class QemuMachine:
         if rc is not None:
             self.exit_code = rc
             LIVE_PIDS.discard(self._proc.pid)
+            self._release_lock()
         return rc
 
     def wait(self, timeout: float | None = None) -> int | None:
@@ -167,12 +297,14 @@ class QemuMachine:
         except subprocess.TimeoutExpired:
             return None
         LIVE_PIDS.discard(self._proc.pid)
+        self._release_lock()
         return self.exit_code
 
     def shutdown(self, grace: float = 5.0) -> int | None:
         """Stop QEMU if it still runs: SIGTERM (QEMU quits cleanly), then SIGKILL, by PID."""
         proc = self._proc
         if proc is None:
+            self._release_lock()
             return self.exit_code
         if proc.poll() is None:
             try:
@@ -189,6 +321,7 @@ class QemuMachine:
                 proc.wait(timeout=30)
         self.exit_code = proc.returncode
         LIVE_PIDS.discard(proc.pid)
+        self._release_lock()
         return self.exit_code
 
     def qemu_stderr(self) -> str:
