@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from coreslice.boot import lowmem
+from coreslice.boot.efi import build_efi_firmware
 from coreslice.boot.layout import PAGE
 from coreslice.boot.pagetables import build_identity_page_tables
 from coreslice.boot.trampoline import build_trampoline
@@ -70,10 +71,12 @@ class BootImage:
 def build_image(plan) -> BootImage:
     """Every segment the plan needs, in write order; the trampoline page goes last."""
     acpi = plan.acpi.at(plan.acpi_addr)  # encoded once by the plan
+    # The slice's EFI runtime: its ResetSystem keeps reboot and poweroff in the slice (boot/efi.py).
+    fw = build_efi_firmware(plan.efi_addr, acpi.rsdp_addr) if plan.efi_addr else None
     zero_page = build_zero_page(
         plan.kernel, load_addr=plan.load_addr, cmdline_addr=plan.cmdline_addr,
         initrd_addr=plan.initrd_addr, initrd_size=plan.initrd_size,
-        rsdp_addr=acpi.rsdp_addr, e820=plan.e820)
+        rsdp_addr=acpi.rsdp_addr, e820=plan.e820, efi_info=fw.efi_info() if fw else b"")
     tables = build_identity_page_tables(plan.page_tables_addr, plan.page_table_ranges)
     tramp = bytearray(build_trampoline(plan.slot, cr3=plan.page_tables_addr, entry=plan.entry,
                                        boot_params=plan.zero_page_addr))
@@ -91,6 +94,7 @@ def build_image(plan) -> BootImage:
         Segment("zero_page", plan.zero_page_addr, len(zero_page), zero_page),
         Segment("cmdline", plan.cmdline_addr, len(cmdline), cmdline),
         Segment("acpi", plan.acpi_addr, len(acpi.data), acpi.data),
+        *([Segment("efi", fw.base, len(fw.data), fw.data)] if fw else []),
         Segment("page_tables", plan.page_tables_addr, len(tables), tables),
         Segment("trampoline", plan.slot, len(tramp), bytes(tramp)),
     ]

@@ -24,6 +24,7 @@ from coreslice.boot.structs import (
 from coreslice.errors import UsageError
 
 _LOW32 = 0xFFFFFFFF
+SECURE_BOOT_DISABLED = 2  # efi_secureboot_mode_disabled
 
 
 class E820Type(IntEnum):
@@ -68,8 +69,12 @@ def build_zero_page(
     initrd_size: int,
     rsdp_addr: int,
     e820: list[E820Entry],
+    efi_info: bytes = b"",
 ) -> bytes:
-    """Return the 4 KiB zero page for a 64-bit entry (boot.rst "64-bit Boot Protocol")."""
+    """Return the 4 KiB zero page for a 64-bit entry (boot.rst "64-bit Boot Protocol").
+
+    ``efi_info``: struct efi_info (boot/efi.py EfiFirmware.efi_info), which makes the kernel an
+    EFI-booted one (zero-page.rst 0x1c0); empty for none."""
     check_e820(e820)
     # boot.rst: the kernel's own setup header, all of it (up to header_end), is the loader's
     # starting point; then it fills in the fields marked "write".  The copy stops at the end of
@@ -92,6 +97,13 @@ def build_zero_page(
     hdr.ramdisk_image, zp.ext_ramdisk_image = initrd_addr & _LOW32, initrd_addr >> 32
     hdr.ramdisk_size, zp.ext_ramdisk_size = initrd_size & _LOW32, initrd_size >> 32
     zp.acpi_rsdp_addr = rsdp_addr
+    if efi_info:
+        if len(efi_info) != len(zp.efi_info):
+            raise UsageError(f"efi_info is {len(efi_info)} bytes, boot_params holds {len(zp.efi_info)}")
+        zp.efi_info[:] = efi_info
+        # zero-page.rst 0x1ec secure_boot, enum efi_secureboot_mode (include/linux/efi.h):
+        # 2 = disabled.  Left 0 ("unset"), an EFI-booted kernel warns it cannot tell.
+        zp.secure_boot = SECURE_BOOT_DISABLED
 
     zp.e820_entries = len(e820)
     for i, entry in enumerate(sorted(e820, key=lambda e: e.addr)):

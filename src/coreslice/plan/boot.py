@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from coreslice.boot import lowmem
+from coreslice.boot import efi, lowmem
 from coreslice.boot.bzimage import BzImage, ENTRY_64_OFFSET, parse_bzimage
 from coreslice.boot.errors import BootFormatError
 from coreslice.boot.layout import DATA_ALIGN, MIB, PAGE, RUN_HEADROOM, align_down, align_up
@@ -72,6 +72,8 @@ class Plan:
     reuse_slot: bool = False
     pci: PciPlan | None = None  # assigned PCI functions, their roots and ECAM (pciplan.py)
     warnings: tuple[str, ...] = ()  # what boots but may not work, said at boot and in --json
+    # The slice's EFI runtime (boot/efi.py, efi.AREA_SIZE bytes after the ACPI tables), 0: none.
+    efi_addr: int = 0
 
     @property
     def entry(self) -> int:
@@ -98,6 +100,9 @@ class Plan:
                 "data_addr": self.data_addr, "zero_page": self.zero_page_addr,
                 "cmdline": self.cmdline_addr, "acpi": self.acpi_addr,
                 "page_tables": self.page_tables_addr,
+                # efi_status: the record the slice's ResetSystem writes (boot/efi.py read_status).
+                "efi": self.efi_addr or None,
+                "efi_status": self.efi_addr + efi.STATUS_OFFSET if self.efi_addr else None,
             },
             "e820": [e.to_json() for e in self.e820],
             "pci": self.pci.to_json() if self.pci else None,
@@ -110,6 +115,37 @@ class Plan:
 # them (a 64-bit kernel has no PCI BIOS access and logs "PCI: Unknown option `nobios'").
 PCI_PARAMS = "pci=nobios,norom,nobar,realloc=off,lastbus=0x100"
 PCIE_PORTS_PARAM = "pcie_ports=compat"
+
+# A slice must never reset the machine (README "When a slice crashes, halts or reboots").  A stock
+# kernel's restart loop (arch/x86/kernel/reboot.c native_machine_emergency_restart) tries methods
+# that each reset the whole machine (keyboard controller, BIOS F000:FFF0, port 0xCF9, triple
+# fault), except EFI: with the slice's own EFI runtime (boot/efi.py), whose ResetSystem parks the
+# CPU, `reboot=efi` makes that the first method, so the loop never gets further.
+REBOOT_PARAM = "reboot=efi"
+# A panic then spins on the panicking CPU (kernel/panic.c) instead of restarting; explicit, not
+# left to the kernel's CONFIG_PANIC_TIMEOUT.  (A restart would also end in ResetSystem.)
+PANIC_PARAM = "panic=0"
+# reboot=b|a|k|t|p (kernel/reboot.c reboot_setup: bios, acpi, kbd, triple, pci) select another method;
+# noefi / efi=noruntime drop the EFI runtime, so the restart loop reaches the BIOS jump.
+_REBOOT_METHODS = "baktp"
+
+
+def _check_containment(user: str) -> None:
+    """Refuse user parameters that would let the slice's reboot reset the host."""
+    for word in user.split():
+        key, _, value = word.partition("=")
+        if key == "reboot":
+            # reboot=[panic_]<letter>[...][,...]: each comma-separated item, as reboot_setup reads it.
+            for item in value.split(","):
+                item = item.removeprefix("panic_")
+                if item[:1] in _REBOOT_METHODS:
+                    raise UsageError(f"--cmdline '{word}' makes the slice reset through the keyboard "
+                                     "controller, BIOS, ACPI, port 0xCF9 or a triple fault, each of which "
+                                     "resets the whole machine; drop it (coreslice passes reboot=efi, "
+                                     "which keeps a reboot inside the slice)")
+        elif word == "noefi" or (key == "efi" and "noruntime" in value.split(",")):
+            raise UsageError(f"--cmdline '{word}' turns off the slice's EFI runtime, which is what keeps "
+                             "its reboot and poweroff from resetting the whole machine; drop it")
 
 
 def slice_cmdline(console_port: int | None, tsc_khz: int, user: str, earlyprintk: bool, pci: bool = False,
@@ -124,6 +160,8 @@ def slice_cmdline(console_port: int | None, tsc_khz: int, user: str, earlyprintk
         f"tsc_early_khz={tsc_khz}",  # no PIT/HPET/PM timer to calibrate against
         "tsc=reliable",
         "no5lvl",
+        REBOOT_PARAM,           # reboot/poweroff end in the slice's own ResetSystem (boot/efi.py)
+        PANIC_PARAM,            # a panic spins on its CPU
         # pci_extra: the slice kernel's ",permit_probe_only=..." (sriov.slice_kernel_params)
         PCI_PARAMS + pci_extra if pci else "pci=off",  # without functions, don't scan the host's buses
     ]
@@ -136,6 +174,7 @@ def slice_cmdline(console_port: int | None, tsc_khz: int, user: str, earlyprintk
     if earlyprintk and console_port is not None:
         params.append(f"earlyprintk=serial,0x{console_port:x},115200")
     if user.strip():
+        _check_containment(user)
         params.append(user.strip())
     return " ".join(params)
 
@@ -429,7 +468,8 @@ def make_plan(spec: BootSpec, host: Host, read_slot: SlotReader) -> Plan:
     base, size = spec.mem_base, spec.mem_size
     top = base + size
     cmdline_bytes = align_up(cmdline_len + 1, PAGE)
-    data_size = align_up(ZERO_PAGE_SIZE + cmdline_bytes + align_up(acpi_size, PAGE), DATA_ALIGN)
+    # Loader data: zero page, command line, ACPI tables, then the EFI runtime's two pages.
+    data_size = align_up(ZERO_PAGE_SIZE + cmdline_bytes + align_up(acpi_size, PAGE) + efi.AREA_SIZE, DATA_ALIGN)
     data_addr = align_down(top - data_size, DATA_ALIGN)
     align = max(kernel.kernel_alignment, 2 * MIB)
     load_addr = align_up(base, align)
@@ -462,6 +502,7 @@ def make_plan(spec: BootSpec, host: Host, read_slot: SlotReader) -> Plan:
     zero_page_addr = data_addr
     cmdline_addr = data_addr + ZERO_PAGE_SIZE
     acpi_addr = cmdline_addr + cmdline_bytes
+    efi_addr = acpi_addr + align_up(acpi_size, PAGE)  # page aligned, inside the reserved data range
     # The 64-bit entry needs the kernel image, zero page and command line identity-mapped (boot.rst
     # "64-bit Boot Protocol"); the trampoline's own page must stay mapped when paging turns on.
     # Edges rounded out to 2 MiB only inside the slice's own RAM (a large page there is one
@@ -485,5 +526,5 @@ def make_plan(spec: BootSpec, host: Host, read_slot: SlotReader) -> Plan:
         zero_page_addr=zero_page_addr, cmdline_addr=cmdline_addr, acpi_addr=acpi_addr,
         page_tables_addr=slot + lowmem.PAGE_TABLES_OFFSET, page_table_ranges=pt_ranges,
         e820=e820, mcfg=mcfg, acpi=acpi, dsdt_asl=dsdt.asl, reuse_slot=reuse, pci=pci,
-        warnings=tuple(_warnings(pci, base)),
+        warnings=tuple(_warnings(pci, base)), efi_addr=efi_addr,
     )
