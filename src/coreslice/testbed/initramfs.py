@@ -15,7 +15,9 @@ console output is not seen on the UART; kernel messages are)::
 
     CORESLICE-REPORT cpus=<online cpus> mem_kib=<MemTotal kB> apic_ids=<a,b,..> cmdline=<...>
 
-then idles forever.  :func:`parse_report` parses that line (also with a printk time prefix).
+then, with ``coreslice.after=panic|reboot|poweroff|halt`` on its command line, ends that way
+(sysrq ``c``, busybox ``reboot -f`` / ``poweroff -f`` / ``halt -f``), else idles forever.
+:func:`parse_report` parses that line (also with a printk time prefix).
 
 Images are cached in ``$CORESLICE_CACHE/initramfs/`` keyed by kernel release and a hash of the
 init script (and module list); they are written to a temporary name and renamed into place.
@@ -114,8 +116,27 @@ read -r cmdline </proc/cmdline
 @DATA@line="@TAG@ cpus=$cpus mem_kib=$mem apic_ids=$apic pci=$pci kcode=$kcode@EXTRA@ cmdline=$cmdline"
 echo "<2>$line" >/dev/kmsg
 echo "$line" >/dev/console
+# coreslice.after=panic|reboot|poweroff|halt: end the slice that way once it has reported
+# (tests/e2e/test_crash_containment.py: the host must not notice).  sysrq-trigger works whatever
+# kernel.sysrq says (CONFIG_MAGIC_SYSRQ=y in the Debian kernel); the others are busybox's, -f:
+# straight to reboot(2), as a crashed or impatient user space would.
+after=$(sed -n 's/.*coreslice\.after=\([a-z]*\).*/\1/p' /proc/cmdline)
+if [ -n "$after" ]; then
+    sleep 1
+    echo "<2>@AFTER_TAG@ $after" >/dev/kmsg
+    case "$after" in
+        panic) echo c >/proc/sysrq-trigger ;;
+        reboot) reboot -f ;;
+        poweroff) poweroff -f ;;
+        halt) halt -f ;;
+        *) echo "<2>@AFTER_TAG@ unknown action $after" >/dev/kmsg ;;
+    esac
+fi
 while true; do sleep 3600; done
 """
+
+# The line the slice init logs just before its coreslice.after action.
+AFTER_TAG = "coreslice-after:"
 
 
 # Inserted into SLICE_INIT by slice_init_text(data=True) (coreslice testbed run --storage /
@@ -187,7 +208,7 @@ def slice_init_text(data_modules: tuple[str, ...] = ()) -> str:
                 .replace("@RESULT_FILE@", RESULT_FILE)
                 .replace("@RESULT_PREFIX@", RESULT_PREFIX))
     return (SLICE_INIT.replace("@DATA@", data).replace("@EXTRA@", "$extra" if data else "")
-            .replace("@TAG@", REPORT_TAG))
+            .replace("@TAG@", REPORT_TAG).replace("@AFTER_TAG@", AFTER_TAG))
 
 
 # --- module resolution ------------------------------------------------------------------------
