@@ -8,6 +8,7 @@ decides the state.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -58,6 +59,32 @@ def _held(ledger, name: str) -> SliceRecord:
                      "see coreslice list (a stopped slice's RAM is scrubbed)")
 
 
+# Where a slice kernel's VMCOREINFO note was found, per launch (ledger row), next to the ledger:
+# finding it scans the slice's whole RAM, which every status (the watcher runs one every few
+# seconds) would otherwise repeat.  A stale or wrong hint costs nothing: find() checks the note
+# is still at the hinted address and scans otherwise.
+def _hint_file(ledger, row: SliceRecord) -> Path:
+    return ledger.path.parent / "vmcoreinfo" / f"{row.boot_id}-{row.id}"
+
+
+def _open_log(ledger, row: SliceRecord, read) -> SliceLog:
+    hint = None
+    with contextlib.suppress(OSError, ValueError):
+        hint = int(_hint_file(ledger, row).read_text(), 16)
+    return SliceLog(read, row.mem_base, row.mem_size, hint)
+
+
+def _keep_hint(ledger, row: SliceRecord, log: SliceLog, before: int | None) -> None:
+    if log.hint is None or log.hint == before:
+        return
+    with contextlib.suppress(OSError):  # e.g. a read-only ledger directory: the next call scans again
+        path = _hint_file(ledger, row)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}")
+        tmp.write_text(f"{log.hint:x}\n")
+        os.replace(tmp, path)
+
+
 # -- coreslice console ----------------------------------------------------------------------------
 
 def _emit(rec: Record, json_lines: bool) -> None:
@@ -74,7 +101,15 @@ def _cmd_console(args) -> int:
         raise UsageError(f"--wait {args.wait!r} is not a regular expression ({e}); e.g. --wait 'Run /init'") from None
     _host, ledger, machine = _context(args, "console")
     row = _held(ledger, args.name)
-    log = SliceLog(machine.mem.read, row.mem_base, row.mem_size)
+    log = _open_log(ledger, row, machine.mem.read)
+    hint0 = log.hint
+    try:
+        return _console(args, pattern, ledger, row, log)
+    finally:
+        _keep_hint(ledger, row, log, hint0)
+
+
+def _console(args, pattern, ledger, row: SliceRecord, log: SliceLog) -> int:
     if args.wait is None and not args.follow:
         records = log.records()
         if args.json:
@@ -132,7 +167,7 @@ def _latest(ledger, host, name: str) -> SliceRecord:
     return max(this_boot or rows, key=lambda r: r.id or 0)
 
 
-def status_of(row: SliceRecord, boot_id: str, read) -> dict:
+def status_of(row: SliceRecord, boot_id: str, read, ledger=None) -> dict:
     """One slice's status document (the JSON contract of `coreslice status --json`)."""
     release = last = None
     texts = unreadable = None
@@ -141,8 +176,11 @@ def status_of(row: SliceRecord, boot_id: str, read) -> dict:
     else:
         if row.state == "running":
             try:
-                log = SliceLog(read, row.mem_base, row.mem_size)
+                log = _open_log(ledger, row, read) if ledger is not None else SliceLog(read, row.mem_base, row.mem_size)
+                hint0 = log.hint
                 release = log.info()["osrelease"]
+                if ledger is not None:
+                    _keep_hint(ledger, row, log, hint0)
                 records = log.records()
                 texts = [r.text for r in records]
                 last = records[-1].text.split("\n")[-1] if records else None
@@ -170,7 +208,7 @@ def _uptime(s: float | None) -> str:
 def _cmd_status(args) -> int:
     host, ledger, machine = _context(args, "status")
     rows = [_latest(ledger, host, args.name)] if args.name else ledger.holding()
-    docs = [status_of(r, host.boot_id, machine.mem.read) for r in rows]
+    docs = [status_of(r, host.boot_id, machine.mem.read, ledger) for r in rows]
     if args.json:
         print(json.dumps({"ok": True, "ledger": str(ledger.path), "slices": docs}, indent=2))
         return 0

@@ -233,3 +233,23 @@ def test_status_text(env, capsys):
     head, row = out.splitlines()
     assert rc == 0 and head.split() == ["NAME", "STATE", "UPTIME", "KERNEL", "LAST", "LOG"]
     assert row.split()[:4] == ["web", "running", "0m00s", "6.12.38+deb12-amd64"] and row.endswith("Run /init as init process")
+
+
+def test_status_keeps_the_note_address_so_the_next_call_does_not_scan(env, capsys, monkeypatch):
+    from coreslice.slicelog import vmcoreinfo
+
+    tree, ledger, k, path = env
+    row = add(ledger, "web", [1], k.mem_base, k.mem_size)
+    boot_log(k)
+    scans = []
+    real_scan = vmcoreinfo.scan
+    monkeypatch.setattr(vmcoreinfo, "scan", lambda *a, **kw: scans.append(a) or real_scan(*a, **kw))
+    assert run(capsys, tree, path, "status", "--json")[0] == 0
+    hint = path.parent / "vmcoreinfo" / f"{BOOT_ID}-{row.id}"
+    assert len(scans) == 1 and int(hint.read_text(), 16) >= k.mem_base
+    rc, out, _ = run(capsys, tree, path, "status", "--json")
+    assert rc == 0 and json.loads(out)["slices"][0]["state"] == "running" and len(scans) == 1
+    assert run(capsys, tree, path, "console", "web")[0] == 0 and len(scans) == 1
+    hint.write_text("40000000\n")  # a wrong hint: scanned again, and corrected
+    assert run(capsys, tree, path, "status", "--json")[0] == 0 and len(scans) == 2
+    assert int(hint.read_text(), 16) != 0x40000000
