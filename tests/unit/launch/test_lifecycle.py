@@ -23,32 +23,13 @@ from coreslice.ledger import ENV, PHASES, Ledger
 from coreslice.machine import lapic
 from coreslice.request import BootSpec
 
-from ..hosttree import BOOT_ID, make_host_tree, two_node_srat
+from ..hosttree import BOOT_ID
 from ..plan.test_boot import Fakes
+from ..test_ledger import host, ledger, ledger_path, tree  # noqa: F401  (the same fixtures)
 
 GIB = 1 << 30
 SRC = str(Path(__file__).resolve().parents[3] / "src")
 MARKER = b"coreslice-scrub-marker-0123456789"
-
-
-@pytest.fixture
-def tree(tmp_path):
-    return make_host_tree(tmp_path / "host", ncpus=6, srat=two_node_srat(6))
-
-
-@pytest.fixture
-def host(tree):
-    return discover(tree)
-
-
-@pytest.fixture
-def ledger_path(tmp_path):
-    return tmp_path / "state" / "ledger.sqlite3"
-
-
-@pytest.fixture
-def ledger(ledger_path):
-    return Ledger(ledger_path, BOOT_ID)
 
 
 @pytest.fixture
