@@ -52,6 +52,16 @@ for path in sorted(sys.argv[1:]):
 EOF"""
 
 
+RESTART_ALL = r"""for n in $(coreslice list --json | python3 -c 'import json,sys; print(" ".join(s["name"] for s in json.load(sys.stdin)["slices"]))'); do
+  coreslice restart "$n" --json > "restart-$n.json" 2> "restart-$n.err" || { echo "restart $n failed"; cat "restart-$n.err"; continue; }
+  coreslice console "$n" --wait CORESLICE-REPORT --timeout 120 > "console-$n.txt" 2>&1 && echo "back $n" || echo "not back $n"
+done"""
+
+# What `coreslice status` must say of each slice once it has done its action.
+STATES = {"halt": ("halted", "halt"), "poweroff": ("halted", "poweroff"), "reboot": ("halted", "reboot"),
+          "panic": ("panicked", None)}
+
+
 @pytest.fixture
 def run_dir(request):
     from coreslice.testbed.paths import cache_dir
@@ -67,8 +77,12 @@ def test_panic_halt_poweroff_reboot_stay_in_the_slice(run_dir):
             "cat /proc/interrupts",
             "coreslice list --json",
             READ_EFI_STATUS,
+            "coreslice status --json",
+            # Each slice comes back with a restart: its user space reports again (read from its
+            # RAM), before it does its coreslice.after= action once more.
+            RESTART_ALL,
         ],
-        smp=7, wait_each=True, timeout=540, workdir=run_dir,
+        smp=7, wait_each=True, timeout=900, workdir=run_dir,
     ))
     host = r["host"]
     # The machine is as strict as hardware about resets, and nothing escaped: the host ran its
@@ -89,7 +103,7 @@ def test_panic_halt_poweroff_reboot_stay_in_the_slice(run_dir):
         assert mark in log, f"{action} slice never got to '{mark}'; console: {s['console_log']}"
         assert "Unable to switch EFI into virtual mode" not in log
 
-    uptime, irqs, listing, status = r["host_cmds"]
+    uptime, irqs, listing, status, states, restarts = r["host_cmds"]
     assert uptime["exit_code"] == 0 and float(uptime["output"].split()[0]) > 0
     assert listing["exit_code"] == 0, listing["output"]
     names = {s["name"] for s in json.loads(listing["output"])["slices"]}
@@ -104,6 +118,22 @@ def test_panic_halt_poweroff_reboot_stay_in_the_slice(run_dir):
     assert by_action["reboot"]["reset_calls"] == 1 and by_action["reboot"]["reset_type"] == "cold"
     assert by_action["poweroff"]["reset_calls"] == 1 and by_action["poweroff"]["reset_type"] == "shutdown"
     assert by_action["halt"]["reset_calls"] == 0 and by_action["panic"]["reset_calls"] == 0
+
+    # status names what each slice did, from its kernel log in its RAM.
+    assert states["exit_code"] == 0, states["output"]
+    docs = json.loads(states["output"])["slices"]
+    by_name = {d["name"]: d for d in docs}
+    for (action, _, _), s in zip(SLICES, r["slices"]):
+        d = by_name[s["output"]["slice"]["name"]]
+        state, reason = STATES[action]
+        assert d["state"] == state, (action, d)
+        if reason:
+            assert d["reason"] == reason, (action, d)
+        assert d["kernel_release"] == host["kernel_release"]
+    # and a restart brings each one back to user space
+    assert restarts["exit_code"] == 0, restarts["output"]
+    assert sorted(line for line in restarts["output"].splitlines() if line.startswith("back ")) == \
+        sorted(f"back {n}" for n in by_name), restarts["output"]
 
     # No IPI reached the host's CPU, from boot to 5 s after the last action: stopping the
     # slices' other CPUs (REBOOT_VECTOR, then NMI) went to those CPUs alone (no_ipi_broadcast=1).
