@@ -70,7 +70,13 @@ def stop(name: str, *, host: Host, machine: Machine, ledger: Ledger, progress=la
             out.warnings.append(f"{fn} is bound to the host driver {driver}: not the slice's, left alone")
             continue
         progress(f"quieting {fn}")
-        out.devices[fn] = machine.pci.quiesce(fn)
+        try:
+            out.devices[fn] = machine.pci.quiesce(fn)
+        except LaunchError as e:
+            # A function gone (VF removed, hot-unplug) or one whose reset failed must not keep the
+            # slice from stopping: its CPUs are parked and its memory scrubbed all the same.
+            out.warnings.append(str(e))
+            continue
         progress(f"  {fn}: {', '.join(out.devices[fn])}")
     progress(f"INIT to CPUs {','.join(map(str, row.cpus))} (APIC IDs {','.join(map(str, row.apic_ids))})")
     lapic.init_cpus(apic, list(row.apic_ids))

@@ -17,6 +17,7 @@ from coreslice.errors import LaunchError
 # §7.7.2 (MSI-X).
 PCI_COMMAND = 0x04
 COMMAND_BUS_MASTER = 1 << 2
+COMMAND_INTX_DISABLE = 1 << 10  # with MSI off, a device must not fall back to INTx on the host's IOAPIC
 PCI_STATUS = 0x06
 STATUS_CAP_LIST = 1 << 4
 PCI_CAP_PTR = 0x34
@@ -94,10 +95,13 @@ class SysfsPci:
         method.  Returns what was done, in words."""
         dev = self.root / "sys/bus/pci/devices" / address
         done = []
+        if not (dev / "config").exists():
+            raise LaunchError(f"{address} is gone from the host (no {dev}/config: a removed VF or unplugged "
+                              "device); nothing to quiet there")
         try:
             config = (dev / "config").read_bytes()
             cmd = self._config_rw(address, PCI_COMMAND, "<H")
-            self._config_rw(address, PCI_COMMAND, "<H", cmd & ~COMMAND_BUS_MASTER)
+            self._config_rw(address, PCI_COMMAND, "<H", (cmd & ~COMMAND_BUS_MASTER) | COMMAND_INTX_DISABLE)
             done.append("bus master off")
             caps = capabilities(config)
             for cap, bit, what in ((CAP_MSI, MSI_ENABLE, "MSI"), (CAP_MSIX, MSIX_ENABLE, "MSI-X")):

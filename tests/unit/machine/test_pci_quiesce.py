@@ -15,7 +15,7 @@ ADDR = "0000:21:10.0"
 def config_space(*, msi_on=True, msix_on=True) -> bytearray:
     c = bytearray(256)
     struct.pack_into("<HH", c, 0, 0x8086, 0x10CA)
-    struct.pack_into("<H", c, 0x04, 0x0402 | COMMAND_BUS_MASTER)  # memory space + INTx disable, bus master
+    struct.pack_into("<H", c, 0x04, 0x0002 | COMMAND_BUS_MASTER)  # memory space, bus master
     struct.pack_into("<H", c, 0x06, 1 << 4)  # capability list
     c[0x34] = 0x50
     c[0x50:0x52] = bytes([0x01, 0x70])  # power management -> 0x70
@@ -48,7 +48,7 @@ def test_quiesce_turns_off_dma_and_interrupts_then_resets_with_flr(dev, tmp_path
     assert done == ["bus master off", "MSI off", "MSI-X off", "reset (flr)"]
     c = (dev / "config").read_bytes()
     assert not struct.unpack_from("<H", c, 0x04)[0] & COMMAND_BUS_MASTER
-    assert struct.unpack_from("<H", c, 0x04)[0] == 0x0402  # the rest of the command register kept
+    assert struct.unpack_from("<H", c, 0x04)[0] == 0x0402 | 1 << 10  # the rest kept, INTx disabled
     assert struct.unpack_from("<H", c, 0x72)[0] == 0x0080 and struct.unpack_from("<H", c, 0xA2)[0] == 0x0002
     assert (dev / "reset").read_text() == "1"
     assert (dev / "reset_method").read_text().split() == ["pm", "flr", "bus"]  # as it was
@@ -66,3 +66,10 @@ def test_reprobe_clears_the_override_and_asks_the_host_kernel(dev, tmp_path):
     assert SysfsPci(tmp_path).reprobe(ADDR) is None  # no kernel here to bind one
     assert (dev / "driver_override").read_text() == "\n"
     assert (tmp_path / "sys/bus/pci/drivers_probe").read_text() == ADDR
+
+
+def test_quiesce_of_a_function_gone_from_the_host_says_so(tmp_path):
+    from coreslice.errors import LaunchError
+
+    with pytest.raises(LaunchError, match="is gone from the host"):
+        SysfsPci(tmp_path).quiesce("0000:99:00.0")
