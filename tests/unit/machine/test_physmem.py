@@ -56,3 +56,24 @@ def test_fake_memory_records_file_segments_like_real_writes(tmp_path):
     fake = FakeMemory()
     assert fake.write_file_and_check(0x5000, src, 6, 1000)
     assert fake.read(0x5000, 1000) == src.read_bytes()[6:1006] and fake.writes
+
+
+def test_zero_maps_one_chunk_at_a_time(tmp_path, monkeypatch):
+    """/dev/mem mappings fill their page tables at mmap time: zero() must not map a whole large
+    slice at once.  A regular file stands in for /dev/mem."""
+    from coreslice.machine import physmem
+
+    f = tmp_path / "mem"
+    f.write_bytes(b"\xaa" * (64 * 4096))
+    monkeypatch.setattr(physmem, "ZERO_CHUNK", 8 * 4096)
+    mem = physmem.DevMem(str(f))
+    sizes = []
+    real_map = mem._map
+    monkeypatch.setattr(mem, "_map", lambda a, n: (sizes.append(n), real_map(a, n))[1])
+    done = []
+    mem.zero(4096, 40 * 4096, lambda d, t: done.append(d))
+    mem.close()
+    data = f.read_bytes()
+    assert data[:4096] == b"\xaa" * 4096 and data[4096:41 * 4096] == bytes(40 * 4096)
+    assert data[41 * 4096:] == b"\xaa" * (23 * 4096)
+    assert max(sizes) == 8 * 4096 and done[-1] == 40 * 4096
