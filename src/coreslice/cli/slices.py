@@ -268,7 +268,6 @@ def restart_argv(row: SliceRecord, ledger_arg: Path | None, as_json: bool) -> li
 
 def _cmd_restart(args) -> int:
     from coreslice.cli import build_parser
-    from coreslice.launch import scrub as scrubbing
     from coreslice.launch.session import stderr_progress, stop
 
     live = _acting_on_live_host(args, "restart")
@@ -290,10 +289,30 @@ def _cmd_restart(args) -> int:
         boot_args.host_root = args.host_root
     try:
         return boot_args.func(boot_args)
-    except CoresliceError:
+    except BaseException:
         if stopped is not None:  # keep stop's promise: nothing of the slice stays in its memory
-            scrubbing.scrub(machine.mem, scrubbing.ranges(row.mem_base, row.mem_size, row.low_slot), progress)
+            _scrub_if_unheld(row, host, ledger, machine, progress)
         raise
+
+
+def _scrub_if_unheld(row: SliceRecord, host, ledger, machine, progress) -> None:
+    """After a restart whose boot failed: zero the stopped slice's memory, unless someone holds
+    it now (a concurrent launch took the freed range, or the failed boot itself holds it with a
+    CPU that may run).  Its CPUs get INIT first: a failed boot may have woken one."""
+    from coreslice.launch import scrub as scrubbing
+    from coreslice.launch.session import boot_cpu_apic
+    from coreslice.machine import lapic
+
+    for other in ledger.holding():
+        if other.conflict_with(row) or other.same_resources(row):
+            print(f"coreslice: warning: not scrubbing {format_size(row.mem_size)}@0x{row.mem_base:x}: "
+                  f"slice '{other.name}' ({other.state}) holds it now", file=sys.stderr)
+            return
+    try:
+        lapic.init_cpus(boot_cpu_apic(host, machine, host.apic_mode or "xapic"), list(row.apic_ids))
+        scrubbing.scrub(machine.mem, scrubbing.ranges(row.mem_base, row.mem_size, row.low_slot), progress)
+    except CoresliceError as e:
+        print(f"coreslice: warning: the stopped slice's memory was not scrubbed: {e}", file=sys.stderr)
 
 
 def register(sub) -> None:

@@ -174,14 +174,16 @@ def test_restart_boots_the_recorded_request_on_the_same_resources(tree, ledger_p
                          "--on-crash", "restart"], tree, ledger_path, capsys)
     assert rc == 0, err
     first = doc["slice"]
-    assert first["request"] == ["--kernel", str(debian_kernel.vmlinuz), "--initrd", str(tmp_path / "initrd.img"),
-                                "--cmdline", "quiet x=1", "--console", "io:0x2f8", "--on-crash", "restart"]
+    assert first["request"] == [f"--kernel={debian_kernel.vmlinuz}", f"--initrd={tmp_path / 'initrd.img'}",
+                                "--cmdline=quiet x=1", "--console=io:0x2f8", "--on-crash=restart",
+                                f"--tsc-khz={doc['plan']['tsc_khz']}"]
     assert first["on_crash"] == "restart" and doc["wake"]["kernel_s"] >= 0
     monkeypatch.chdir("/")  # restart from elsewhere: the recorded paths are absolute
     rc, doc, err = _cli(["restart", "db"], tree, ledger_path, capsys)
     assert rc == 0, err
     again = doc["slice"]
-    assert (again["cpus"], again["memory"], again["request"]) == (first["cpus"], first["memory"], first["request"])
+    assert (again["cpus"], again["memory"]) == (first["cpus"], first["memory"])
+    assert sorted(again["request"]) == sorted(first["request"])  # the same arguments (the TSC one now given)
     rows = Ledger(ledger_path, BOOT_ID).slices(history=True)
     assert [(r.name, r.state) for r in rows] == [("db", "stopped"), ("db", "running")]
     # a stopped slice restarts too
@@ -221,7 +223,7 @@ def test_kill9_at_each_phase_leaves_a_state_list_explains_and_stop_or_restart_re
     (row,) = doc["slices"]
     assert row["phase"] == phase
     if phase == "woken":  # the slice was up; only the final ledger update was lost
-        assert row["state"] == "launching" and "died while woken" in row["note"]
+        assert row["state"] == "launching" and "died after its CPU reached the kernel" in row["note"]
     elif phase == "reserved":
         assert row["state"] == "reserved" and "before changing anything" in row["note"]
         assert doc["free"][0]["cpus"] == [1, 2]  # it holds nothing: the CPUs are free at once
@@ -251,3 +253,32 @@ def test_kill9_at_each_phase_leaves_a_state_list_explains_and_stop_or_restart_re
     assert doc["slice"]["state"] == "running" and doc["slice"]["cpus"] == [1, 2]
     states = [(r.name, r.state) for r in Ledger(ledger_path, BOOT_ID).slices(history=True)]
     assert states[-1] == ("k9", "running") and [s for _, s in states].count("running") == 1
+
+
+def test_stop_goes_on_when_a_function_cannot_be_quieted(spec, host, ledger):
+    """A removed VF or a failed reset must not leave a slice that can never be stopped."""
+    fakes = Fakes()
+    launch.boot(dataclasses.replace(spec, console="00:03.0"), host=host, machine=fakes.machine(), ledger=ledger)
+
+    def gone(addr):
+        raise LaunchError(f"{addr} is gone from the host (no config); nothing to quiet there")
+
+    fakes.pci.quiesce = gone
+    out = launch.stop("web", host=host, machine=fakes.machine(), ledger=ledger)
+    assert out.slice.state == "stopped" and out.devices == {} and "is gone from the host" in out.warnings[0]
+    assert {a for a, c in fakes.apics[-1].sent if c >> 8 & 7 == 0b101} == {1, 2}
+
+
+def test_a_failed_restart_does_not_scrub_memory_someone_else_took(spec, host, ledger, tree, capsys):
+    from coreslice.cli.slices import _scrub_if_unheld
+    from coreslice.ledger import SliceRecord
+
+    fakes = Fakes()
+    launch.boot(spec, host=host, machine=fakes.machine(), ledger=ledger)
+    old = launch.stop("web", host=host, machine=fakes.machine(), ledger=ledger).slice
+    # A concurrent launch takes the freed range (other CPUs) before the restart's boot.
+    ledger.reserve(SliceRecord(name="other", cpus=(3,), apic_ids=(3,), mem_base=spec.mem_base, mem_size=spec.mem_size))
+    fakes.mem.write(spec.mem_base + 0x1000, MARKER)
+    _scrub_if_unheld(old, host, ledger, fakes.machine(), lambda _m: None)
+    assert fakes.mem.read(spec.mem_base + 0x1000, len(MARKER)) == MARKER
+    assert "slice 'other' (reserved) holds it now" in capsys.readouterr().err
