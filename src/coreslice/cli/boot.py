@@ -126,7 +126,7 @@ def recorded_argv(parser: argparse.ArgumentParser, args) -> tuple[str, ...]:
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, Path) or (a.dest == "image" and Path(v).exists()):
                 v = Path(v).absolute()
-            out += [flag, str(v)]
+            out.append(f"{flag}={v}")  # one word: a value starting with '-' replays too
     return tuple(out)
 
 

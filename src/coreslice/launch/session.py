@@ -136,7 +136,15 @@ def slice_record(spec: BootSpec, plan: Plan) -> SliceRecord:
         console=plan.console.pci_address or (f"io:0x{plan.console.port:x}" if plan.console.port is not None else None),
         devices=devices,
         kernel=str(spec.kernel), initrd=str(spec.initrd) if spec.initrd else None, cmdline=plan.cmdline,
-        request=spec.record_argv, on_crash=spec.on_crash)
+        request=_with_tsc(spec.record_argv, plan.tsc_khz), on_crash=spec.on_crash)
+
+
+def _with_tsc(argv: tuple[str, ...] | None, tsc_khz: int) -> tuple[str, ...] | None:
+    """The recorded request with the TSC frequency this launch used: a restart days later may
+    no longer find the host's calibration line in its wrapped kernel log."""
+    if argv is None or any(a == "--tsc-khz" or a.startswith("--tsc-khz=") for a in argv):
+        return argv
+    return (*argv, f"--tsc-khz={tsc_khz}")
 
 
 # -- dry runs -----------------------------------------------------------------------------------
@@ -338,7 +346,7 @@ def reserve_and_act(spec: BootSpec, plan: Plan, image: BootImage, vfs: list[vfpl
     return result
 
 
-# Fault injection for the crash-consistency tests (tests/unit/launch/test_kill9.py and the
+# Fault injection for the crash-consistency tests (tests/unit/launch/test_lifecycle.py and the
 # emulated machine's): the launch stops at the start of phase $CORESLICE_TEST_PAUSE_AT, writes its
 # pid to $CORESLICE_TEST_PAUSE_FILE and waits to be killed.  Unset, it costs one dict lookup.
 PAUSE_ENV, PAUSE_FILE_ENV = "CORESLICE_TEST_PAUSE_AT", "CORESLICE_TEST_PAUSE_FILE"
