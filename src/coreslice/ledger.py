@@ -315,9 +315,20 @@ class Ledger:
             # Create the schema once: running it on every connection would rewrite the file's
             # header, so that even a refused launch changed the ledger.
             if not self.readonly and con.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                con.executescript(SCHEMA)
-                _upgrade(con)
-                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                # Under the write lock, checked again: of two first writers, one upgrades.
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    if con.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                        for statement in SCHEMA.split(";"):
+                            if statement.strip():
+                                con.execute(statement)
+                        _upgrade(con)
+                        con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    con.execute("COMMIT")
+                except BaseException:
+                    with suppress(sqlite3.Error):
+                        con.execute("ROLLBACK")
+                    raise
             yield con
         except _DamagedRow as e:
             raise self._damaged(str(e)) from None
@@ -491,7 +502,8 @@ def explain(rec: SliceRecord) -> str | None:
     if rec.state == "reserved":
         return (f"its launcher (pid {rec.pid}) died while detaching devices; "
                 f"coreslice stop {rec.name} --return-devices gives them back")
-    return (f"its launcher (pid {rec.pid}) died while {rec.phase}; its CPUs may run: "
+    doing = "after its CPU reached the kernel" if rec.phase == "woken" else f"while {rec.phase}"
+    return (f"its launcher (pid {rec.pid}) died {doing}; its CPUs may run: "
             f"coreslice stop {rec.name} parks and scrubs it, coreslice restart {rec.name} boots it again")
 
 
