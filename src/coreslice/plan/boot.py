@@ -125,6 +125,9 @@ REBOOT_PARAM = "reboot=efi"
 # A panic then spins on the panicking CPU (kernel/panic.c) instead of restarting; explicit, not
 # left to the kernel's CONFIG_PANIC_TIMEOUT.  (A restart would also end in ResetSystem.)
 PANIC_PARAM = "panic=0"
+# PREEMPT_RT kernels default to no EFI runtime (CONFIG_EFI_DISABLE_RUNTIME=y, e.g. Debian's -rt):
+# efi=runtime turns it on (drivers/firmware/efi/efi.c parse_efi_cmdline); others accept it too.
+EFI_RUNTIME_PARAM = "efi=runtime"
 # reboot=b|a|k|t|p (kernel/reboot.c reboot_setup: bios, acpi, kbd, triple, pci) select another method;
 # noefi / efi=noruntime drop the EFI runtime, so the restart loop reaches the BIOS jump.
 _REBOOT_METHODS = "baktp"
@@ -162,6 +165,7 @@ def slice_cmdline(console_port: int | None, tsc_khz: int, user: str, earlyprintk
         "no5lvl",
         REBOOT_PARAM,           # reboot/poweroff end in the slice's own ResetSystem (boot/efi.py)
         PANIC_PARAM,            # a panic spins on its CPU
+        EFI_RUNTIME_PARAM,      # ... also on kernels built without EFI runtime by default
         # pci_extra: the slice kernel's ",permit_probe_only=..." (sriov.slice_kernel_params)
         PCI_PARAMS + pci_extra if pci else "pci=off",  # without functions, don't scan the host's buses
     ]
