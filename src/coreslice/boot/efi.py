@@ -73,6 +73,7 @@ FIRMWARE_VENDOR = "coreslice"
 
 # §7.2.3: EFI_MEMORY_TYPE and attributes; EFI_MEMORY_DESCRIPTOR_VERSION.
 EFI_RUNTIME_SERVICES_CODE = 5
+EFI_CONVENTIONAL_MEMORY = 7  # §7.2.1 Table 7-5: free memory
 EFI_MEMORY_WB = 0x8
 EFI_MEMORY_RUNTIME = 1 << 63
 MEMORY_DESCRIPTOR_VERSION = 1
@@ -223,8 +224,13 @@ class EfiFirmware:
                            self.systab_addr >> 32, self.memmap_addr >> 32)
 
 
-def build_efi_firmware(base: int, rsdp_addr: int) -> EfiFirmware:
-    """The two pages at ``base`` (page aligned, in the slice's reserved memory)."""
+def build_efi_firmware(base: int, rsdp_addr: int, ram: tuple[tuple[int, int], ...] = ()) -> EfiFirmware:
+    """The two pages at ``base`` (page aligned, in the slice's reserved memory).  ``ram``: the
+    (address, size) of each RAM entry of the slice's e820 map, listed as EfiConventionalMemory:
+    with efi_info set the decompressor picks its physical KASLR slot from the EFI map
+    (arch/x86/boot/compressed/kaslr.c process_efi_entries), not from e820, and without them it
+    finds no room ("Physical KASLR disabled: no suitable memory region!").  The kernel's own
+    memory still comes from e820 (no add_efi_memmap)."""
     if base <= 0 or base % PAGE or base + AREA_SIZE > 1 << 46:
         raise UsageError(f"EFI area at {base:#x} must be page aligned and below 64 TiB (mapped 1:1 in efi_mm)")
     page = bytearray(AREA_SIZE)
@@ -254,8 +260,15 @@ def build_efi_firmware(base: int, rsdp_addr: int) -> EfiFirmware:
 
     page[STATUS_OFFSET:STATUS_OFFSET + STATUS_SIZE] = struct.pack(STATUS_FORMAT, STATUS_MAGIC, 0, 0, 0, 0, 0)
 
-    desc = struct.pack(_MEMORY_DESCRIPTOR, EFI_RUNTIME_SERVICES_CODE, 0, base, 0, RUNTIME_PAGES,
-                       EFI_MEMORY_RUNTIME | EFI_MEMORY_WB)
+    entries = [(base, EFI_RUNTIME_SERVICES_CODE, RUNTIME_PAGES, EFI_MEMORY_RUNTIME | EFI_MEMORY_WB)]
+    for addr, size in ram:
+        start, end = -(-addr // PAGE) * PAGE, (addr + size) // PAGE * PAGE  # whole pages inside
+        if end > start:
+            entries.append((start, EFI_CONVENTIONAL_MEMORY, (end - start) // PAGE, EFI_MEMORY_WB))
+    desc = b"".join(struct.pack(_MEMORY_DESCRIPTOR, kind, 0, start, 0, pages, attr)
+                    for start, kind, pages, attr in sorted(entries))
+    if len(desc) > AREA_SIZE - MEMMAP_OFFSET:
+        raise UsageError(f"the slice's memory map has {len(entries)} entries, more than the EFI map page holds")
     page[MEMMAP_OFFSET:MEMMAP_OFFSET + len(desc)] = desc
     assert len(code) <= SYSTEM_TABLE_OFFSET and VENDOR_OFFSET + len(vendor) <= STATUS_OFFSET
     return EfiFirmware(base=base, data=bytes(page), systab_addr=base + SYSTEM_TABLE_OFFSET,

@@ -15,7 +15,7 @@ from coreslice.boot.efi import build_efi_firmware
 from coreslice.boot.layout import PAGE
 from coreslice.boot.pagetables import build_identity_page_tables
 from coreslice.boot.trampoline import build_trampoline
-from coreslice.boot.zeropage import build_zero_page
+from coreslice.boot.zeropage import E820Type, build_zero_page
 
 CHUNK = 2 << 20
 
@@ -72,7 +72,8 @@ def build_image(plan) -> BootImage:
     """Every segment the plan needs, in write order; the trampoline page goes last."""
     acpi = plan.acpi.at(plan.acpi_addr)  # encoded once by the plan
     # The slice's EFI runtime: its ResetSystem keeps reboot and poweroff in the slice (boot/efi.py).
-    fw = build_efi_firmware(plan.efi_addr, acpi.rsdp_addr) if plan.efi_addr else None
+    ram = tuple((e.addr, e.size) for e in plan.e820 if e.type == E820Type.RAM)
+    fw = build_efi_firmware(plan.efi_addr, acpi.rsdp_addr, ram) if plan.efi_addr else None
     zero_page = build_zero_page(
         plan.kernel, load_addr=plan.load_addr, cmdline_addr=plan.cmdline_addr,
         initrd_addr=plan.initrd_addr, initrd_size=plan.initrd_size,

@@ -52,7 +52,14 @@ def test_efi_runtime_is_written_in_reserved_slice_memory_and_named_by_the_zero_p
     assert plan.efi_addr <= systab < plan.efi_addr + 0x1000
     assert struct.unpack("<Q", fakes.mem.read(systab, 8))[0] == efi.SYSTEM_TABLE_SIGNATURE
     desc = fakes.mem.read(mm_lo | mm_hi << 32, mm_size)
-    assert struct.unpack_from("<IIQ", desc)[::2] == (efi.EFI_RUNTIME_SERVICES_CODE, plan.efi_addr)
+    entries = [struct.unpack_from("<IIQQQQ", desc, i) for i in range(0, mm_size, efi.MEMORY_DESCRIPTOR_SIZE)]
+    assert [(t, a) for t, _, a, _, _, _ in entries if t == efi.EFI_RUNTIME_SERVICES_CODE] == \
+        [(efi.EFI_RUNTIME_SERVICES_CODE, plan.efi_addr)]
+    # The e820 RAM again, as conventional memory: where the decompressor may put the kernel
+    # (physical KASLR), sorted, and nothing else (the loader's data stays out of it).
+    conv = [(a, n * 0x1000) for t, _, a, _, n, _ in entries if t == efi.EFI_CONVENTIONAL_MEMORY]
+    assert conv == [(e.addr, e.size) for e in plan.e820 if e.type == E820Type.RAM]
+    assert [a for _, _, a, _, _, _ in entries] == sorted(a for _, _, a, _, _, _ in entries)
     # The config table points at the slice's own RSDP, the one the zero page names.
     rsdp = struct.unpack_from("<Q", zp, 0x70)[0]
     assert fakes.mem.read(rsdp, 8) == b"RSD PTR "
