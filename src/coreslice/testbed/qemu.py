@@ -56,11 +56,15 @@ takes the lock (a stand-in script in a unit test does not).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
+import socket
 import subprocess
+import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +204,9 @@ class QemuMachine:
         self.launched_wall: float | None = None  # time.time()
         self.exit_code: int | None = None
         self._lock: MachineLock | None = None
+        # The human monitor, for post-mortems of a slice that stops answering (`info lapic`):
+        # a short path, since unix socket paths end at 108 bytes and run dirs can be longer.
+        self.monitor_path = Path(tempfile.gettempdir()) / f"coreslice-mon-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
 
     # -- command line -------------------------------------------------------------------------
     def command(self) -> list[str]:
@@ -235,7 +242,7 @@ class QemuMachine:
         if self._proc is not None:
             raise RuntimeError("QemuMachine.launch: already launched")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        cmd = self.command()
+        cmd = [*self.command(), "-monitor", f"unix:{self.monitor_path},server=on,wait=off"]
         lock_path = machine_lock_path() if self._takes_lock() else None
         if lock_path is not None:
             lock = MachineLock(lock_path)
@@ -322,7 +329,34 @@ class QemuMachine:
         self.exit_code = proc.returncode
         LIVE_PIDS.discard(proc.pid)
         self._release_lock()
+        with contextlib.suppress(OSError):
+            self.monitor_path.unlink()
         return self.exit_code
+
+    def hmp(self, command: str, timeout: float = 10.0) -> str:
+        """Run one human-monitor command (e.g. ``info lapic 2``) in the running QEMU; its output."""
+        prompt = b"(qemu) "
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(self.monitor_path))
+            buf = b""
+            while not buf.endswith(prompt):  # the banner, then the first prompt
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ToolError("QEMU monitor closed before its prompt")
+                buf += chunk
+            sock.sendall(command.encode() + b"\n")
+            buf = b""
+            while not buf.endswith(prompt):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        text = buf.decode(errors="replace").replace("\r", "")
+        text = text.removesuffix(prompt.decode())
+        # The monitor echoes the command line (with terminal escapes) before the output.
+        lines = text.split("\n")
+        return "\n".join(lines[1:]).strip() + "\n" if len(lines) > 1 else text
 
     def qemu_stderr(self) -> str:
         try:

@@ -17,6 +17,7 @@ Times are taken outside, on the wall clock, when an event or report line is firs
 from __future__ import annotations
 
 import compileall
+import contextlib
 import dataclasses
 import json
 import os
@@ -42,7 +43,7 @@ from coreslice.testbed.qemu import (
 )
 from coreslice.testbed import sriov as sriovdevs
 from coreslice.testbed import datapath
-from coreslice.testbed.tools import progress, read_or_none as _read
+from coreslice.testbed.tools import ToolError, progress, read_or_none as _read
 
 
 @dataclass
@@ -185,12 +186,29 @@ class _SliceState:
         self.report_at: float | None = None
         self.report_log: Path | None = None
         self.released = False  # continue-<i> created (wait_each)
+        self.diagnosed = False  # its CPUs' local APIC state saved after it timed out
 
     def waiting(self, now: float, slice_timeout: float) -> bool:
         """Still expected to report."""
         if self.report is not None or self.exit_code is None or self.exit_code != 0 or self.guest:
             return False
         return self.started is not None and now - self.started < slice_timeout
+
+
+def _save_lapic_state(run_dir: Path, machine: QemuMachine, s: _SliceState) -> None:
+    """A slice that never reported: keep each of its CPUs' local APIC state (QEMU `info lapic`:
+    timer count and LVT, IRR/ISR) in lapic-<i>.txt, to tell a lost timer interrupt from a lost
+    EOI or a mis-programmed timer."""
+    out = run_dir / f"lapic-{s.job.index}.txt"
+    try:
+        plan = json.loads((run_dir / f"slice-{s.job.index}.stdout").read_text())["plan"]
+        apic_ids = [c["apic_id"] for c in plan["cpus"]]
+        out.write_text("".join(f"== info lapic {a}\n{machine.hmp(f'info lapic {a}')}" for a in apic_ids))
+        progress(f"slice {s.job.index}: no report after {s.started and time.monotonic() - s.started:.0f} s; "
+                 f"its CPUs' local APIC state is in {out}")
+    except (OSError, ValueError, KeyError, TypeError, ToolError) as exc:
+        with contextlib.suppress(OSError):
+            out.write_text(f"could not read the local APIC state: {exc}\n")
 
 
 def _parse_event(line: str) -> tuple[str, list[str], float | None]:
@@ -395,6 +413,11 @@ def _run(options: RunOptions, guests: list) -> dict:
                         s.report, s.report_at, s.report_log = rep, now, follower.path
                         progress(f"slice {s.job.index}: user space after {now - s.started:.1f} s, "
                                  "seen in its RAM (--console none)")
+            for s in states:
+                if (not s.diagnosed and s.report is None and s.exit_code == 0 and not s.guest
+                        and s.started is not None and now - s.started >= options.slice_timeout):
+                    s.diagnosed = True
+                    _save_lapic_state(run_dir, machine, s)
             if options.wait_each:
                 for s in states:
                     if (s.exit_code is not None and not s.released
