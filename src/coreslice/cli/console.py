@@ -1,5 +1,6 @@
 """``coreslice console`` and ``coreslice status``: a slice kernel's log and state, read from its
-RAM on the host (slicelog/), without a UART.  Read-only: nothing is written anywhere.
+RAM on the host (slicelog/), without a UART.  The slice's memory is only read; the one file
+written is the note-address hint next to the ledger (_hint_file).
 
 Thin: the ledger says where a slice's RAM is, slicelog/ reads the log, slicelog/state.py
 decides the state.
