@@ -1,7 +1,6 @@
 """The slice's EFI runtime (boot/efi.py): its text matches its bytes (iced-x86), the tables read
 back the way Linux reads them, and the stubs do what they say when executed (unicorn)."""
 
-import re
 import struct
 import uuid
 import zlib
@@ -14,21 +13,11 @@ from unicorn import x86_const as r
 from coreslice.boot import efi
 from coreslice.errors import UsageError
 
+from .test_trampoline import _formatter, normalise  # the same NASM text rules
+
 BASES = [0x7FFE0000, 0x1_7FFF0000, 0x3F_FFFF_E000]
 RSDP = 0x7FFD1000
 RETURN = 0xDEAD0000  # a return address outside the page: emulation stops when the stub returns
-
-
-def _formatter() -> iced_x86.Formatter:
-    f = iced_x86.Formatter(iced_x86.FormatterSyntax.NASM)
-    f.hex_prefix, f.hex_suffix, f.uppercase_hex = "0x", "", False
-    f.space_after_operand_separator = True
-    return f
-
-
-def normalise(text: str) -> str:
-    text = re.sub(r"\s+", " ", text.strip().lower()).replace(", ", ",")
-    return re.sub(r"\b0x[0-9a-f]+\b|\b[0-9]+\b", lambda m: str(int(m.group(0), 0)), text)
 
 
 def test_text_matches_its_bytes():
