@@ -101,6 +101,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "ed25519 pair in the run dir)")
     p.add_argument("--keep-guest-disks", action="store_true",
                    help="keep the guest disks in the run dir (default: removed after the run; they are large)")
+    p.add_argument("--audit", action="store_true",
+                   help="record every device register access (MMIO, I/O port) of each slice's CPUs, from "
+                        "the first boot to --audit-steady seconds after the last report (QEMU's "
+                        "memory_region_ops trace); each slice's JSON gets \"audit\": its own and its "
+                        "foreign accesses per region and address")
+    p.add_argument("--audit-steady", type=_positive_float, default=10.0, metavar="SECONDS",
+                   help="with --audit: how long the slices keep running, traced, after they all reported "
+                        "(default: 10)")
     p.add_argument("--workdir", type=Path, default=None, metavar="DIR",
                    help="run directory (new or empty; anywhere but /proc, /sys, /dev); default: "
                         "$CORESLICE_CACHE/runs/<time>-<pid> (cache: ~/.cache/coreslice)")
@@ -132,6 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         storage=args.storage, network=args.network,
         guest_os=args.guest_os, guest_cloud_config=args.guest_cloud_config,
         guest_ssh_key=args.guest_ssh_key, keep_guest_disks=args.keep_guest_disks,
+        audit=args.audit, audit_steady=args.audit_steady,
     )
     return main_run(opts, args.json)
 

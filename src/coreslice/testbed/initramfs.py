@@ -113,6 +113,10 @@ pci=$(ls /sys/bus/pci/devices 2>/dev/null | tr '\n' ',' | sed 's/,$//')
 kcode=$(sed -n 's/^ *\([0-9a-f]*\)-[0-9a-f]* : Kernel code$/\1/p' /proc/iomem | head -n 1)
 [ -n "$kcode" ] || kcode=-
 read -r cmdline </proc/cmdline
+# coreslice.poke=PORT: one byte written to that I/O port before the report, a foreign access
+# that `testbed run --audit` must find (tests/e2e/test_isolation.py).
+poke=$(sed -n 's/.*coreslice\.poke=\([0-9a-fx]*\).*/\1/p' /proc/cmdline)
+[ -z "$poke" ] || printf '\305' | dd of=/dev/port bs=1 seek=$((poke)) count=1 2>/dev/null
 @DATA@line="@TAG@ cpus=$cpus mem_kib=$mem apic_ids=$apic pci=$pci kcode=$kcode@EXTRA@ cmdline=$cmdline"
 echo "<2>$line" >/dev/kmsg
 echo "$line" >/dev/console

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import coreslice
 from coreslice.errors import CoresliceError, UsageError
-from coreslice.testbed import guestos
+from coreslice.testbed import audit, guestos
 from coreslice.testbed import hostview, initramfs, interrupts, job as jobmod, kernels, report
 from coreslice.testbed.paths import cache_dir
 from coreslice.testbed.qemu import (
@@ -81,6 +81,10 @@ class RunOptions:
     guest_cloud_config: Path | None = None
     guest_ssh_key: Path | None = None  # private key; its .pub beside it
     keep_guest_disks: bool = False
+    # Record every device access of the slices' CPUs (testbed/audit.py) from the first boot to
+    # audit_steady seconds after the last report.
+    audit: bool = False
+    audit_steady: float = 10.0
 
 
 def python_for_host() -> tuple[str, str]:
@@ -103,6 +107,7 @@ def _named_files(args) -> list[Path]:
 
 
 KEEP_RUNS = 50
+TRACE_FILE = "trace.log"  # QEMU's device-access trace (--audit), in the run directory
 
 
 def _prune_runs(runs: Path, keep: int = KEEP_RUNS) -> None:
@@ -211,6 +216,42 @@ def _save_lapic_state(run_dir: Path, machine: QemuMachine, s: _SliceState) -> No
             out.write_text(f"could not read the local APIC state: {exc}\n")
 
 
+def _trace(machine: QemuMachine, on: bool) -> None:
+    """Turn QEMU's device-access trace events on or off (monitor ``trace-event``)."""
+    for event in audit.EVENTS:
+        out = machine.hmp(f"trace-event {event} {'on' if on else 'off'}")
+        if out.strip():
+            raise ToolError(f"QEMU refused 'trace-event {event}': {out.strip()}")
+
+
+def _audit(run_dir: Path, states: list["_SliceState"], slices: list[dict], smp: int) -> None:
+    """Add each launched slice's ``audit`` (testbed/audit.py) from the trace log."""
+    plans: dict[int, tuple[list[int], audit.Owned]] = {}
+    ecam = None
+    for s, out in zip(states, slices):
+        plan = (out.get("output") or {}).get("plan")
+        if not plan:
+            out["audit"] = None
+            continue
+        try:
+            plans[s.job.index] = (audit.slice_cpu_indexes(plan, smp), audit.owned_from_plan(plan))
+        except ValueError as exc:
+            out["audit"] = {"error": str(exc)}
+            continue
+        for m in (plan.get("pci") or {}).get("mcfg", []):
+            ecam = (m["base_address"], m["base_address"] + (256 << 20))
+    path = run_dir / TRACE_FILE
+    if not path.exists():  # QEMU never started tracing (no slice boot began)
+        for out in slices:
+            out.setdefault("audit", None)
+        return
+    with open(path, errors="replace") as f:
+        result = audit.summarize(f, plans, ecam)
+    for s, out in zip(states, slices):
+        if s.job.index in result:
+            out["audit"] = result[s.job.index]
+
+
 def _parse_event(line: str) -> tuple[str, list[str], float | None]:
     parts = line.split()
     if not parts:
@@ -270,6 +311,7 @@ def _run(options: RunOptions, guests: list) -> dict:
         numa=options.numa,
         extra_args=tuple(sriovdevs.device_args(ns_images=sriovdevs.namespace_images(run_dir)))
         if options.sriov else (),
+        trace_file=run_dir / TRACE_FILE if options.audit else None,
     )
     machine = QemuMachine(config, run_dir)
     jobs = jobmod.complete_slice_args(options.slices, kernel.vmlinuz, slice_initrd,
@@ -336,6 +378,8 @@ def _run(options: RunOptions, guests: list) -> dict:
     timings = host["timings"]
     job_ended = False
     continued = False
+    tracing = False
+    all_reported_at: float | None = None
     with machine:
         machine.launch()
         progress(f"QEMU pid {machine.pid} booting the emulated host (TCG: expect 10-20 s to the job)")
@@ -369,6 +413,10 @@ def _run(options: RunOptions, guests: list) -> dict:
                     progress(f"Python ready in the host (exit {args[0] if args else '?'})")
                 elif name == "boot-start":
                     s = states[int(args[0])]
+                    if options.audit and not tracing:
+                        _trace(machine, True)
+                        tracing = True
+                        host["audit_window"] = {"start_uptime": up}
                     s.started, s.started_wall, s.started_uptime = now, time.time(), up
                     progress(f"slice {s.job.index}: coreslice boot {s.job.raw}")
                 elif name == "boot-end":
@@ -429,10 +477,19 @@ def _run(options: RunOptions, guests: list) -> dict:
                 and "qemu_to_slices_launched" in timings
                 and not any(s.waiting(now, options.slice_timeout) for s in states)
             ):
-                (run_dir / jobmod.CONTINUE_FILE).write_text("")
-                continued = True
-                if options.host_cmds:
-                    progress("running host commands")
+                if all_reported_at is None:
+                    all_reported_at = now
+                    if tracing:
+                        progress(f"audit: tracing the slices' steady running for {options.audit_steady:.0f} s")
+                if tracing and now - all_reported_at >= options.audit_steady:
+                    _trace(machine, False)
+                    tracing = False
+                    host["audit_window"]["steady_s"] = round(now - all_reported_at, 3)
+                if not tracing:
+                    (run_dir / jobmod.CONTINUE_FILE).write_text("")
+                    continued = True
+                    if options.host_cmds:
+                        progress("running host commands")
             if job_ended:
                 rc = machine.wait(timeout=30)
                 if rc is None:
@@ -577,6 +634,8 @@ def _collect(run_dir: Path, machine: QemuMachine, states: list[_SliceState], opt
             "exit_code": _read_int(run_dir / f"hostcmd-{i}.rc"),
             "output": _read(run_dir / f"hostcmd-{i}.out"),
         })
+    if options.audit:
+        _audit(run_dir, states, slices, options.smp)
     ok = host["job_finished"] and all(
         sl["booted"] for sl in slices if sl["exit_code"] == 0
     )
@@ -629,6 +688,15 @@ def format_summary(result: dict) -> str:
             out.append(f"         os: ssh {o['user']}@ " + (
                 f"ok after {o['seconds_to_ssh']} s: hostname {o['hostname']}, {o['nproc']} CPUs, root "
                 f"{o['root_source']}, cloud-init {o['cloud_init']}" if o["ssh_ok"] else f"FAILED ({o['ssh_error']})"))
+        if s.get("audit"):
+            a = s["audit"]
+            if "error" in a:
+                out.append(f"         audit: {a['error']}")
+            else:
+                out.append(f"         audit: {a['accesses']} device accesses by CPUs {a['cpus']}; foreign:"
+                           + ("" if a["foreign"] else " none"))
+                for what, n in audit.foreign_by_what(a).items():
+                    out.append(f"           {what}: {n['reads']} reads, {n['writes']} writes")
         out.append(f"         console log {s['console_log']}")
         if s["exit_code"] and s.get("stderr"):
             out += ["         " + ln for ln in s["stderr"].strip().splitlines()[-5:]]

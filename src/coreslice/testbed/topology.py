@@ -172,6 +172,8 @@ class MachineConfig:
     qemu_binary: str = QEMU
     extra_args: tuple[str, ...] = ()
     name: str = "coreslice-host"
+    # QEMU's trace log (testbed/audit.py): the file is opened at start, events go on over the monitor.
+    trace_file: Path | None = None
 
 
 def numa_args(nodes: int, smp: int, memory: str) -> list[str]:
@@ -230,6 +232,8 @@ def build_command(config: MachineConfig, console_log: Path, serial_ports: Sequen
         cmd += ["-chardev", f"file,id={cid},path={port.log}"]
         for dev in _serial_devices(port, cid):
             cmd += ["-device", dev]
+    if config.trace_file is not None:
+        cmd += ["-trace", f"file={config.trace_file}"]
     cmd += list(config.extra_args)
     return cmd
 
