@@ -74,6 +74,8 @@ FIRMWARE_VENDOR = "coreslice"
 # §7.2.3: EFI_MEMORY_TYPE and attributes; EFI_MEMORY_DESCRIPTOR_VERSION.
 EFI_RUNTIME_SERVICES_CODE = 5
 EFI_CONVENTIONAL_MEMORY = 7  # §7.2.1 Table 7-5: free memory
+EFI_MEMORY_MAPPED_IO = 11  # §7.2.1 Table 7-5: device registers
+EFI_MEMORY_UC = 0x1  # §7.2.1: uncacheable
 EFI_MEMORY_WB = 0x8
 EFI_MEMORY_RUNTIME = 1 << 63
 MEMORY_DESCRIPTOR_VERSION = 1
@@ -224,13 +226,20 @@ class EfiFirmware:
                            self.systab_addr >> 32, self.memmap_addr >> 32)
 
 
-def build_efi_firmware(base: int, rsdp_addr: int, ram: tuple[tuple[int, int], ...] = ()) -> EfiFirmware:
+def build_efi_firmware(base: int, rsdp_addr: int, ram: tuple[tuple[int, int], ...] = (),
+                       mmio: tuple[tuple[int, int], ...] = ()) -> EfiFirmware:
     """The two pages at ``base`` (page aligned, in the slice's reserved memory).  ``ram``: the
     (address, size) of each RAM entry of the slice's e820 map, listed as EfiConventionalMemory:
     with efi_info set the decompressor picks its physical KASLR slot from the EFI map
     (arch/x86/boot/compressed/kaslr.c process_efi_entries), not from e820, and without them it
     finds no room ("Physical KASLR disabled: no suitable memory region!").  The kernel's own
-    memory still comes from e820 (no add_efi_memmap)."""
+    memory still comes from e820 (no add_efi_memmap).  ``mmio``: [start, end) of each ECAM window,
+    listed as runtime EfiMemoryMappedIO: the slice finds its MCFG late, from ACPI
+    (``pci=noearly``, see plan/boot.py), and Linux then accepts an ECAM window only if a PNP0C02
+    device or the EFI map vouches for it (arch/x86/pci/mmconfig-shared.c pci_mmcfg_reserved,
+    is_efi_mmio).  By then the kernel has entered EFI virtual mode and kept only the entries with
+    EFI_MEMORY_RUNTIME (arch/x86/platform/efi/efi.c efi_map_regions), hence the attribute; the
+    cost is an uncached mapping of the window in the EFI page table, which no stub touches."""
     if base <= 0 or base % PAGE or base + AREA_SIZE > 1 << 46:
         raise UsageError(f"EFI area at {base:#x} must be page aligned and below 64 TiB (mapped 1:1 in efi_mm)")
     page = bytearray(AREA_SIZE)
@@ -265,6 +274,10 @@ def build_efi_firmware(base: int, rsdp_addr: int, ram: tuple[tuple[int, int], ..
         start, end = -(-addr // PAGE) * PAGE, (addr + size) // PAGE * PAGE  # whole pages inside
         if end > start:
             entries.append((start, EFI_CONVENTIONAL_MEMORY, (end - start) // PAGE, EFI_MEMORY_WB))
+    for start, end in mmio:
+        start, end = start // PAGE * PAGE, -(-end // PAGE) * PAGE
+        entries.append((start, EFI_MEMORY_MAPPED_IO, (end - start) // PAGE,
+                        EFI_MEMORY_RUNTIME | EFI_MEMORY_UC))
     desc = b"".join(struct.pack(_MEMORY_DESCRIPTOR, kind, 0, start, 0, pages, attr)
                     for start, kind, pages, attr in sorted(entries))
     if len(desc) > AREA_SIZE - MEMMAP_OFFSET:

@@ -73,7 +73,8 @@ def build_image(plan) -> BootImage:
     acpi = plan.acpi.at(plan.acpi_addr)  # encoded once by the plan
     # The slice's EFI runtime: its ResetSystem keeps reboot and poweroff in the slice (boot/efi.py).
     ram = tuple((e.addr, e.size) for e in plan.e820 if e.type == E820Type.RAM)
-    fw = build_efi_firmware(plan.efi_addr, acpi.rsdp_addr, ram) if plan.efi_addr else None
+    ecam = tuple(plan.pci.ecam) if plan.pci else ()
+    fw = build_efi_firmware(plan.efi_addr, acpi.rsdp_addr, ram, ecam) if plan.efi_addr else None
     zero_page = build_zero_page(
         plan.kernel, load_addr=plan.load_addr, cmdline_addr=plan.cmdline_addr,
         initrd_addr=plan.initrd_addr, initrd_size=plan.initrd_size,

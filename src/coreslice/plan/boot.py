@@ -151,6 +151,42 @@ def _check_containment(user: str) -> None:
                              "its reboot and poweroff from resetting the whole machine; drop it")
 
 
+# Shared legacy I/O a stock kernel probes unless the ports are taken: `reserve=` (kernel/resource.c
+# reserve_setup) marks them busy before any driver runs, so request_region fails and the code
+# that would touch them gives up first.  At most 4 ranges (MAXRESERVE), in this order:
+#  - 0xCF8-0xCFF, PCI configuration mechanism #1 (and 0xCF9, the reset control register):
+#    pci_direct_probe (arch/x86/pci/direct.c) then sets up neither type 1 nor type 2, so every
+#    configuration access goes through ECAM, and port 0xCF9 is no reboot method (port_cf9_safe);
+#  - 0x2E8-0x3FF, the four legacy UARTs (serial8250_config_port requests them before autoconfig),
+#    minus the slice's own console port there;
+#  - 0x2E and 0x4E, the Super I/O index ports the Fintek probe of every 16550A writes its
+#    enter key to (8250_fintek.c request_muxed_region).
+CONF1_PORTS = (0xCF8, 8)
+LEGACY_UART_PORTS = (0x2E8, 0x400)
+UART_SPAN = 8
+SUPERIO_PORTS = ((0x2E, 2), (0x4E, 2))
+MAX_RESERVE = 4
+# The early quirks scan bus 0 through port 0xCF8 directly (arch/x86/kernel/early-quirks.c,
+# early_pci_allowed); "noearly" skips them and the early MCFG parse, so the MCFG is read from
+# ACPI later, vouched for by the EFI map (boot/efi.py).
+PCI_NOEARLY = "noearly"
+
+
+def reserved_ports(console_port: int | None) -> list[tuple[int, int]]:
+    """(start, length) of each I/O range ``reserve=`` takes, most important first."""
+    out = [CONF1_PORTS]
+    lo, hi = LEGACY_UART_PORTS
+    if console_port is not None and lo <= console_port < hi:
+        out += [(a, b - a) for a, b in ((lo, console_port), (console_port + UART_SPAN, hi)) if b > a]
+    else:
+        out.append((lo, hi - lo))
+    return (out + list(SUPERIO_PORTS))[:MAX_RESERVE]
+
+
+def reserve_param(console_port: int | None) -> str:
+    return "reserve=" + ",".join(f"{a:#x},{n:#x}" for a, n in reserved_ports(console_port))
+
+
 def slice_cmdline(console_port: int | None, tsc_khz: int, user: str, earlyprintk: bool, pci: bool = False,
                   pci_extra: str = "") -> str:
     """The parameters a stock kernel needs to live in a slice (DESIGN.md §3), then the user's."""
@@ -167,7 +203,8 @@ def slice_cmdline(console_port: int | None, tsc_khz: int, user: str, earlyprintk
         PANIC_PARAM,            # a panic spins on its CPU
         EFI_RUNTIME_PARAM,      # ... also on kernels built without EFI runtime by default
         # pci_extra: the slice kernel's ",permit_probe_only=..." (sriov.slice_kernel_params)
-        PCI_PARAMS + pci_extra if pci else "pci=off",  # without functions, don't scan the host's buses
+        f"{PCI_PARAMS},{PCI_NOEARLY}{pci_extra}" if pci else "pci=off",  # without functions, don't scan the host's buses
+        reserve_param(console_port),  # the shared legacy ports above stay untouched
     ]
     if pci:
         # No PCIe port services (AER, PME, hotplug, bandwidth) on the root ports of the slice's

@@ -173,3 +173,15 @@ def test_reset_system_records_and_parks(base, kind):
 def test_read_status_rejects_other_bytes():
     assert efi.read_status(b"\0" * efi.STATUS_SIZE) is None
     assert efi.read_status(efi.STATUS_MAGIC) is None
+
+
+def test_ecam_windows_are_runtime_mmio_in_the_memory_map():
+    """pci=noearly: the kernel accepts its ECAM only if the EFI map, as kept after virtual mode
+    (runtime entries only), lists it as EfiMemoryMappedIO."""
+    base = 0x5FFF0000
+    fw = efi.build_efi_firmware(base, 0x5FFF2000, ram=((0x40000000, 0x10000000),),
+                                mmio=((0xB2000000, 0xB2400000),))
+    off = fw.memmap_addr - base
+    descs = [struct.unpack_from("<IIQQQQ", fw.data, off + i) for i in range(0, fw.memmap_size, 40)]
+    mmio = [d for d in descs if d[0] == efi.EFI_MEMORY_MAPPED_IO]
+    assert mmio == [(efi.EFI_MEMORY_MAPPED_IO, 0, 0xB2000000, 0, 0x400, efi.EFI_MEMORY_RUNTIME | efi.EFI_MEMORY_UC)]

@@ -201,4 +201,4 @@ def test_shared_root_is_fine_for_a_kernel_that_probes_only_what_it_is_permitted(
     extra = {"pci_extra": ",permit_probe_only=00:03.0"}
     result, _ = boot(dataclasses.replace(spec, console="0000:00:03.0", extra=extra), host_tree)
     assert [r.name for r in result.plan.pci.roots] == ["0000:00"]
-    assert PCI_PARAMS + ",permit_probe_only=00:03.0" in result.plan.cmdline
+    assert PCI_PARAMS + ",noearly,permit_probe_only=00:03.0" in result.plan.cmdline
