@@ -54,3 +54,13 @@ def testbed_ready():
         pytest.fail("busybox-static not installed: run scripts/install-system-deps.sh")
     k = kernels.ensure_kernel()
     return k, initramfs.build_host_initramfs(k), initramfs.build_slice_initramfs(k)
+
+
+@pytest.fixture
+def run_dir(request):
+    """A fresh run directory per test under the cache, kept for the post-mortem (a module may
+    define its own)."""
+    import time
+
+    from coreslice.testbed.paths import cache_dir
+    return cache_dir() / "test-runs" / f"{request.node.name}-{time.strftime('%H%M%S')}-{os.getpid()}"

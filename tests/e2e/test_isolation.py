@@ -8,21 +8,12 @@ e1000e NIC on its own root bus; the second writes one byte to port 0x80 from its
 
 from __future__ import annotations
 
-import os
-import time
-
 import pytest
 
 from coreslice.testbed import audit
 from coreslice.testbed.run import RunOptions, run
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def run_dir(request):
-    from coreslice.testbed.paths import cache_dir
-    return cache_dir() / "test-runs" / f"{request.node.name}-{time.strftime('%H%M%S')}-{os.getpid()}"
 
 
 def test_audit_finds_only_the_named_residue_and_the_deliberate_poke(testbed_ready, run_dir):
