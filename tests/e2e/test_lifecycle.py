@@ -20,6 +20,7 @@ import pytest
 
 from coreslice.testbed.initramfs import REPORT_TAG
 from coreslice.testbed.interrupts import totals
+from coreslice.testbed.report import first_trouble
 from coreslice.testbed.run import RunOptions, run
 
 pytestmark = pytest.mark.e2e
@@ -64,7 +65,10 @@ def _script(marker: str, kernel_initrd: str) -> str:
         "grep -E 'MemAvailable|Slab' /proc/meminfo > mem-0.txt",
         f"i=1; while [ $i -le {CYCLES} ]; do",
         "  coreslice restart cyc --json > restart-$i.json 2> restart-$i.err; echo $? > restart-$i.rc",
-        f"  {wait} > console-$i.txt 2>&1; echo $? > console-$i.rc",
+        f"  {wait} > console-$i.txt 2>&1; rc=$?; echo $rc > console-$i.rc",
+        # A cycle that never reported: QEMU's view of its CPUs while they are still stuck (once).
+        '  if [ $rc -ne 0 ] && [ ! -e postmortem-cyc.done ]; then',
+        '    coreslice status cyc --json > status-$i.json 2>&1; postmortem cyc 1 2; fi',
         "  grep -E 'MemAvailable|Slab' /proc/meminfo > mem-$i.txt",
         "  i=$((i+1))",
         "done",
@@ -82,6 +86,16 @@ def _script(marker: str, kernel_initrd: str) -> str:
         "coreslice list --all --json > list-end.json",
         "uptime > host-still-up.txt",
     ])
+
+
+def _never_reported(d: Path, i: int) -> str:
+    """Why cycle i failed, for the assertion message: the first oops/stall block of its log, its
+    tail, the cycles that failed, and where QEMU's view of the stuck CPUs was saved."""
+    log = (d / f"console-{i}.txt").read_text(errors="replace")
+    failed = [j for j in range(CYCLES + 1)
+              if (d / f"console-{j}.rc").exists() and (d / f"console-{j}.rc").read_text().strip() != "0"]
+    return (f"cycle {i} never reported (failed cycles: {failed}; vCPU state: {d / 'postmortem-cyc.txt'})\n"
+            f"-- first trouble --\n{first_trouble(log) or '(none)'}\n-- tail --\n{log[-1500:]}")
 
 
 def test_twenty_restarts_scrub_and_a_killed_launch(run_dir, testbed_ready):
@@ -110,7 +124,7 @@ def test_twenty_restarts_scrub_and_a_killed_launch(run_dir, testbed_ready):
     # Every cycle: restart succeeded and the slice's user space reported, seen in its RAM.
     base = None
     for i in range(0, CYCLES + 1):
-        assert rc(f"console-{i}.rc") == 0, (i, (d / f"console-{i}.txt").read_text()[-2000:])
+        assert rc(f"console-{i}.rc") == 0, _never_reported(d, i)
         assert REPORT_TAG in (d / f"console-{i}.txt").read_text()
         if i:
             assert rc(f"restart-{i}.rc") == 0, (i, (d / f"restart-{i}.err").read_text())

@@ -64,3 +64,22 @@ def find_report(text: str) -> dict | None:
     return None
 
 
+
+
+# Where a kernel log says it is in trouble: an oops or warning ("cut here" opens both), a BUG, a
+# panic, an RCU stall, a soft or hard lockup, a hung task.
+_TROUBLE_RE = re.compile(
+    r"-+\[ cut here \]-+|\bBUG:|\bWARNING:|Kernel panic|\bOops\b|rcu: INFO|rcu_\w+ detected stall"
+    r"|watchdog: BUG|soft lockup|hard LOCKUP|blocked for more than|Call Trace:"
+)
+
+
+def first_trouble(log: str, lines: int = 60) -> str:
+    """The first trouble block of a kernel log (from its first line matching an oops, warning,
+    panic, stall or lockup, ``lines`` lines), or "" when there is none: the part a test's failure
+    message must show, since the log's tail is often only what came after."""
+    rows = log.replace("\r", "").splitlines()
+    for i, row in enumerate(rows):
+        if _TROUBLE_RE.search(row):
+            return "\n".join(rows[max(0, i - 3): i + lines])
+    return ""

@@ -216,6 +216,24 @@ def _save_lapic_state(run_dir: Path, machine: QemuMachine, s: _SliceState) -> No
             out.write_text(f"could not read the local APIC state: {exc}\n")
 
 
+def _save_postmortem(run_dir: Path, machine: QemuMachine, label: str, apic_ids: list[str]) -> None:
+    """A host command asked for it (event ``postmortem LABEL APIC...``): keep every vCPU's
+    registers (``info registers -a``: RIP, RFLAGS.IF, CR8) and the named CPUs' local APIC state in
+    postmortem-LABEL.txt, then create postmortem-LABEL.done, which the command waits for, so the
+    state is read while the slice is still stuck rather than after a restart INITs it."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", label)[:64] or "x"
+    out = run_dir / f"postmortem-{name}.txt"
+    parts = []
+    for cmd in ["info registers -a"] + [f"info lapic {a}" for a in apic_ids if a.isdigit()]:
+        try:
+            parts.append(f"== {cmd}\n{machine.hmp(cmd, timeout=30)}")
+        except (OSError, ToolError) as exc:
+            parts.append(f"== {cmd}\nfailed: {exc}\n")
+    out.write_text("".join(parts))
+    (run_dir / f"postmortem-{name}.done").write_text("")
+    progress(f"post-mortem '{label}' (APIC IDs {' '.join(apic_ids) or '-'}) saved in {out}")
+
+
 def _trace(machine: QemuMachine, on: bool) -> None:
     """Turn QEMU's device-access trace events on or off (monitor ``trace-event``)."""
     for event in audit.EVENTS:
@@ -358,7 +376,7 @@ def _run(options: RunOptions, guests: list) -> dict:
                                  check_lines=guest_lines + (datapath.host_check_lines(links) if data else []))
     )
     for i, cmd in enumerate(options.host_cmds):
-        (run_dir / f"hostcmd-{i}.sh").write_text(cmd + "\n")
+        (run_dir / f"hostcmd-{i}.sh").write_text(jobmod.HOSTCMD_PREAMBLE + cmd + "\n")
 
     progress(f"run directory {run_dir}")
     states = [_SliceState(j, guest=bool(guests)) for j in jobs]
@@ -428,6 +446,8 @@ def _run(options: RunOptions, guests: list) -> dict:
                     timings["qemu_to_slices_launched"] = round(now - t0, 3)
                     if any(s.waiting(now, options.slice_timeout) for s in states):
                         progress("waiting for the slices to report from user space")
+                elif name == "postmortem" and args:
+                    _save_postmortem(run_dir, machine, args[0], args[1:])
                 elif name == "hostcmd-start":
                     progress(f"host command {args[0]}: {options.host_cmds[int(args[0])]}")
                 elif name == "job-end":

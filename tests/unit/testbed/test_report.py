@@ -76,3 +76,14 @@ def test_parse_pci_functions():
                      "cmdline=console=uart,io,0xe000,115200n8 pci=nobios")
     assert r["pci"] == ["0000:20:00.0", "0000:21:00.0"]
     assert r["cmdline"] == "console=uart,io,0xe000,115200n8 pci=nobios"
+
+
+def test_first_trouble_finds_the_first_block_not_the_tail():
+    from coreslice.testbed.report import first_trouble
+    log = "\n".join(["[    0.1] ok"] * 10 + ["[    1.3] ------------[ cut here ]------------",
+                                             "[    1.3] WARNING: at kernel/x.c:1", "[    1.3] Call Trace:"]
+                    + ["[    2.0] later"] * 200)
+    got = first_trouble(log)
+    assert got.splitlines()[3].endswith("[ cut here ]------------") and "Call Trace:" in got
+    assert len(got.splitlines()) == 63
+    assert first_trouble("[ 0.1] all fine\n[ 0.2] Run /init as init process\n") == ""
