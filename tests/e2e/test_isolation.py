@@ -41,3 +41,8 @@ def test_audit_finds_only_the_named_residue_and_the_deliberate_poke(testbed_read
     poke = [e for e in poker["foreign"] if e["addr"] == 0x80]
     assert poke and poke[0]["writes"] >= 1, poker["foreign"]
     assert not [e for e in quiet["foreign"] if e["addr"] == 0x80], quiet["foreign"]
+    # And no IPI from either slice reached the host's CPU (function call, reschedule, TLB
+    # shootdown), from before the first boot to after the steady window.
+    before, after = host["interrupts_before"], host["interrupts_after"]
+    for row in ("CAL", "RES", "TLB"):
+        assert after[row] == before[row], f"host {row} IPIs went {before[row]} -> {after[row]}"
