@@ -132,6 +132,7 @@ class Function:
     sriov_numvfs: int | None = None
     physfn: str | None = None        # set on virtual functions: their physical function
     numa_node: int | None = None     # sysfs numa_node (None for -1: the firmware gave no _PXM)
+    iommu_group: int | None = None   # sysfs iommu_group (None: the host's IOMMU does not translate)
 
     @property
     def segment(self) -> int:
@@ -149,7 +150,7 @@ class Function:
         return {"address": self.address, "class": self.class_code, "vendor": self.vendor,
                 "device": self.device, "driver": self.driver, "root": self.root,
                 "sriov_totalvfs": self.sriov_totalvfs, "sriov_numvfs": self.sriov_numvfs,
-                "physfn": self.physfn, "numa_node": self.numa_node}
+                "physfn": self.physfn, "numa_node": self.numa_node, "iommu_group": self.iommu_group}
 
 
 @dataclass
@@ -287,6 +288,7 @@ def functions_from_sysfs(root: Path, roots: list[RootComplex]) -> list[Function]
             sriov_numvfs=_int(read_text(link, "sriov_numvfs"), 10),
             physfn=os.path.basename(os.path.realpath(physfn)) if physfn.exists() else None,
             numa_node=node if (node := _int(read_text(link, "numa_node"), 10)) is not None and node >= 0 else None,
+            iommu_group=_int(link_name(link / "iommu_group"), 10),
         ))
     return out
 

@@ -155,6 +155,39 @@ def _ecam_for(root: RootComplex, buses: set[int], mcfg: Sequence[McfgAllocation]
     return cut
 
 
+# Drivers that leave a group's DMA ownership to whoever claims it (struct device_driver's
+# driver_managed_dma: pcieport and pci-stub), so VFIO can still take the group.
+_DMA_NEUTRAL_DRIVERS = {"pcieport", "pci-stub", "vfio-pci"}
+
+
+def _check_iommu_groups(given: Sequence[str], topo: PciTopology) -> None:
+    """Refuse functions whose host IOMMU translates DMA.
+
+    An IOMMU domain covers a whole IOMMU group (the functions the IOMMU cannot tell apart, for
+    lack of PCIe ACS between them): a group that mixes a slice's function with one the host
+    drives can be given to neither alone, so it is refused first, naming the host's members.
+    Then any group at all is refused: with translation on, a function unbound from its host
+    driver keeps a host DMA domain that maps none of the slice's RAM, so its DMA would fault.
+    Mapping the slice's RAM into a domain of its own (VFIO, IOVA = physical address) is not done
+    yet; until it is, the host runs intel_iommu=off (the slice-host profile)."""
+    grouped = [(a, f.iommu_group) for a in given if (f := topo.function(a)) and f.iommu_group is not None]
+    if not grouped:
+        return
+    mine = set(given)
+    for addr, group in grouped:
+        others = [f for f in topo.functions if f.iommu_group == group and f.address not in mine
+                  and not f.is_bridge and f.driver not in _DMA_NEUTRAL_DRIVERS]
+        if others:
+            names = ", ".join(f"{f.address} ({'driver ' + f.driver if f.driver else 'no driver'})" for f in others)
+            raise UsageError(f"PCI function {addr} shares IOMMU group {group} with {names}, which the slice is not "
+                             "given: one IOMMU domain covers the whole group; give the slice every function of "
+                             "the group (--device), or choose a function in a group of its own")
+    addr, group = grouped[0]
+    raise UsageError(f"the host's IOMMU translates DMA (PCI function {addr} is in IOMMU group {group}), and coreslice "
+                     "does not map slice memory into an IOMMU domain yet, so the slice's devices could not reach "
+                     "its RAM; boot the host with intel_iommu=off (coreslice host configure --profile slice-host)")
+
+
 def plan_pci(devices: Sequence[str], console_address: str | None, host,
              probe_only_permitted: bool = False) -> PciPlan | None:
     """Check the functions given to a slice (``--device`` and a PCI ``--console``) and resolve
@@ -189,6 +222,7 @@ def plan_pci(devices: Sequence[str], console_address: str | None, host,
         if not probe_only_permitted:
             _check_root_alone(root, mine, topo)
         mcfg += _ecam_for(root, {_bus(a)[1] for a in mine}, host.mcfg)
+    _check_iommu_groups([a for a, _ in assigned], topo)
     dsdt_roots(ordered)  # a window that cannot be described is refused here, before any write
     ecam: list[tuple[int, int]] = []
     for start, end in sorted((a.base_address + a.start_bus * ECAM_BUS_SIZE, a.base_address + (a.end_bus + 1) * ECAM_BUS_SIZE)

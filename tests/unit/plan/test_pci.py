@@ -8,6 +8,7 @@ its MCFG covers segment 0 buses 00-ff at 0xb0000000.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,30 @@ def test_shared_root_is_fine_for_a_kernel_that_probes_only_what_it_is_permitted(
     result, _ = boot(dataclasses.replace(spec, console="0000:00:03.0", extra=extra), host_tree)
     assert [r.name for r in result.plan.pci.roots] == ["0000:00"]
     assert PCI_PARAMS + ",noearly,permit_probe_only=00:03.0" in result.plan.cmdline
+
+
+def _iommu_group(tree: Path, address: str, group: int) -> None:
+    """What the kernel makes when its IOMMU translates DMA: a device's iommu_group link."""
+    (tree / "sys/kernel/iommu_groups" / str(group) / "devices").mkdir(parents=True, exist_ok=True)
+    dev = Path(os.path.realpath(tree / "sys/bus/pci/devices" / address))
+    (dev / "iommu_group").symlink_to(tree / "sys/kernel/iommu_groups" / str(group))
+
+
+def test_iommu_group_shared_with_a_host_function_is_refused(spec, host_tree):
+    """The slice's NIC and a host-driven NVMe in one IOMMU group (no ACS between them): refused,
+    naming the host's member; the root port, bound to pcieport, does not count."""
+    add_pci_function(host_tree, "pci0000:20/0000:20:00.0/0000:21:00.1", 0x010802, driver="nvme")
+    for addr in (ROOT_PORT, SRIOV_NIC, "0000:21:00.1"):
+        _iommu_group(host_tree, addr, 7)
+    assert discover(host_tree).pci.function(SRIOV_NIC).iommu_group == 7
+    fakes = OrderedFakes()
+    msg = refused(spec, host_tree, r"PCI function 0000:21:00.0 shares IOMMU group 7 with 0000:21:00.1 "
+                                   r"\(driver nvme\), which the slice is not given", fakes=fakes,
+                  devices=[SRIOV_NIC], extra={"pci_extra": ",permit_probe_only=0000:21:00.0"})
+    assert "give the slice every function of the group" in msg
+
+
+def test_translating_iommu_is_refused_until_slices_get_a_domain(spec, host_tree):
+    _iommu_group(host_tree, SRIOV_NIC, 3)
+    refused(spec, host_tree, r"the host's IOMMU translates DMA \(PCI function 0000:21:00.0 is in IOMMU group 3\)"
+                             r".*intel_iommu=off", devices=[SRIOV_NIC])
