@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from coreslice import __version__
-from coreslice.cli import apply, boot, console, demo, dsdt, host, image, nvme, slices, sriov, testbed, watch
+from coreslice.cli import apply, boot, console, demo, dsdt, host, image, nvme, slices, sriov, testbed, vm, watch
 from coreslice.errors import CoresliceError, UsageError
 
 
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     nvme.register(sub)
     testbed.register(sub)
     demo.register(sub)
+    vm.register(sub)
     return parser
 
 
