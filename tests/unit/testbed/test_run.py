@@ -162,3 +162,29 @@ def test_collect_reports_each_pci_uart_with_its_root_bus(tmp_path):
     assert h["pci_serial"]["in_host"] is None  # 0000:00:10.0 is not in this host-pci.txt
     text = run.format_summary({"ok": True, "host": h, "slices": [], "host_cmds": []})
     assert "PCI UART 0000:21:00.0 on root bus 0000:20 (seen by the host" in text
+
+
+def test_postmortem_saves_registers_and_the_named_lapics_then_releases_the_command(tmp_path):
+    """A host command's `postmortem cyc 1 2`: every vCPU's registers and the named CPUs' local
+    APIC state, read over the monitor, then the .done file that the command waits for."""
+    from coreslice.testbed.tools import ToolError
+
+    class Machine:
+        def __init__(self):
+            self.asked = []
+
+        def hmp(self, command, timeout=10.0):
+            self.asked.append(command)
+            if command == "info lapic 2":
+                raise ToolError("monitor gone")
+            return f"<{command}>\n"
+
+    m = Machine()
+    run._save_postmortem(tmp_path, m, "cyc", ["1", "2", "x"])
+    assert m.asked == ["info registers -a", "info lapic 1", "info lapic 2"]
+    text = (tmp_path / "postmortem-cyc.txt").read_text()
+    assert "<info registers -a>" in text and "<info lapic 1>" in text and "failed: monitor gone" in text
+    assert (tmp_path / "postmortem-cyc.done").exists()
+    # The shell side: the preamble defines the function every host command can call.
+    from coreslice.testbed import job
+    assert 'postmortem()' in job.HOSTCMD_PREAMBLE and 'postmortem-$1.done' in job.HOSTCMD_PREAMBLE
