@@ -353,7 +353,10 @@ def cmd_configure(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from coreslice.host import readiness as hostcheck
+    if args.profile == "vm-host":
+        from coreslice.host import vmready as hostcheck
+    else:
+        from coreslice.host import readiness as hostcheck
 
     report = hostcheck.check(Path(args.root))
     print(json.dumps(report.to_json(), indent=2) if args.json else report.format())
@@ -388,12 +391,15 @@ def register_configure(host_subparsers) -> None:
     p.set_defaults(func=cmd_configure)
 
     c = host_subparsers.add_parser(
-        "check", help="say whether this host is ready to launch slices, and what to change",
+        "check", help="say whether this host is ready to launch slices (or run VMs), and what to change",
         description=profiles.CHECK_HELP,
         epilog="exit status: 0 ready (no item failed), 1 not ready",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--root", type=root_arg, default=Path("/"), metavar="DIR",
                    help="read a captured tree of the host's /sys, /proc and /dev instead of the "
                         "live host (for tests)")
+    c.add_argument("--profile", choices=("slice-host", "vm-host"), default="slice-host",
+                   help="what the host should be ready for: launching slices (default), or running the "
+                        "comparison VMs of coreslice vm (KVM, IOMMU, vfio-pci, huge pages, QEMU)")
     c.add_argument("--json", action="store_true", help="print one JSON object with every item")
     c.set_defaults(func=cmd_check)

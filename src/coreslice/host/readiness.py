@@ -40,6 +40,7 @@ class Report:
     items: list[Item]
     free_cpus: list[int] = field(default_factory=list)
     free_memory: list[memory.Range] = field(default_factory=list)
+    purpose: str = "launch slices"  # what "ready" means, for the last line of format()
 
     @property
     def ready(self) -> bool:
@@ -59,7 +60,7 @@ class Report:
             out.append(f"{i.status:<5} {i.name:<12} {i.detail}")
             if i.fix:
                 out.append(f"{'':18} fix: {i.fix}")
-        out.append("ready to launch slices" if self.ready else "NOT ready to launch slices")
+        out.append(f"ready to {self.purpose}" if self.ready else f"NOT ready to {self.purpose}")
         return "\n".join(out)
 
 
