@@ -3,8 +3,11 @@
 The reference README ("System setup and boot options") boots the host in one of three
 configurations, written as GRUB_CMDLINE_LINUX_DEFAULT lines:
 
-- base (always): ``memory_corruption_check=0 pci=assign-busses``; alone it is the *vm-host*
-  configuration (the whole machine for the host, e.g. to run VMs);
+- base (always): ``memory_corruption_check=0 pci=assign-busses``; with ``intel_iommu=on
+  iommu=pt`` it is the *vm-host* configuration (the whole machine for the host, to run the
+  comparison VMs: vfio-pci needs the IOMMU, which Debian's kernels leave off by default; pt keeps
+  the host's own devices on identity mappings, as the reference's VM runs had no IOMMU cost for
+  them);
 - *slice-host*: base + ``maxcpus=1 mem=6G intremap=off intel_iommu=off`` (CPUs and RAM left
   for slices);
 - *native-eval*: base + ``mem=16G maxcpus=8 intremap=off intel_iommu=off`` (the native system
@@ -41,6 +44,8 @@ WHY = {
     "mem": "the host uses the RAM below this address; the RAM above is for slices",
     "intremap": "MSIs go straight to local APICs, so slices' devices can interrupt them",
     "intel_iommu": "no DMA translation: slices' devices DMA to physical addresses",
+    "intel_iommu_on": "DMA translation, which vfio-pci needs to pass devices to a VM",
+    "iommu_pt": "the host's own devices keep identity mappings (no translation cost for them)",
 }
 
 INTREMAP_HELP = """\
@@ -65,7 +70,8 @@ profiles:
   slice-host   memory_corruption_check=0 pci=assign-busses maxcpus=N mem=SIZE [intremap=off]
                intel_iommu=off: the host keeps N CPUs (default 1) and the RAM below SIZE
                (default 6G); the rest is for slices
-  vm-host      memory_corruption_check=0 pci=assign-busses: the whole machine for the host
+  vm-host      memory_corruption_check=0 pci=assign-busses intel_iommu=on iommu=pt: the whole
+               machine for the host, with the IOMMU on for vfio-pci (coreslice vm)
   native-eval  the slice-host parameters with a slice's resources (defaults 8 CPUs, 16G), to
                measure the native system under the same limits
 
@@ -92,6 +98,14 @@ Say whether the running host is ready to launch slices, item by item:
   tsc          the host's TSC calibration is in its kernel log (slices need it)
   lowmem-scan  memory_corruption_check=0
   iommu        no IOMMU DMA translation (intel_iommu=off)
+
+With --profile vm-host, whether it can run coreslice vm's comparison VMs instead:
+
+  kvm          /dev/kvm
+  iommu        IOMMU groups (the IOMMU translates, as vfio-pci needs; warn without)
+  vfio         the vfio-pci driver loaded or loadable
+  hugepages    hugetlbfs of 2M pages on /dev/hugepages; hugepages-1G: a 1G pool and its mount
+  qemu         qemu-system-x86_64
 
 Each item is ok, warn (slices boot, but the reference setup differs) or fail, with the fix.
 """
@@ -128,7 +142,7 @@ def profile_params(profile: str, host_cpus: int | None, host_mem: int | None,
     params = [Param("memory_corruption_check=0", WHY["memory_corruption_check"]),
               Param("pci=assign-busses", WHY["pci"])]
     if profile == "vm-host":
-        return params
+        return params + [Param("intel_iommu=on", WHY["intel_iommu_on"]), Param("iommu=pt", WHY["iommu_pt"])]
     params += [Param(f"maxcpus={host_cpus}", WHY["maxcpus"]),
                Param(f"mem={format_size(host_mem)}", WHY["mem"])]  # type: ignore[arg-type]
     if intremap_off:

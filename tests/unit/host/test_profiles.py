@@ -69,7 +69,8 @@ def test_slice_host_written_and_update_grub_run(root, fake_update_grub, capsys):
 
 def test_profiles_and_sizes(root, fake_update_grub, capsys):
     assert _main(capsys, "--profile", "vm-host", "--root", str(root))[0] == 0
-    assert _cmdline_after_sourcing(root) == "quiet splash memory_corruption_check=0 pci=assign-busses"
+    assert _cmdline_after_sourcing(root) == ("quiet splash memory_corruption_check=0 pci=assign-busses "
+                                            "intel_iommu=on iommu=pt")
     assert _main(capsys, "--profile", "native-eval", "--root", str(root))[0] == 0
     assert _cmdline_after_sourcing(root).endswith("maxcpus=8 mem=16G intremap=off intel_iommu=off")
     assert _main(capsys, "--profile", "slice-host", "--host-cpus", "2", "--host-mem", "2048m",
@@ -85,7 +86,7 @@ def test_dry_run_prints_and_changes_nothing(root, fake_update_grub, capsys):
     assert not (root / hostcfg.DROPIN).exists() and not fake_update_grub.exists()
     rc, out, _ = _main(capsys, "--profile", "vm-host", "--dry-run", "--json", "--root", str(root))
     r = json.loads(out)
-    assert r["parameters"] == ["memory_corruption_check=0", "pci=assign-busses"]
+    assert r["parameters"] == ["memory_corruption_check=0", "pci=assign-busses", "intel_iommu=on", "iommu=pt"]
     assert r["written"] is False and r["reboot_needed"] is False
 
 
