@@ -25,6 +25,9 @@ QEMU = "qemu-system-x86_64"
 HUGEPAGE_SIZES = {"2M": 2 << 20, "1G": 1 << 30}
 HUGEPAGE_MOUNTS = {"2M": "/dev/hugepages", "1G": "/dev/hugepages1G"}
 HUGEPAGE_CHOICES = (*HUGEPAGE_SIZES, "none")
+# kvm: the baseline.  tcg: QEMU's software emulation, only to try the launcher where there is no
+# KVM (the emulated testbed host); its figures compare nothing.  -cpu host exists only under KVM.
+ACCEL_CPU = {"kvm": "host", "tcg": "max"}
 MIB = 1 << 20
 
 # What plan/boot.py's slice_cmdline adds for a kernel living in a slice (DESIGN.md §3): none of it
@@ -135,8 +138,10 @@ def hugepages(size: str, mem_size: int, node: int) -> Hugepages | None:
 
 
 def plan_vm(host: Host, res: VmResources, *, hugepage_size: str = "2M", serial_log: Path,
-            qmp_socket: Path) -> VmPlan:
+            qmp_socket: Path, accel: str = "kvm") -> VmPlan:
     """The VM for ``res`` on ``host``: checked, then spelled out as QEMU's argv."""
+    if accel not in ACCEL_CPU:
+        raise UsageError(f"--accel {accel!r} is not an accelerator; use kvm (the baseline) or tcg")
     if not res.cpus:
         raise UsageError("the VM needs at least one CPU; give --cpus LIST or --like NAME")
     if res.mem_size <= 0 or res.mem_size % MIB:
@@ -158,8 +163,8 @@ def plan_vm(host: Host, res: VmResources, *, hugepage_size: str = "2M", serial_l
     argv = [
         QEMU,
         "-name", res.name,
-        "-machine", "q35,accel=kvm",   # q35 (PCIe) as the emulated host; KVM, never TCG
-        "-cpu", "host",                # the host's CPUID, as the slice sees it
+        "-machine", f"q35,accel={accel}",  # q35 (PCIe) as the emulated host
+        "-cpu", ACCEL_CPU[accel],          # under KVM the host's CPUID, as the slice sees it
         "-smp", f"{n},sockets=1,cores={n},threads=1",  # one vCPU per pinned host CPU
         "-m", mem,
         "-object", backend,
@@ -177,6 +182,7 @@ def plan_vm(host: Host, res: VmResources, *, hugepage_size: str = "2M", serial_l
         "-serial", f"file:{serial_log}",
         # The launcher asks QMP query-cpus-fast for each vCPU's thread id to pin it (section 1).
         "-qmp", f"unix:{qmp_socket},server=on,wait=off",
+        "-S",                          # paused until every vCPU thread is pinned (vm/qmp.py), then cont
         "-no-reboot",                  # a guest reboot ends the VM, as a slice reboot ends the slice
     ]
     return VmPlan(argv=argv, pinning=pins, hugepages=pages, numa_node=node, serial_log=serial_log,
