@@ -216,7 +216,20 @@ def _save_lapic_state(run_dir: Path, machine: QemuMachine, s: _SliceState) -> No
             out.write_text(f"could not read the local APIC state: {exc}\n")
 
 
-def _save_postmortem(run_dir: Path, machine: QemuMachine, label: str, apic_ids: list[str]) -> None:
+def _apic_ids_in_use(run_dir: Path, states: list["_SliceState"]) -> list[str]:
+    """The host's online CPUs' APIC IDs (host-cpuinfo.txt) and those of every slice launched."""
+    ids: list[str] = []
+    with contextlib.suppress(OSError):
+        ids += re.findall(r"^apicid\s*:\s*(\d+)", (run_dir / "host-cpuinfo.txt").read_text(), re.M)
+    for s in states:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            plan = json.loads((run_dir / f"slice-{s.job.index}.stdout").read_text())["plan"]
+            ids += [str(c["apic_id"]) for c in plan["cpus"]]
+    return list(dict.fromkeys(ids))
+
+
+def _save_postmortem(run_dir: Path, machine: QemuMachine, label: str, apic_ids: list[str],
+                     extra: tuple[str, ...] = ()) -> None:
     """A host command asked for it (event ``postmortem LABEL APIC...``): keep every vCPU's
     registers (``info registers -a``: RIP, RFLAGS.IF, CR8) and the named CPUs' local APIC state in
     postmortem-LABEL.txt, then create postmortem-LABEL.done, which the command waits for, so the
@@ -224,7 +237,7 @@ def _save_postmortem(run_dir: Path, machine: QemuMachine, label: str, apic_ids: 
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", label)[:64] or "x"
     out = run_dir / f"postmortem-{name}.txt"
     parts = []
-    for cmd in ["info registers -a"] + [f"info lapic {a}" for a in apic_ids if a.isdigit()]:
+    for cmd in ["info registers -a", *extra] + [f"info lapic {a}" for a in apic_ids if a.isdigit()]:
         try:
             parts.append(f"== {cmd}\n{machine.hmp(cmd, timeout=30)}")
         except (OSError, ToolError) as exc:
@@ -527,6 +540,11 @@ def _run(options: RunOptions, guests: list) -> dict:
             if now > deadline:
                 host["error"] = f"timed out after {options.timeout:.0f} s (--timeout)"
                 progress(host["error"] + f"; see {machine.console_log}")
+                # What every CPU was doing, and the interrupt controllers (info pic: the IOAPIC's
+                # redirection entries, which a slice must not touch), before QEMU goes: a hung
+                # host is otherwise not diagnosable after the fact.
+                _save_postmortem(run_dir, machine, "timeout", _apic_ids_in_use(run_dir, states),
+                                 extra=("info pic", "info irq"))
                 break
             time.sleep(0.05)
         machine.shutdown()

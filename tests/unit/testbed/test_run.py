@@ -1,6 +1,7 @@
 """Pure parts of `coreslice testbed run`: APIC mode, path checks, events, CLI contract."""
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,15 @@ def test_postmortem_saves_registers_and_the_named_lapics_then_releases_the_comma
     # The shell side: the preamble defines the function every host command can call.
     from coreslice.testbed import job
     assert 'postmortem()' in job.HOSTCMD_PREAMBLE and 'postmortem-$1.done' in job.HOSTCMD_PREAMBLE
+
+
+def test_a_timed_out_run_names_the_host_and_slice_apic_ids_for_its_postmortem(tmp_path):
+    """On --timeout the run keeps every CPU's state; the APIC IDs come from the host's cpuinfo and
+    the launched slices' plans (a slice that wrote no plan adds none)."""
+    from types import SimpleNamespace
+
+    (tmp_path / "host-cpuinfo.txt").write_text("processor\t: 0\napicid\t\t: 0\ninitial apicid\t: 0\n")
+    (tmp_path / "slice-0.stdout").write_text(json.dumps({"plan": {"cpus": [{"apic_id": 2}, {"apic_id": 3}]}}))
+    (tmp_path / "slice-1.stdout").write_text("")
+    states = [SimpleNamespace(job=SimpleNamespace(index=0)), SimpleNamespace(job=SimpleNamespace(index=1))]
+    assert run._apic_ids_in_use(tmp_path, states) == ["0", "2", "3"]
