@@ -162,7 +162,8 @@ def plan_vm(host: Host, res: VmResources, *, hugepage_size: str = "2M", serial_l
     append = " ".join(w for w in (res.cmdline.strip(), GUEST_CONSOLE) if w)
     argv = [
         QEMU,
-        "-name", res.name,
+        # debug-threads: QEMU names each vCPU thread "CPU N/KVM", so ps/top show the pinning
+        "-name", f"{res.name},debug-threads=on",
         "-machine", f"q35,accel={accel}",  # q35 (PCIe) as the emulated host
         "-cpu", ACCEL_CPU[accel],          # under KVM the host's CPUID, as the slice sees it
         "-smp", f"{n},sockets=1,cores={n},threads=1",  # one vCPU per pinned host CPU

@@ -88,8 +88,76 @@ def test_refusals_are_one_line(capsys, two_nodes, ledger, argv, message):
     assert err.startswith("coreslice: error: " + message.format(ledger=ledger)), err
 
 
-def test_without_dry_run_says_not_implemented(capsys, two_nodes, ledger):
+def test_without_dry_run_a_captured_host_is_refused(capsys, two_nodes, ledger):
     rc, out, err = _run(capsys, ["vm", "--like", "web1", "--host-root", str(two_nodes)])
     assert rc == 2 and out == ""
-    assert err == ("coreslice: error: launching the VM is not implemented yet; use --dry-run to print its QEMU "
-                   "command line and pinning plan\n")
+    assert err == (f"coreslice: error: --host-root {two_nodes} describes another machine; a VM runs only on this "
+                   "one (use --dry-run to plan for a captured host)\n")
+
+
+@pytest.fixture
+def preflight(two_nodes, tmp_path, monkeypatch):
+    """_preflight against the two-node tree, as if it were the live host: root, QEMU and KVM there,
+    an existing kernel; each test then breaks one thing."""
+    import argparse
+
+    from coreslice.cli import vm as cvm
+    from coreslice.host.snapshot import discover
+    from coreslice.vm.plan import plan_vm
+
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    monkeypatch.setattr(cvm.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(cvm.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(cvm, "RUN_DIR", tmp_path / "run")
+    monkeypatch.setattr(cvm, "LIVE_ROOT", two_nodes)
+    (two_nodes / "dev").mkdir(exist_ok=True)
+    (two_nodes / "dev/kvm").write_text("")
+    host = discover(two_nodes)
+    import dataclasses
+    host.cpus = [dataclasses.replace(c, online=True) for c in host.cpus]  # booted in its VM profile
+
+    def check(cpus=(2, 3), devices=(), accel="kvm", hugepages="none", kernel=kernel):
+        res = cvm.VmResources(kernel=kernel, initrd=None, cpus=cpus, mem_size=1 << 30, mem_base=None,
+                              cmdline="", devices=devices, name="t")
+        plan = plan_vm(host, res, hugepage_size=hugepages, serial_log=tmp_path / "s.log",
+                       qmp_socket=tmp_path / "q.sock", accel=accel)
+        args = argparse.Namespace(host_root=cvm.Path("/"), accel=accel)
+        return cvm._preflight(plan, res, host, args)
+    check.cvm, check.host = cvm, host
+    return check
+
+
+def test_preflight_passes_on_a_ready_host(preflight):
+    assert preflight() == {}
+
+
+def test_preflight_refusals(preflight, two_nodes, monkeypatch, tmp_path):
+    from coreslice.errors import UsageError
+
+    def refused(**kw):
+        with pytest.raises(UsageError) as e:
+            preflight(**kw)
+        return str(e.value)
+
+    assert refused(kernel=tmp_path / "missing") == (f"the kernel {tmp_path / 'missing'} is not a file; "
+                                                    "give an existing --kernel")
+    assert refused(devices=("0000:99:00.0",)).startswith("PCI function 0000:99:00.0 is not on this host")
+    assert refused(hugepages="2M").startswith("this host has no 2M huge page pool on node 1 (no ")
+    (two_nodes / "dev/kvm").unlink()
+    assert refused().startswith("no /dev/kvm: KVM is not loaded")
+    assert preflight(accel="tcg") == {}
+    (two_nodes / "dev/kvm").write_text("")
+    # a VM of the same name already running
+    (tmp_path / "run/t").mkdir(parents=True)
+    (tmp_path / "run/t/qemu.pid").write_text(f"{__import__('os').getpid()}\n")
+    assert refused().startswith(f"a VM named t is already running (QEMU pid {__import__('os').getpid()}")
+    (tmp_path / "run/t/qemu.pid").write_text("999999999\n")  # stale: no such process
+    assert preflight() == {}
+    import dataclasses
+    preflight.host.cpus = [dataclasses.replace(c, online=c.cpu != 3) for c in preflight.host.cpus]
+    assert refused().startswith("CPUs 3 are offline on this host (booted for slices?)")
+    monkeypatch.setattr(preflight.cvm.shutil, "which", lambda name: None)
+    assert refused() == "qemu-system-x86_64 is not installed; apt-get install qemu-system-x86"
+    monkeypatch.setattr(preflight.cvm.os, "geteuid", lambda: 1000)
+    assert refused().startswith("running the VM needs root")
