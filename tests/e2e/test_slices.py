@@ -125,8 +125,15 @@ def test_x2apic_host_and_pci_uart_console(run_dir):
         "--cpus 1 --memory 512M@0x40000000 --console io:0x2f8",
         "--cpus 3 --memory 256M@0x140000000 --console 0000:00:10.0",  # refused, nothing taken
         "--cpus 2-3 --memory 1G@0x100000000 --console 0000:21:00.0",
-    ], x2apic=True)
+    ], x2apic=True, host_cmds=[
+        # A probe of every driver (as a rescan, udev or a later modprobe would do) leaves the
+        # slice's UART alone: its driver_override names no driver (machine/pci.py OVERRIDE).
+        "d=/sys/bus/pci/devices/0000:21:00.0; cat $d/driver_override; echo 0000:21:00.0 > /sys/bus/pci/drivers_probe;"
+        " echo rc=$?; [ -e $d/driver ] && echo bound=$(basename $(readlink $d/driver)) || echo unbound",
+    ])
     assert r["host"]["apic_mode"] == "x2apic"
+    probe = r["host_cmds"][0]["output"].split()
+    assert probe[0] == "coreslice" and probe[-1] == "unbound", probe
     a, bus0, b = r["slices"]
     for s in (a, b):
         check_matches_plan(s)

@@ -92,8 +92,8 @@ def prepare_devices(plan: Plan, vfs: Sequence[Checked], machine: Machine, progre
         progress(f"detaching {fn.role} {fn.address} from its host driver ({fn.driver or 'none'})")
         old = machine.pci.detach(fn.address)
         acted.detached[fn.address] = old
-        if old:
-            undo.add(f"driver {old} of {fn.address}", lambda a=fn.address, d=old: machine.pci.attach(a, d))
+        undo.add(f"driver {old or '(none: override only)'} of {fn.address}",
+                 lambda a=fn.address, d=old: machine.pci.attach(a, d))
     acted.phases["devices"] = time.perf_counter() - t
 
 

@@ -28,11 +28,16 @@ MSIX_ENABLE = 1 << 15     # MSI-X Message Control bit 15
 # FLR (PCIe §6.6.2), Advanced Features FLR, and "bus": a secondary bus reset of its parent bridge,
 # which the kernel offers only when the function is alone below it.
 OWN_RESETS = ("flr", "af_flr", "bus")
+# What a slice's function gets in driver_override while the slice has it: a name no driver has.
+# The PCI core then matches the function to no driver (pci_match_device compares the override
+# with the driver's name), so a drivers_probe, a rescan or a module loaded later (modprobe nvme,
+# udev) cannot bind a host driver to a device the slice is driving and DMAing with.
+OVERRIDE = "coreslice"
 
 
 class PciControl(Protocol):
     def detach(self, address: str) -> str | None: ...
-    def attach(self, address: str, driver: str) -> None: ...
+    def attach(self, address: str, driver: str | None) -> None: ...
     def quiesce(self, address: str) -> list[str]: ...
     def reprobe(self, address: str) -> str | None: ...
 
@@ -54,15 +59,25 @@ class SysfsPci:
     def __init__(self, root: Path = Path("/")):
         self.root = root
 
+    def _override(self, address: str, value: str) -> None:
+        path = self.root / "sys/bus/pci/devices" / address / "driver_override"
+        if path.exists():  # Linux >= 3.16
+            try:
+                path.write_text(value)
+            except OSError as e:
+                raise LaunchError(f"writing '{value.strip()}' to {path} failed: {e.strerror}") from e
+
     def detach(self, address: str) -> str | None:
-        """Unbind the function from its driver and keep its decoding on; return the old driver."""
+        """Keep host drivers off the function (driver_override), unbind it from its driver and
+        keep its decoding on; return the old driver."""
         dev = self.root / "sys/bus/pci/devices" / address
-        driver = None
-        if (dev / "driver").exists():
-            driver = (dev / "driver").resolve().name
+        driver = (dev / "driver").resolve().name if (dev / "driver").exists() else None
+        self._override(address, OVERRIDE)  # first: no window in which a probe could rebind it
+        if driver is not None:
             try:
                 (dev / "driver/unbind").write_text(address)
             except OSError as e:
+                self._override(address, "\n")
                 raise LaunchError(f"unbinding {address} from {driver} failed: {e.strerror}") from e
         # Unbinding disables the device; enable it again so its I/O BAR keeps decoding for the slice.
         try:
@@ -72,8 +87,12 @@ class SysfsPci:
             raise LaunchError(f"enabling {address} (so that its I/O BAR decodes) failed: {e.strerror}") from e
         return driver
 
-    def attach(self, address: str, driver: str) -> None:
-        """Give the function back to ``driver`` (undoing detach)."""
+    def attach(self, address: str, driver: str | None) -> None:
+        """Undo detach: host drivers allowed again, and the function bound back to ``driver``
+        (None: it had none, so only the override goes)."""
+        self._override(address, "\n")
+        if driver is None:
+            return
         try:
             (self.root / "sys/bus/pci/drivers" / driver / "bind").write_text(address)
         except OSError as e:
@@ -169,5 +188,5 @@ class FakePci:
         self.detached.append(address)
         return None
 
-    def attach(self, address: str, driver: str) -> None:
+    def attach(self, address: str, driver: str | None) -> None:
         self.attached.append((address, driver))

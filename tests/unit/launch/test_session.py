@@ -195,3 +195,25 @@ def test_config_named_is_read_and_checked_even_when_not_needed(capsys, tree, deb
                           "256M@0x40000000", "--console", "io:0x2f8", "--host-root", str(tree),
                           "--config", str(bad)], str(bad))
     assert m.effects() == []
+
+
+def test_undoing_a_detach_lifts_the_override_of_a_function_that_had_no_driver():
+    """detach sets driver_override on every function it takes, driver or not; a failure before
+    the INIT gives each back: bound to its old driver, or only allowed drivers again."""
+    from types import SimpleNamespace
+
+    from coreslice.launch.acting import Acted, UndoLog, prepare_devices
+    from coreslice.machine.pci import FakePci
+
+    class Pci(FakePci):
+        def detach(self, address):
+            super().detach(address)
+            return {"0000:00:03.0": "serial"}.get(address)
+    fns = [SimpleNamespace(address=a, role=r, driver=None) for a, r in (("0000:00:03.0", "console"),
+                                                                        ("0000:21:00.0", "device"))]
+    m = SimpleNamespace(pci=Pci())
+    undo, acted = UndoLog(), Acted()
+    prepare_devices(SimpleNamespace(pci=SimpleNamespace(functions=fns)), [], m, lambda s: None, acted, undo)
+    assert acted.detached == {"0000:00:03.0": "serial", "0000:21:00.0": None}
+    assert undo.undo() == "undid all 2 changes made before the failure"
+    assert m.pci.attached == [("0000:21:00.0", None), ("0000:00:03.0", "serial")]

@@ -73,3 +73,34 @@ def test_quiesce_of_a_function_gone_from_the_host_says_so(tmp_path):
 
     with pytest.raises(LaunchError, match="is gone from the host"):
         SysfsPci(tmp_path).quiesce("0000:99:00.0")
+
+
+def test_detach_keeps_host_drivers_off_until_attach_gives_it_back(dev, tmp_path):
+    """While a slice has the function its driver_override names no driver, so no probe, rescan
+    or later modprobe binds a host driver to it; attach clears it before binding back."""
+    drv = tmp_path / "sys/bus/pci/drivers/serial"
+    drv.mkdir(parents=True)
+    (drv / "unbind").write_text("")
+    (drv / "bind").write_text("")
+    (dev / "driver").symlink_to(drv)
+    (dev / "driver_override").write_text("\n")
+    (dev / "enable").write_text("0")
+    pci = SysfsPci(tmp_path)
+    assert pci.detach(ADDR) == "serial"
+    assert (dev / "driver_override").read_text() == "coreslice" and (drv / "unbind").read_text() == ADDR
+    assert (dev / "enable").read_text() == "1"
+    pci.attach(ADDR, "serial")
+    assert (dev / "driver_override").read_text() == "\n" and (drv / "bind").read_text() == ADDR
+
+
+def test_a_failed_unbind_leaves_no_override(dev, tmp_path, monkeypatch):
+    from coreslice.errors import LaunchError
+
+    drv = tmp_path / "sys/bus/pci/drivers/serial"
+    drv.mkdir(parents=True)
+    (drv / "unbind").mkdir()  # writing it fails (EISDIR)
+    (dev / "driver").symlink_to(drv)
+    (dev / "driver_override").write_text("\n")
+    with pytest.raises(LaunchError, match="unbinding 0000:21:10.0 from serial failed"):
+        SysfsPci(tmp_path).detach(ADDR)
+    assert (dev / "driver_override").read_text() == "\n"
