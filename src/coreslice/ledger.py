@@ -52,15 +52,16 @@ REPLACEABLE = ("running", "failed")
 # in one leaves the row saying how far it got (`coreslice list` shows it, `stop` recovers it).
 PHASES = ("reserved", "devices", "parking", "writing", "waking", "woken")
 # Columns added after version 1, with the SQL that adds each to an older file.
-_ADDED_COLUMNS = {"request": "TEXT", "on_crash": "TEXT", "phase": "TEXT"}
+_ADDED_COLUMNS = {"request": "TEXT", "on_crash": "TEXT", "phase": "TEXT", "efi_status": "INTEGER"}
 BUSY_TIMEOUT = 30.0  # seconds a launch waits for another one's transaction
 
 # SQLite's messages for a file it cannot open, lock or write (anything else is a damaged file).
 _ACCESS_PROBLEM = re.compile(r"locked|readonly|read-only|unable to open|permission|disk I/O", re.I)
 
-# 2: the namespaces table (image install); 3: slices.request, on_crash and phase (lifecycle).
+# 2: the namespaces table (image install); 3: slices.request, on_crash and phase (lifecycle);
+# 4: slices.efi_status (status reads the EFI stubs' record).
 # An older file gains what it lacks on the next write (_upgrade); reads of it see NULLs.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS slices (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -83,6 +84,7 @@ CREATE TABLE IF NOT EXISTS slices (
     request     TEXT,                       -- JSON list: the `coreslice boot` arguments (restart)
     on_crash    TEXT,                       -- "restart" or "none": what `coreslice watch` does
     phase       TEXT,                       -- the launch's last step begun (PHASES), for crash recovery
+    efi_status  INTEGER,                    -- physical address of the EFI stubs' status record (boot/efi.py)
     reserved_at REAL    NOT NULL,           -- Unix times
     launched_at REAL,
     running_at  REAL,
@@ -138,6 +140,7 @@ class SliceRecord:
     request: tuple[str, ...] | None = None   # the boot arguments, as `restart` replays them
     on_crash: str | None = None
     phase: str | None = None
+    efi_status: int | None = None            # where the slice's EFI ResetSystem stub records its call
     times: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -183,7 +186,7 @@ class SliceRecord:
             "kernel": self.kernel, "initrd": self.initrd, "cmdline": self.cmdline,
             "pid": self.pid, "error": self.error, "replaces": list(self.replaces), "times": self.times,
             "request": list(self.request) if self.request is not None else None,
-            "on_crash": self.on_crash, "phase": self.phase,
+            "on_crash": self.on_crash, "phase": self.phase, "efi_status": self.efi_status,
         }
 
 
@@ -255,6 +258,7 @@ def _record(row: sqlite3.Row) -> SliceRecord:
         error=_typed(row, "error", str), replaces=_json_list(row, "replaces", int), times=t,
         request=_json_list(row, "request", str) if row["request"] is not None else None,
         on_crash=_typed(row, "on_crash", str), phase=_typed(row, "phase", str),
+        efi_status=_typed(row, "efi_status", int),
     )
 
 
@@ -413,12 +417,13 @@ class Ledger:
             replaces = _check(rec, self._holding(con), relaunch)
             cur = con.execute(
                 "INSERT INTO slices (boot_id, name, state, cpus, apic_ids, mem_base, mem_size, low_slot, "
-                "console, devices, kernel, initrd, cmdline, pid, replaces, reserved_at, request, on_crash, phase) "
-                "VALUES (?, ?, 'reserved', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'reserved')",
+                "console, devices, kernel, initrd, cmdline, pid, replaces, reserved_at, request, on_crash, phase, "
+                "efi_status) VALUES (?, ?, 'reserved', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?)",
                 (self.boot_id, rec.name, json.dumps(list(rec.cpus)), json.dumps(list(rec.apic_ids)),
                  rec.mem_base, rec.mem_size, rec.low_slot, rec.console, json.dumps(list(rec.devices)),
                  rec.kernel, rec.initrd, rec.cmdline, os.getpid(), json.dumps(replaces), now,
-                 json.dumps(list(rec.request)) if rec.request is not None else None, rec.on_crash))
+                 json.dumps(list(rec.request)) if rec.request is not None else None, rec.on_crash,
+                 rec.efi_status))
             row_id = cur.lastrowid
         got = self.get(row_id)
         assert got is not None

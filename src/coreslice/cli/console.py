@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from coreslice.cli.host import root_arg
+from coreslice.boot import efi
 from coreslice.cli.slices import LEDGER_HELP
 from coreslice.errors import CoresliceError, UsageError
 from coreslice.host.snapshot import discover
@@ -168,6 +169,18 @@ def _latest(ledger, host, name: str) -> SliceRecord:
     return max(this_boot or rows, key=lambda r: r.id or 0)
 
 
+def _efi_reset(row: SliceRecord, read) -> str | None:
+    """The ResetType of the slice's EFI ResetSystem call (boot/efi.py status record), or None:
+    not called, no EFI stubs recorded (an older ledger row), or unreadable."""
+    if row.efi_status is None:
+        return None
+    try:
+        st = efi.read_status(read(row.efi_status, efi.STATUS_SIZE))
+    except (OSError, CoresliceError):
+        return None
+    return st.reset_type if st is not None and st.reset_calls else None
+
+
 def status_of(row: SliceRecord, boot_id: str, read, ledger=None) -> dict:
     """One slice's status document (the JSON contract of `coreslice status --json`)."""
     release = last = None
@@ -187,7 +200,8 @@ def status_of(row: SliceRecord, boot_id: str, read, ledger=None) -> dict:
                 last = records[-1].text.split("\n")[-1] if records else None
             except LogUnreadable as e:
                 unreadable = str(e)
-        state, reason = decide(row.state, texts, unreadable, row.error)
+        efi_reset = _efi_reset(row, read) if row.state == "running" else None
+        state, reason = decide(row.state, texts, unreadable, row.error, efi_reset)
     running_at = row.times.get("running_at")
     live = row.boot_id == boot_id and row.state == "running"
     return {

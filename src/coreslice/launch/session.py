@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coreslice.boot import lowmem
+from coreslice.boot import efi, lowmem
 from coreslice.boot.image import BootImage, build_image
 from coreslice.errors import LaunchError, UsageError
 from coreslice.host import consoles
@@ -136,7 +136,8 @@ def slice_record(spec: BootSpec, plan: Plan) -> SliceRecord:
         console=plan.console.pci_address or (f"io:0x{plan.console.port:x}" if plan.console.port is not None else None),
         devices=devices,
         kernel=str(spec.kernel), initrd=str(spec.initrd) if spec.initrd else None, cmdline=plan.cmdline,
-        request=_with_tsc(spec.record_argv, plan.tsc_khz), on_crash=spec.on_crash)
+        request=_with_tsc(spec.record_argv, plan.tsc_khz), on_crash=spec.on_crash,
+        efi_status=plan.efi_addr + efi.STATUS_OFFSET if plan.efi_addr else None)
 
 
 def _with_tsc(argv: tuple[str, ...] | None, tsc_khz: int) -> tuple[str, ...] | None:

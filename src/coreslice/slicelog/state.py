@@ -16,16 +16,21 @@ _LEDGER = {"reserved": "launching", "launching": "launching", "stopped": "stoppe
            "ended": "stopped", "failed": "failed"}
 PANIC = re.compile(r"Kernel panic - not syncing(?::\s*(.*?))?(?:\s*\]---)?\s*$")
 HALTS = {"reboot: System halted": "halt", "reboot: Power down": "poweroff", "reboot: Restarting system": "reboot"}
+# EFI ResetSystem's ResetType (UEFI 2.10 §8.5.1, boot/efi.py RESET_TYPES) as a halt reason.
+RESETS = {"shutdown": "poweroff", "cold": "reboot", "warm": "reboot", "platform-specific": "reboot"}
 
 
 def decide(ledger_state: str | None, log: Iterable[str] | None = None, unreadable: str | None = None,
-           error: str | None = None) -> tuple[str, str | None]:
+           error: str | None = None, efi_reset: str | None = None) -> tuple[str, str | None]:
     """(state, reason) of one slice.
 
     ``ledger_state`` is the row's state; ``log`` the texts of its kernel's records, oldest first
     (read only for a running row); ``unreadable`` why the log could not be read; ``error`` the
-    row's recorded error (the reason of a failed launch).  The last panic or halt line in the log
-    decides; a running row whose log cannot be read is unknown, with that reason."""
+    row's recorded error (the reason of a failed launch); ``efi_reset`` the ResetType the slice's
+    EFI ResetSystem stub recorded, if it was called.  That record decides first: the CPU that
+    called it is parked for good, whatever the log holds or whether it can be read (its last lines
+    may not have reached the ring).  Else the last panic or halt line in the log decides; a running
+    row whose log cannot be read is unknown, with that reason."""
     mapped = _LEDGER.get(ledger_state or "")
     if mapped == "failed":
         return "failed", error
@@ -33,6 +38,8 @@ def decide(ledger_state: str | None, log: Iterable[str] | None = None, unreadabl
         return mapped, None
     if ledger_state != "running":
         return "unknown", f"the ledger records state {ledger_state!r}, which this coreslice does not know"
+    if efi_reset is not None:
+        return "halted", RESETS.get(efi_reset, "reboot")
     if unreadable is not None:
         return "unknown", unreadable
     if log is None:

@@ -253,3 +253,31 @@ def test_status_keeps_the_note_address_so_the_next_call_does_not_scan(env, capsy
     hint.write_text("40000000\n")  # a wrong hint: scanned again, and corrected
     assert run(capsys, tree, path, "status", "--json")[0] == 0 and len(scans) == 2
     assert int(hint.read_text(), 16) != 0x40000000
+
+
+def test_status_reads_the_efi_reset_record_first(env, capsys):
+    """A slice whose EFI ResetSystem stub recorded a call is halted, with the reset's kind, even
+    when its log does not say so (its last lines never reached the ring) or cannot be read."""
+    import struct
+
+    from coreslice.boot import efi
+
+    tree, ledger, k, path = env
+    boot_log(k)  # the log says only that it runs
+    status = k.mem_base + 32 * MIB + efi.STATUS_OFFSET
+    for name, cpus, base in (("off", [1], k.mem_base), ("gone", [2], 0x50000000)):
+        r = ledger.reserve(SliceRecord(name=name, cpus=tuple(cpus), apic_ids=tuple(cpus), mem_base=base,
+                                       mem_size=64 * MIB, efi_status=status if name == "off" else base + 0x1F00))
+        ledger.begin_launch(r.id)
+        ledger.finish(r.id)
+
+    def record(calls: int, rtype: int) -> bytes:
+        return struct.pack(efi.STATUS_FORMAT, efi.STATUS_MAGIC, 1, calls, rtype, 0, 0)
+    k.mem.write(status, record(0, 0))
+    k.mem.write(0x50000000 + 0x1F00, record(1, 0))  # "gone": no kernel note there, ResetSystem(cold)
+    by = {s["name"]: s for s in json.loads(run(capsys, tree, path, "status", "--json")[1])["slices"]}
+    assert by["off"]["state"] == "running"  # the stubs ran (SVAM) but ResetSystem was not called
+    assert (by["gone"]["state"], by["gone"]["reason"]) == ("halted", "reboot")
+    k.mem.write(status, record(1, 2))  # ResetSystem(EfiResetShutdown)
+    by = {s["name"]: s for s in json.loads(run(capsys, tree, path, "status", "--json")[1])["slices"]}
+    assert (by["off"]["state"], by["off"]["reason"]) == ("halted", "poweroff")
