@@ -1,10 +1,13 @@
 """Stopping a slice: devices quiet, CPUs parked, memory scrubbed, resources released.
 
-    quiesce its PCI functions ─► INIT its CPUs ─► scrub RAM + low-memory slot ─► ledger: stopped
-                                                                         └─► (--return-devices) host drivers
+    quiesce its PCI functions ─► INIT its CPUs ─► bus master off again ─► scrub RAM + low-memory slot
+        ─► ledger: stopped ─► (--return-devices) host drivers
 
 Devices go first: a function still bus-mastering could write the memory again after the scrub,
 and a CPU parked before its devices stop may leave them mid-transfer with nobody to answer.
+Until the INIT the slice's kernel still runs and may set Bus Master Enable again (a driver's
+timeout handler resetting its controller, say), so it is cleared once more after the INIT, when
+nothing in the slice can set it.
 Only functions no host driver has taken back are touched (a launcher killed while detaching may
 have left some with the host: they were never the slice's).
 """
@@ -80,6 +83,12 @@ def stop(name: str, *, host: Host, machine: Machine, ledger: Ledger, progress=la
         progress(f"  {fn}: {', '.join(out.devices[fn])}")
     progress(f"INIT to CPUs {','.join(map(str, row.cpus))} (APIC IDs {','.join(map(str, row.apic_ids))})")
     lapic.init_cpus(apic, list(row.apic_ids))
+    for fn in out.devices:
+        try:
+            if machine.pci.bus_master_off(fn):
+                out.devices[fn].append("bus master on again before the INIT: off again")
+        except LaunchError as e:
+            out.warnings.append(str(e))
     slot = row.low_slot
     if slot is not None:
         rec = slot_reader(machine.mem)(slot)

@@ -39,6 +39,7 @@ class PciControl(Protocol):
     def detach(self, address: str) -> str | None: ...
     def attach(self, address: str, driver: str | None) -> None: ...
     def quiesce(self, address: str) -> list[str]: ...
+    def bus_master_off(self, address: str) -> bool: ...
     def reprobe(self, address: str) -> str | None: ...
 
 
@@ -135,6 +136,18 @@ class SysfsPci:
         done.append(self._reset_alone(address))
         return done
 
+    def bus_master_off(self, address: str) -> bool:
+        """Clear Bus Master Enable again; True when it had been set again since quiesce (the
+        slice's driver, still running until its CPUs got the INIT, can re-enable it)."""
+        try:
+            cmd = self._config_rw(address, PCI_COMMAND, "<H")
+            if cmd & COMMAND_BUS_MASTER:
+                self._config_rw(address, PCI_COMMAND, "<H", cmd & ~COMMAND_BUS_MASTER)
+                return True
+        except OSError as e:
+            raise LaunchError(f"clearing bus master of {address} again failed: {e.strerror}") from e
+        return False
+
     def _reset_alone(self, address: str) -> str:
         dev = self.root / "sys/bus/pci/devices" / address
         try:
@@ -174,11 +187,16 @@ class FakePci:
         self.detached: list[str] = []
         self.attached: list[tuple[str, str]] = []
         self.quiesced: list[str] = []
+        self.again: list[str] = []  # bus_master_off after the INIT
         self.reprobed: list[str] = []
 
     def quiesce(self, address: str) -> list[str]:
         self.quiesced.append(address)
         return ["bus master off", "reset (flr)"]
+
+    def bus_master_off(self, address: str) -> bool:
+        self.again.append(address)
+        return False
 
     def reprobe(self, address: str) -> str | None:
         self.reprobed.append(address)

@@ -104,3 +104,14 @@ def test_a_failed_unbind_leaves_no_override(dev, tmp_path, monkeypatch):
     with pytest.raises(LaunchError, match="unbinding 0000:21:10.0 from serial failed"):
         SysfsPci(tmp_path).detach(ADDR)
     assert (dev / "driver_override").read_text() == "\n"
+
+
+def test_bus_master_off_again_says_whether_it_had_been_set_again(dev, tmp_path):
+    pci = SysfsPci(tmp_path)
+    pci.quiesce(ADDR)
+    assert pci.bus_master_off(ADDR) is False  # nothing set it since
+    c = bytearray((dev / "config").read_bytes())
+    struct.pack_into("<H", c, 0x04, struct.unpack_from("<H", c, 0x04)[0] | COMMAND_BUS_MASTER)
+    (dev / "config").write_bytes(c)  # the slice's driver turned it on again before its INIT
+    assert pci.bus_master_off(ADDR) is True
+    assert not struct.unpack_from("<H", (dev / "config").read_bytes(), 0x04)[0] & COMMAND_BUS_MASTER
