@@ -53,6 +53,9 @@ class BootResult:
     placement: Placement | None = None
     vfs: list = field(default_factory=list)  # PreparedVf (or planned ones on a dry run)
     wake: dict[str, float] = field(default_factory=dict)
+    # A relaunch: the functions of the slice it replaces, quieted before the INIT (what was done)
+    relaunch_quieted: dict[str, list[str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {
@@ -66,6 +69,8 @@ class BootResult:
             "phases": {k: round(v, 6) for k, v in self.phases.items()},
             "console_detached_from": self.detached_driver,
             "devices_detached_from": self.detached_devices,
+            "relaunch_quieted": self.relaunch_quieted,
+            "warnings": self.warnings,
             "slice": self.slice.to_json() if self.slice else None,
             "ledger": str(self.ledger_path) if self.ledger_path else None,
             "placement": self.placement.to_json() if self.placement else None,
@@ -330,9 +335,23 @@ def reserve_and_act(spec: BootSpec, plan: Plan, image: BootImage, vfs: list[vfpl
     if row is not None:
         ledger.begin_launch(row.id)  # type: ignore[union-attr,arg-type]
     spans = scrub.ranges(plan.mem_base, plan.mem_size, plan.slot)
+    # A relaunch onto a slice that still holds the resources (it crashed, or was never stopped):
+    # its functions go quiet first, as `stop` does, and bus mastering off again once its CPUs
+    # have the INIT, so no DMA of the old slice lands in the scrubbed range or the new image.
+    from coreslice.launch import stopping  # it imports this module
+
+    replaced = [r for rid in (row.replaces if row is not None else ()) if (r := ledger.get(rid)) is not None]  # type: ignore[union-attr]
+    old_fns = sorted({fn for r in replaced for fn in r.pci_functions()})
+    quieted = result.relaunch_quieted
+    if old_fns:
+        stopping.quiesce(old_fns, host, machine, quieted, result.warnings, progress)
+
+    def scrub_after_init(p: Progress) -> float:
+        stopping.quiesce_again(machine, quieted, result.warnings)
+        return scrub.scrub(machine.mem, spans, p)
     try:
         acting.start(plan, image, machine, apic, progress, acted, phase=phase,
-                     scrub=lambda p: scrub.scrub(machine.mem, spans, p), wake_timeout=spec.wake_timeout)
+                     scrub=scrub_after_init, wake_timeout=spec.wake_timeout)
     except BaseException as e:  # its CPUs may run: it stays held until reboot, relaunch or stop
         if row is not None:
             ledger.finish(row.id, error=str(e) or type(e).__name__)  # type: ignore[union-attr,arg-type]

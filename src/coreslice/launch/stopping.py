@@ -67,28 +67,10 @@ def stop(name: str, *, host: Host, machine: Machine, ledger: Ledger, progress=la
         raise UsageError("cannot tell whether the host runs x2APIC or xAPIC; run 'modprobe msr' and retry")
     apic = boot_cpu_apic(host, machine, host.apic_mode)  # the msr device: can fail before any effect
     out = Stopped(row)
-    for fn in functions(row):
-        driver = host_driver(host, fn)
-        if driver is not None and driver not in ("vfio-pci", "pci-stub"):
-            out.warnings.append(f"{fn} is bound to the host driver {driver}: not the slice's, left alone")
-            continue
-        progress(f"quieting {fn}")
-        try:
-            out.devices[fn] = machine.pci.quiesce(fn)
-        except LaunchError as e:
-            # A function gone (VF removed, hot-unplug) or one whose reset failed must not keep the
-            # slice from stopping: its CPUs are parked and its memory scrubbed all the same.
-            out.warnings.append(str(e))
-            continue
-        progress(f"  {fn}: {', '.join(out.devices[fn])}")
+    quiesce(functions(row), host, machine, out.devices, out.warnings, progress)
     progress(f"INIT to CPUs {','.join(map(str, row.cpus))} (APIC IDs {','.join(map(str, row.apic_ids))})")
     lapic.init_cpus(apic, list(row.apic_ids))
-    for fn in out.devices:
-        try:
-            if machine.pci.bus_master_off(fn):
-                out.devices[fn].append("bus master on again before the INIT: off again")
-        except LaunchError as e:
-            out.warnings.append(str(e))
+    quiesce_again(machine, out.devices, out.warnings)
     slot = row.low_slot
     if slot is not None:
         rec = slot_reader(machine.mem)(slot)
@@ -117,6 +99,36 @@ def stop(name: str, *, host: Host, machine: Machine, ledger: Ledger, progress=la
             except LaunchError as e:  # the slice is stopped; say what is left to do
                 out.warnings.append(str(e))
     return out
+
+
+def quiesce(fns: list[str], host: Host, machine: Machine, devices: dict[str, list[str]], warnings: list[str],
+             progress=lambda _m: None) -> None:
+    """Quiet each of a slice's functions that no host driver has (what was done goes to
+    ``devices``); one that cannot be quieted is a warning, never a reason to stop short: a
+    function gone (VF removed, hot-unplug) or whose reset failed must not keep the CPUs from
+    being parked and the memory from being scrubbed."""
+    for fn in fns:
+        driver = host_driver(host, fn)
+        if driver is not None and driver not in ("vfio-pci", "pci-stub"):
+            warnings.append(f"{fn} is bound to the host driver {driver}: not the slice's, left alone")
+            continue
+        progress(f"quieting {fn}")
+        try:
+            devices[fn] = machine.pci.quiesce(fn)
+        except LaunchError as e:
+            warnings.append(str(e))
+            continue
+        progress(f"  {fn}: {', '.join(devices[fn])}")
+
+
+def quiesce_again(machine: Machine, devices: dict[str, list[str]], warnings: list[str]) -> None:
+    """After the INIT: Bus Master Enable off once more on the functions quiesce() quieted."""
+    for fn in devices:
+        try:
+            if machine.pci.bus_master_off(fn):
+                devices[fn].append("bus master on again before the INIT: off again")
+        except LaunchError as e:
+            warnings.append(str(e))
 
 
 def host_driver(host: Host, address: str) -> str | None:

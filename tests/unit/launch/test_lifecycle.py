@@ -138,6 +138,23 @@ def test_stop_quiets_devices_then_parks_cpus_then_scrubs(spec, host, ledger):
     assert out.devices == {"0000:00:03.0": ["bus master off", "reset (flr)"]} and fakes.pci.reprobed == []
 
 
+def test_a_relaunch_quiets_the_old_slices_functions_before_the_init_and_again_after(spec, host, ledger):
+    """`coreslice boot` onto the resources of a slice that still holds them (it crashed, or was
+    never stopped) replaces it: that slice's functions go quiet as on stop, before the INIT, and
+    bus master off again after it, before the scrub."""
+    fakes = Fakes()
+    console = dataclasses.replace(spec, console="00:03.0")
+    launch.boot(console, host=host, machine=fakes.machine(), ledger=ledger)
+    events = _order(fakes)
+    result = launch.boot(console, host=host, machine=fakes.machine(), ledger=ledger)
+    assert result.slice.replaces and result.relaunch_quieted == {"0000:00:03.0": ["bus master off", "reset (flr)"]}
+    first_init = min(i for i, e in enumerate(events) if e.startswith("ipi 101"))
+    last_init = max(i for i, e in enumerate(events) if e.startswith("ipi 101"))
+    assert events.index("quiesce 0000:00:03.0") < first_init
+    assert last_init < events.index("bus master off 0000:00:03.0") < events.index(f"zero 0x40000000+0x{GIB // 2:x}")
+    assert result.to_json()["relaunch_quieted"] == result.relaunch_quieted
+
+
 def test_stop_no_scrub_leaves_memory_but_clears_the_slot_record(spec, host, ledger):
     fakes = Fakes()
     result = launch.boot(spec, host=host, machine=fakes.machine(), ledger=ledger)
