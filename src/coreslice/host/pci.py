@@ -153,6 +153,12 @@ class Function:
                 "physfn": self.physfn, "numa_node": self.numa_node, "iommu_group": self.iommu_group}
 
 
+# Drivers that may stay on other members of a function's IOMMU group: they leave the group's DMA
+# ownership to whoever claims it (struct device_driver's driver_managed_dma: pcieport, pci-stub;
+# and vfio-pci itself), so VFIO can still take the group.
+GROUP_NEUTRAL_DRIVERS = {"pcieport", "pci-stub", "vfio-pci"}
+
+
 @dataclass
 class PciTopology:
     roots: list[RootComplex] = field(default_factory=list)
@@ -174,6 +180,15 @@ class PciTopology:
 
     def functions_under(self, root: RootComplex) -> list[Function]:
         return [f for f in self.functions if f.root == root.name]
+
+    def group_mates_in_use(self, group: int, given: set[str]) -> str | None:
+        """The endpoints of IOMMU group ``group`` outside ``given`` that a host driver holds (a
+        DMA user: pcieport, pci-stub and vfio-pci are not), named for a message; None if none."""
+        others = [f for f in self.functions if f.iommu_group == group and f.address not in given
+                  and not f.is_bridge and f.driver not in GROUP_NEUTRAL_DRIVERS]
+        if not others:
+            return None
+        return ", ".join(f"{f.address} ({'driver ' + f.driver if f.driver else 'no driver'})" for f in others)
 
     def to_json(self) -> dict:
         return {"source": self.source, "roots": [r.to_json() for r in self.roots],

@@ -155,9 +155,6 @@ def _ecam_for(root: RootComplex, buses: set[int], mcfg: Sequence[McfgAllocation]
     return cut
 
 
-# Drivers that leave a group's DMA ownership to whoever claims it (struct device_driver's
-# driver_managed_dma: pcieport and pci-stub), so VFIO can still take the group.
-_DMA_NEUTRAL_DRIVERS = {"pcieport", "pci-stub", "vfio-pci"}
 
 
 def _check_iommu_groups(given: Sequence[str], topo: PciTopology) -> None:
@@ -175,10 +172,8 @@ def _check_iommu_groups(given: Sequence[str], topo: PciTopology) -> None:
         return
     mine = set(given)
     for addr, group in grouped:
-        others = [f for f in topo.functions if f.iommu_group == group and f.address not in mine
-                  and not f.is_bridge and f.driver not in _DMA_NEUTRAL_DRIVERS]
-        if others:
-            names = ", ".join(f"{f.address} ({'driver ' + f.driver if f.driver else 'no driver'})" for f in others)
+        names = topo.group_mates_in_use(group, mine)
+        if names:
             raise UsageError(f"PCI function {addr} shares IOMMU group {group} with {names}, which the slice is not "
                              "given: one IOMMU domain covers the whole group; give the slice every function of "
                              "the group (--device), or choose a function in a group of its own")

@@ -18,8 +18,6 @@ from coreslice.errors import LaunchError, UsageError
 from coreslice.host.pci import PciTopology
 
 VFIO = "vfio-pci"
-# Drivers that may stay on other members of the group: VFIO treats them as not in use.
-GROUP_NEUTRAL = {"pcieport", "pci-stub", VFIO}
 
 
 def check_groups(given: Sequence[str], topo: PciTopology) -> dict[str, int]:
@@ -39,10 +37,8 @@ def check_groups(given: Sequence[str], topo: PciTopology) -> dict[str, int]:
             raise UsageError(f"{addr} is in no IOMMU group: the host's IOMMU does not translate, and vfio-pci needs "
                              "it to; boot the host in its VM profile (coreslice host configure --profile vm-host: "
                              "intel_iommu=on) or run the VM without --device")
-        others = [o for o in topo.functions if o.iommu_group == f.iommu_group and o.address not in mine
-                  and not o.is_bridge and o.driver not in GROUP_NEUTRAL]
-        if others:
-            names = ", ".join(f"{o.address} ({'driver ' + o.driver if o.driver else 'no driver'})" for o in others)
+        names = topo.group_mates_in_use(f.iommu_group, mine)
+        if names:
             raise UsageError(f"PCI function {addr} shares IOMMU group {f.iommu_group} with {names}, which stays with "
                              "the host: VFIO gives a whole group to one user; pass every endpoint of the group "
                              "(--device), or a function in a group of its own")
