@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from coreslice.cli.host import root_arg
 from coreslice.boot import efi
+from coreslice.cli.host import root_arg
 from coreslice.cli.slices import LEDGER_HELP
 from coreslice.errors import CoresliceError, UsageError
 from coreslice.host.snapshot import discover
