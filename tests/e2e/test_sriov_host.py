@@ -81,6 +81,18 @@ def result(testbed_ready, image_tar):
                + ' --nsid 2; echo rc=$?; '
                + install.replace("--out-dir /tmp/img1", "--out-dir /tmp/img4") + ' --nsid 2; echo rc=$?; '
                'C=/dev/$(ls /sys/bus/pci/devices/$NVME/nvme); nvme list-ctrl $C -n 2 -o json; ls /sys/block',
+        # 9: native-setup (issue 13 section 2): web1 declared with NIC VF 1 and NVMe VF 1 (whose
+        # namespace 1 image install recorded), 1 CPU and 1G: what this host (maxcpus=1 mem=1G)
+        # is booted with, so it passes as web1's native-eval boot.  Then --undo.
+        FIND + 'mkdir -p /tmp/slices; printf "kernel = \\"%s\\"\\nconsole = \\"io:0x2f8\\"\\ncpus = \\"1\\"\\n'
+               'memory = \\"1G\\"\\nguest-kernel = \\"slice\\"\\nnic-vf = [\\"$NIC:1\\"]\\nnvme-vf = [\\"$NVME:1\\"]\\n'
+               'config = \\"/tmp/cs.toml\\"\\n" ' + f'{testbed_ready[0].vmlinuz} > /tmp/slices/web1.toml; '
+               'export CORESLICE_SLICES_DIR=/tmp/slices; '
+               'python3 -m coreslice native-setup --like web1 --address 10.99.1.2/24 --json; echo rc=$?; '
+               'echo ADDR $(ip -o -4 addr show | grep 10.99.1.2); ls /sys/block | tr "\\n" " "; echo; '
+               'python3 -m coreslice native-setup --like web1 --undo --json; echo rc=$?; '
+               'for p in $NIC $NVME; do echo DRV $(basename "$(readlink /sys/bus/pci/devices/$p/virtfn1/driver)"); done; '
+               'echo AFTER $(ip -o -4 addr show | grep -c 10.99.1.2); ls /sys/block | tr "\\n" " "',
     ]
     cmd = [sys.executable, "-m", "coreslice.cli.testbed", "run", "--sriov", "--json", "--quiet",
            "--smp", "2", "--memory", "2G", "--timeout", "300"]
@@ -174,3 +186,28 @@ def test_image_install_refusals_and_undo(result):
     tail = out[out.rindex("rc=") + 4:].lstrip()
     ctrls, _ = json.JSONDecoder().raw_decode(tail)
     assert ctrls["num_ctrl"] == 0 and ctrls["ctrl_list"] == [], tail
+
+
+def test_native_setup_gives_the_host_the_slices_vfs(result):
+    """The VFs web1 would drive, bound to the host's igbvf and nvme: the interface has web1's MAC
+    and address, namespace 1 shows as a block device; --undo unbinds them and the address goes."""
+    out = result[9]["output"]
+    setup_text, rest = out.split("rc=", 1)
+    assert rest.startswith("0"), out
+    doc = json.loads(setup_text)
+    vfs = {v["kind"]: v for v in doc["vfs"]}
+    assert doc["profile"] == {"native_eval": True, "gaps": []}, doc
+    assert vfs["nic"]["driver"] == "igbvf" and vfs["nic"]["mac"] == "02:c5:00:00:10:01"
+    assert vfs["nic"]["ip"] == "10.99.1.2/24" and vfs["nvme"]["driver"] == "nvme"
+    assert len(vfs["nvme"]["block_devices"]) == 1, vfs
+    disk = vfs["nvme"]["block_devices"][0]
+    addr_line = next(l for l in out.splitlines() if l.startswith("ADDR"))
+    assert vfs["nic"]["ifname"] in addr_line and "10.99.1.2/24" in addr_line, out
+    blocks_during = out.splitlines()[out.splitlines().index(addr_line) + 1].split()
+    assert disk in blocks_during
+    undo_text = rest.split("\n", 1)[1]
+    undo_doc, _ = json.JSONDecoder().raw_decode(undo_text.lstrip())
+    assert undo_doc["ok"] and undo_doc["failed"] == [], undo_doc
+    assert [l for l in out.splitlines() if l.startswith("DRV")] == ["DRV", "DRV"], out
+    after = out.splitlines()[-2:]
+    assert after[0] == "AFTER 0" and disk not in after[1].split(), out

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from coreslice import __version__
-from coreslice.cli import apply, boot, console, demo, dsdt, host, image, nvme, slices, sriov, testbed, vm, watch
+from coreslice.cli import apply, boot, console, demo, dsdt, host, image, native, nvme, slices, sriov, testbed, vm, watch
 from coreslice.errors import CoresliceError, UsageError
 
 
@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     testbed.register(sub)
     demo.register(sub)
     vm.register(sub)
+    native.register(sub)
     return parser
 
 

@@ -277,7 +277,9 @@ def build(req: BuildRequest, progress: Progress = lambda m: None) -> dict:
             "rootfs": {**source, "bytes": info.bytes, "entries": info.members, "cloud_init": info.cloud_init,
                        "sshd": info.sshd},
             "seed": {"hostname": c.hostname, "instance_id": _meta(c.seed, "instance-id"),
-                     "network": c.net.mode if c.net else None, "ssh_keys": len(req.ssh_keys)},
+                     "network": c.net.mode if c.net else None,
+                     "address": c.net.address if c.net else None,  # native-setup gives the host the same
+                     "ssh_keys": len(req.ssh_keys)},
             "image_bytes": target.size,
             "built_at": time.time(),
         }

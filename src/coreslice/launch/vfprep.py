@@ -1,7 +1,9 @@
 """Preparing SR-IOV VFs on the host (the effects), with an undo log.
 
 Only checked requests (plan/vfs.py) come here; every change is logged with how to undo it, and
-a failure undoes them all, newest first, and says so.
+a failure undoes them all, newest first, and says so.  Each undo is a :class:`Call` of one
+:class:`SriovOps` method, plain data, so that a command whose undo comes later in another process
+(``coreslice native-setup --undo``) can write the log to a file and replay it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,29 @@ from coreslice.plan.vfs import Checked
 
 # ---------------------------------------------------------------------------------------------
 # Prepare and undo
+
+@dataclass(frozen=True)
+class Call:
+    """``ops.<op>(*args)``: one undo step, callable now and storable as JSON."""
+    ops: SriovOps = field(compare=False, repr=False)
+    op: str
+    args: tuple
+
+    def __call__(self) -> None:
+        getattr(self.ops, self.op)(*self.args)
+
+    def to_json(self) -> dict:
+        return {"op": self.op, "args": list(self.args)}
+
+
+def call_from_json(ops: SriovOps, d: dict) -> Call:
+    """A stored :meth:`Call.to_json` back; refuses a method SriovOps does not have."""
+    op, args = d.get("op"), d.get("args")
+    if not isinstance(op, str) or op.startswith("_") or not callable(getattr(ops, op, None)) \
+            or not isinstance(args, list):
+        raise LaunchError(f"undo step {d!r} is not a call coreslice writes; the undo file is damaged")
+    return Call(ops, op, tuple(args))
+
 
 @dataclass
 class PreparedVf:
@@ -60,10 +85,11 @@ def _enable(ops: SriovOps, c: Checked, prep: Preparation, progress) -> None:
     old = ops.attr(pf, "sriov_drivers_autoprobe")
     if old != "0":
         ops.write_attr(pf, "sriov_drivers_autoprobe", "0")
-        prep.undo_log.append((f"sriov_drivers_autoprobe of {pf}", lambda: ops.write_attr(pf, "sriov_drivers_autoprobe", old or "1")))
+        prep.undo_log.append((f"sriov_drivers_autoprobe of {pf}",
+                              Call(ops, "write_attr", (pf, "sriov_drivers_autoprobe", old or "1"))))
     progress(f"enabling {c.total} VFs of {pf}")
     ops.write_attr(pf, "sriov_numvfs", str(c.total))
-    prep.undo_log.append((f"VFs of {pf}", lambda: ops.write_attr(pf, "sriov_numvfs", "0")))
+    prep.undo_log.append((f"VFs of {pf}", Call(ops, "write_attr", (pf, "sriov_numvfs", "0"))))
     prep.done.append(f"enabled {c.total} VFs of {pf}")
 
 
@@ -77,7 +103,7 @@ def _assign_resources(ops: SriovOps, c: Checked, prep: Preparation, progress) ->
             progress(f"{dev}: secondary controller {s.scid}: assign {want} {name} (virt-mgmt act 8 rt {rt})")
             ops.virt_mgmt(dev, s.scid, rt, ACT_ASSIGN, want)
             prep.undo_log.append((f"{name} of secondary {s.scid} on {dev}",
-                                  lambda s=s, rt=rt, have=have: ops.virt_mgmt(dev, s.scid, rt, ACT_ASSIGN, have)))
+                                  Call(ops, "virt_mgmt", (dev, s.scid, rt, ACT_ASSIGN, have))))
     prep.done.append(f"assigned {c.vq} VQ + {c.vi} VI to each secondary controller of {dev}")
 
 
@@ -95,7 +121,7 @@ def _prepare_one(ops: SriovOps, c: Checked, prep: Preparation, progress) -> Prep
         if not s.online:
             progress(f"{dev}: secondary controller {s.scid} (VF {r.index}) online (virt-mgmt act 9)")
             ops.virt_mgmt(dev, s.scid, RT_VQ, ACT_ONLINE, 0)
-            prep.undo_log.append((f"secondary {s.scid} online", lambda: ops.virt_mgmt(dev, s.scid, RT_VQ, ACT_OFFLINE, 0)))
+            prep.undo_log.append((f"secondary {s.scid} online", Call(ops, "virt_mgmt", (dev, s.scid, RT_VQ, ACT_OFFLINE, 0))))
             now = next((x for x in ops.secondaries(dev) if x.scid == s.scid), None)
             if now is None or not now.online:
                 raise LaunchError(f"secondary controller {s.scid} of {r.pf} ({dev}) did not come online "
@@ -116,14 +142,14 @@ def _prepare_one(ops: SriovOps, c: Checked, prep: Preparation, progress) -> Prep
         progress(f"{c.ifname}: VF {r.index} MAC {c.mac}")
         ops.set_vf_mac(c.ifname, r.index, c.mac)
         if old and old != c.mac:
-            prep.undo_log.append((f"MAC of VF {r.index} on {c.ifname}", lambda: ops.set_vf_mac(c.ifname, r.index, old)))
+            prep.undo_log.append((f"MAC of VF {r.index} on {c.ifname}", Call(ops, "set_vf_mac", (c.ifname, r.index, old))))
         out.mac = c.mac
         prep.done.append(f"VF {r.index} of {c.ifname} has MAC {c.mac}")
     drv = ops.driver(vf)
     if drv is not None:
         progress(f"unbinding VF {vf} from {drv}")
         ops.unbind(vf)
-        prep.undo_log.append((f"driver {drv} of {vf}", lambda: ops.bind(vf, drv)))
+        prep.undo_log.append((f"driver {drv} of {vf}", Call(ops, "bind", (vf, drv))))
         out.unbound_from = drv
         prep.done.append(f"unbound {vf} from {drv}")
     return out

@@ -63,6 +63,14 @@ class SriovOps(Protocol):
     def primary_caps(self, dev: str) -> PrimaryCaps: ...
     def secondaries(self, dev: str) -> list[Secondary]: ...
     def virt_mgmt(self, dev: str, cntlid: int, rt: int, act: int, nr: int) -> None: ...
+    # What native-setup adds: a VF given to the host's own drivers and network stack.
+    def probe(self, address: str) -> None: ...                           # drivers_probe: its host driver
+    def block_devices(self, address: str) -> list[str]: ...              # NVMe function: nvmeXnY names
+    def addresses(self, ifname: str) -> list[str]: ...                   # IPv4 "ADDR/LEN" of an interface
+    def add_address(self, ifname: str, cidr: str) -> None: ...
+    def del_address(self, ifname: str, cidr: str) -> None: ...
+    def is_up(self, ifname: str) -> bool: ...
+    def set_up(self, ifname: str, up: bool) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +178,63 @@ class RealOps:
     def virt_mgmt(self, dev: str, cntlid: int, rt: int, act: int, nr: int) -> None:
         self._nvme("virt-mgmt", dev, f"--cntlid={cntlid}", f"--rt={rt}", f"--act={act}", f"--nr={nr}")
 
+    def probe(self, address: str) -> None:
+        # Documentation/ABI/testing/sysfs-bus-pci, drivers_probe: bind the driver that matches.
+        try:
+            (self.root / "sys/bus/pci/drivers_probe").write_text(address)
+        except OSError as e:
+            raise LaunchError(f"probing a host driver for {address} failed: {e.strerror}") from e
+
+    def block_devices(self, address: str) -> list[str]:
+        d = self._dev(address) / "nvme"
+        out = []
+        for ctrl in sorted(os.listdir(d)) if d.is_dir() else []:
+            out += sorted(n for n in os.listdir(d / ctrl) if n.startswith("nvme") and "n" in n.removeprefix("nvme"))
+        return out
+
+    def _ipr(self, what: str, fn):
+        try:
+            from pyroute2 import IPRoute
+        except ImportError as e:
+            raise LaunchError("pyroute2 is not installed; pip install pyroute2 (a coreslice dependency)") from e
+        try:
+            with IPRoute() as ipr:
+                return fn(ipr)
+        except LaunchError:
+            raise
+        except Exception as e:
+            raise LaunchError(f"{what} through netlink failed: {e}") from e
+
+    def _index(self, ipr, ifname: str) -> int:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            raise LaunchError(f"network interface {ifname} has gone")
+        return idx[0]
+
+    def addresses(self, ifname: str) -> list[str]:
+        return self._ipr(f"reading the addresses of {ifname}", lambda ipr: [
+            f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}"
+            for m in ipr.get_addr(family=2, index=self._index(ipr, ifname))])
+
+    def add_address(self, ifname: str, cidr: str) -> None:
+        ip, _, plen = cidr.partition("/")
+        self._ipr(f"adding {cidr} to {ifname}",
+                  lambda ipr: ipr.addr("add", index=self._index(ipr, ifname), address=ip, prefixlen=int(plen)))
+
+    def del_address(self, ifname: str, cidr: str) -> None:
+        ip, _, plen = cidr.partition("/")
+        self._ipr(f"removing {cidr} from {ifname}",
+                  lambda ipr: ipr.addr("del", index=self._index(ipr, ifname), address=ip, prefixlen=int(plen)))
+
+    def is_up(self, ifname: str) -> bool:
+        # IFF_UP, include/uapi/linux/if.h.
+        return self._ipr(f"reading the state of {ifname}",
+                         lambda ipr: bool(ipr.link("get", index=self._index(ipr, ifname))[0]["flags"] & 1))
+
+    def set_up(self, ifname: str, up: bool) -> None:
+        self._ipr(f"setting {ifname} {'up' if up else 'down'}",
+                  lambda ipr: ipr.link("set", index=self._index(ipr, ifname), state="up" if up else "down"))
+
 
 def _num(v) -> int:
     return int(v, 0) if isinstance(v, str) else int(v)
@@ -213,6 +278,9 @@ class FakeOps:
         self.caps: dict[str, PrimaryCaps] = {}
         self.log: list[str] = []
         self.fail_online = False
+        self.links: dict[str, dict] = {}                      # interface -> {"up", "addrs"}
+        self.ns_of: dict[tuple[str, int], list[int]] = {}     # (NVMe PF, VF index) -> attached nsids
+        self.no_vf_driver = False                             # probe finds no driver for a VF
 
     def add_pf(self, addr: str, cls: int, total: int, driver: str | None = "drv", ifname: str | None = None,
                nvme: str | None = None, caps: PrimaryCaps | None = None, offset: int | None = None,
@@ -263,7 +331,10 @@ class FakeOps:
 
     def unbind(self, address):
         self.log.append(f"unbind {address}")
-        self.devs[address]["driver"] = None
+        d = self.devs[address]
+        d["driver"] = None
+        if d.get("physfn"):  # a VF's interface goes with its driver
+            self.links.pop(d.pop("net", None) or "", None)
 
     def bind(self, address, driver):
         self.log.append(f"bind {address} {driver}")
@@ -288,6 +359,44 @@ class FakeOps:
 
     def secondaries(self, dev):
         return [Secondary(**vars(s)) for s in self.secs[dev.removeprefix("/dev/")]]
+
+    # A VF probed by its host driver gets an interface (NIC: vfethN) or a controller whose
+    # namespaces ``ns_of[(pf, index)]`` lists show as block devices (NVMe).
+    def probe(self, address):
+        self.log.append(f"probe {address}")
+        d = self.devs[address]
+        if d.get("driver") is None and not self.no_vf_driver:
+            d["driver"] = "vfdrv"
+            pf = d.get("physfn")
+            if pf and self.devs[pf].get("net"):
+                d["net"] = f"vfeth{len([x for x in self.devs.values() if x.get('net')])}"
+                self.links[d["net"]] = {"up": False, "addrs": []}
+
+    def block_devices(self, address):
+        d = self.devs.get(address, {})
+        pf = d.get("physfn")
+        if d.get("driver") is None or pf is None or not self.devs[pf].get("nvme"):
+            return []
+        idx = next(i for i in range(int(self.devs[pf]["sriov_numvfs"])) if self._vf_addr(pf, i) == address)
+        return [f"nvme9{idx}n{ns}" for ns in self.ns_of.get((pf, idx), [])]
+
+    def addresses(self, ifname):
+        return list(self.links[ifname]["addrs"])
+
+    def add_address(self, ifname, cidr):
+        self.log.append(f"addr add {cidr} dev {ifname}")
+        self.links[ifname]["addrs"].append(cidr)
+
+    def del_address(self, ifname, cidr):
+        self.log.append(f"addr del {cidr} dev {ifname}")
+        self.links[ifname]["addrs"].remove(cidr)
+
+    def is_up(self, ifname):
+        return self.links[ifname]["up"]
+
+    def set_up(self, ifname, up):
+        self.log.append(f"link {ifname} {'up' if up else 'down'}")
+        self.links[ifname]["up"] = up
 
     def virt_mgmt(self, dev, cntlid, rt, act, nr):
         self.log.append(f"virt-mgmt {dev} c{cntlid} rt{rt} act{act} nr{nr}")

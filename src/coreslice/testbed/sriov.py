@@ -14,7 +14,7 @@ nvme       in an ``nvme-subsys`` (QEMU needs one for SR-IOV), ``sriov_max_vfs`` 
            and SR-IOV"); each VF needs at least 2 VQ (admin + one I/O) and 1 VI to come online
 =========  ===================================================================================
 
-The host kernel loads ``igb`` and ``nvme`` (:data:`MODULES`) from its initramfs; with
+The host kernel loads ``igb``, ``igbvf`` and ``nvme`` (:data:`MODULES`) from its initramfs; with
 ``sriov_drivers_autoprobe`` 0 no host driver binds the VFs.  Bus numbers of the root ports are
 given by the firmware, so tests find the PFs by vendor/device in sysfs (:data:`NIC_ID`,
 :data:`NVME_ID`), never by a hard-coded address.
@@ -23,7 +23,8 @@ given by the firmware, so tests find the PFs by vendor/device in sysfs (:data:`N
 from __future__ import annotations
 
 # Dependencies first: the host init insmods exactly these, in order (modules.dep of the 6.12 kernel).
-MODULES = ("dca", "i2c-algo-bit", "igb", "nvme-auth", "nvme-core", "nvme")
+# igbvf drives a VF on the host itself (coreslice native-setup); autoprobe off keeps it off the rest.
+MODULES = ("dca", "i2c-algo-bit", "igb", "igbvf", "nvme-auth", "nvme-core", "nvme")
 NIC_ID = (0x8086, 0x10C9)    # 82576 PF, as QEMU's igb reports it
 NVME_ID = (0x1B36, 0x0010)   # QEMU NVM Express controller
 NIC_SLOT, NVME_SLOT = 0x05, 0x06
