@@ -107,12 +107,28 @@ def _wait(what: Callable[[], object], timeout: float, poll: float = 0.1):
         time.sleep(poll)
 
 
+def _probe_vf(ops: SriovOps, v: vfprep.PreparedVf) -> None:
+    """drivers_probe with the PF's sriov_drivers_autoprobe briefly 1: the kernel probes a VF only
+    when its PF allows autoprobe or the VF has a driver_override (drivers/pci/pci-driver.c,
+    pci_device_can_probe), and vfprep turned it off so that no VF of a slice gets a host driver.
+    Its own matching then picks the driver among those loaded."""
+    old = ops.attr(v.pf, "sriov_drivers_autoprobe")
+    if old != "0":
+        ops.probe(v.address)
+        return
+    ops.write_attr(v.pf, "sriov_drivers_autoprobe", "1")
+    try:
+        ops.probe(v.address)
+    finally:
+        ops.write_attr(v.pf, "sriov_drivers_autoprobe", old)
+
+
 def _give_to_host(ops: SriovOps, v: vfprep.PreparedVf, log: list, *, ip: str | None, nsids: Sequence[int],
                   progress: Progress, wait: float, settle: Callable[[], None]) -> NativeVf:
     out = NativeVf(v.kind, v.pf, v.index, v.address, mac=v.mac, namespaces=list(nsids))
     if ops.driver(v.address) is None:
         progress(f"binding {v.kind} VF {v.address} to its host driver (drivers_probe)")
-        ops.probe(v.address)
+        _probe_vf(ops, v)
         drv = ops.driver(v.address)
         if drv is None:
             hint = NIC_VF_DRIVERS if v.kind == "nic" else "nvme"

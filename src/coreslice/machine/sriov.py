@@ -365,9 +365,11 @@ class FakeOps:
     def probe(self, address):
         self.log.append(f"probe {address}")
         d = self.devs[address]
-        if d.get("driver") is None and not self.no_vf_driver:
+        pf = d.get("physfn")
+        # As the kernel: a VF is probed only while its PF allows driver autoprobe.
+        if d.get("driver") is None and not self.no_vf_driver and (
+                pf is None or self.devs[pf]["sriov_drivers_autoprobe"] != "0"):
             d["driver"] = "vfdrv"
-            pf = d.get("physfn")
             if pf and self.devs[pf].get("net"):
                 d["net"] = f"vfeth{len([x for x in self.devs.values() if x.get('net')])}"
                 self.links[d["net"]] = {"up": False, "addrs": []}

@@ -87,6 +87,8 @@ def test_setup_then_undo_restores_everything(env, capsys):
     assert nvme["driver"] == "vfdrv" and nvme["namespaces"] == [1] and nvme["block_devices"] == ["nvme91n1"]
     secs = {s.scid: s for s in ops.secondaries("/dev/nvme0")}
     assert secs[2].online
+    # autoprobe was 1 only for the probe: the PFs' other VFs stay off host drivers
+    assert ops.devs[NIC]["sriov_drivers_autoprobe"] == ops.devs[NVME]["sriov_drivers_autoprobe"] == "0"
     assert ops.log.index(f"probe {nvme['address']}") > ops.log.index("virt-mgmt /dev/nvme0 c2 rt0 act9 nr0")
     record = json.loads(env["state"].read_text())
     assert record["boot_id"] == BOOT_ID and all({"what", "op", "args"} <= set(s) for s in record["undo"])
