@@ -33,11 +33,14 @@ class Call:
         return {"op": self.op, "args": list(self.args)}
 
 
+# The SriovOps methods an undo step may call (what prepare and native-setup log, nothing more).
+UNDO_OPS = frozenset({"write_attr", "virt_mgmt", "set_vf_mac", "bind", "unbind", "del_address", "set_up"})
+
+
 def call_from_json(ops: SriovOps, d: dict) -> Call:
-    """A stored :meth:`Call.to_json` back; refuses a method SriovOps does not have."""
+    """A stored :meth:`Call.to_json` back; refuses a method that is no undo step."""
     op, args = d.get("op"), d.get("args")
-    if not isinstance(op, str) or op.startswith("_") or not callable(getattr(ops, op, None)) \
-            or not isinstance(args, list):
+    if op not in UNDO_OPS or not callable(getattr(ops, op, None)) or not isinstance(args, list):
         raise LaunchError(f"undo step {d!r} is not a call coreslice writes; the undo file is damaged")
     return Call(ops, op, tuple(args))
 

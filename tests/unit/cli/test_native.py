@@ -243,7 +243,7 @@ def test_call_round_trip_and_damaged_steps():
     c = Call(ops, "write_attr", (NIC, "sriov_numvfs", "0"))
     back = call_from_json(ops, json.loads(json.dumps(c.to_json())))
     assert back == c
-    for bad in ({"op": "_vf_addr", "args": []}, {"op": "nosuch", "args": []}, {"op": "bind", "args": "x"}, {}):
+    for bad in ({"op": "_vf_addr", "args": []}, {"op": "probe", "args": [NIC]}, {"op": "nosuch", "args": []}, {"op": "bind", "args": "x"}, {}):
         with pytest.raises(LaunchError, match="damaged"):
             call_from_json(ops, bad)
 
