@@ -206,7 +206,7 @@ def test_native_setup_gives_the_host_the_slices_vfs(result):
     blocks_during = out.splitlines()[out.splitlines().index(addr_line) + 1].split()
     assert disk in blocks_during
     undo_doc, _ = json.JSONDecoder().raw_decode(out[out.index("{", out.index(addr_line)):])
-    assert undo_doc["ok"] and undo_doc["failed"] == [], undo_doc
+    assert undo_doc["ok"] and undo_doc["left"] == [], undo_doc
     assert [l for l in out.splitlines() if l.startswith("DRV")] == ["DRV", "DRV"], out
     after = out[out.index("AFTER "):].split()  # the count of 10.99.1.2 addresses, then /sys/block
     assert after[:2] == ["AFTER", "0"] and disk not in after[2:], out

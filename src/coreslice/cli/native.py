@@ -16,7 +16,7 @@ from coreslice import config as configmod
 from coreslice import declared
 from coreslice.cli.slices import LEDGER_HELP
 from coreslice.cli.sriov import held_functions
-from coreslice.errors import UsageError
+from coreslice.errors import LaunchError, UsageError
 from coreslice.host.snapshot import discover
 from coreslice.launch import native as effects
 from coreslice.launch.session import open_ledger
@@ -128,6 +128,9 @@ def _setup(args, sl: plan.NativeSlice, host, ledger, path: Path) -> int:
     ip = plan.check_address(args.address) if args.address else sl.address
     if args.address and len(nics) != 1:
         raise UsageError(f"--address goes with exactly one NIC VF; slice '{sl.name}' has {len(nics)}")
+    if ip and len(nics) > 1:
+        raise UsageError(f"slice '{sl.name}' has {len(nics)} NIC VFs and its image one address ({ip}); "
+                         "give --address to the one NIC VF of a slice, or set addresses by hand")
     if path.exists():
         raise UsageError(f"native-setup --like {sl.name} is already in place ({path}); undo it first "
                          f"(coreslice native-setup --like {sl.name} --undo)")
@@ -158,7 +161,18 @@ def _setup(args, sl: plan.NativeSlice, host, ledger, path: Path) -> int:
     from coreslice.nvme.ops import udev_settle
     state = effects.setup(sl.name, host.boot_id, checked, ops, ip=ip, namespaces=namespaces,
                           progress=_progress(args), wait=args.wait, settle=lambda: udev_settle(args.wait))
-    effects.save_state(state, path)
+    try:
+        effects.save_state(state, path)
+    except BaseException as e:  # no record, no --undo: take the changes back now
+        done, left = effects.undo(state, ops)
+        why = f"writing {path} failed ({e})" if isinstance(e, Exception) else "interrupted"
+        msg = (f"{why}; undid all {len(done)} changes" if not left else
+               f"{why}; undid {len(done)} changes, could not undo {left[-1]['what']} ({left[-1]['error']}) "
+               "and older ones: fix these by hand")
+        if isinstance(e, Exception):
+            raise LaunchError(msg) from e
+        print(f"coreslice native-setup: {msg}", file=sys.stderr)
+        raise
     out.update(checked_only=False, vfs=[v.to_json() for v in state.vfs], changes=len(state.undo))
     lines = []
     for v in state.vfs:
@@ -182,22 +196,21 @@ def _undo(args, host, path: Path) -> int:
                          "file, there is nothing to undo")
     machine = machine_for(True)
     assert machine is not None
-    done, failed = effects.undo(state, machine.sriov, _progress(args))
-    if failed:
-        state.undo = failed
+    done, left = effects.undo(state, machine.sriov, _progress(args))
+    if left:
+        state.undo = left
         effects.save_state(state, path)  # what is left, for another --undo after a fix
     else:
         path.unlink()
-    out = {"ok": not failed, "undone": done, "failed": failed, "state_file": str(path)}
-    text = (f"undid {len(done)} changes of native-setup --like {args.like}" if not failed else
-            f"undid {len(done)} changes; could not undo: "
-            + "; ".join(f"{f['what']} ({f['error']})" for f in failed)
-            + f": fix them and run --undo again ({path} keeps them)")
-    if failed and not args.json:
+    out = {"ok": not left, "undone": done, "left": left, "state_file": str(path)}
+    text = (f"undid {len(done)} changes of native-setup --like {args.like}" if not left else
+            f"undid {len(done)} changes, then could not undo {left[-1]['what']} ({left[-1]['error']}); "
+            f"{len(left)} changes are left in {path}: fix the cause and run --undo again")
+    if left and not args.json:
         print(f"coreslice: error: {text}", file=sys.stderr)
         return 1
     _print(args, out, text)
-    return 0 if not failed else 1
+    return 0 if not left else 1
 
 
 def _print(args, out: dict, text: str, warnings=()) -> int:

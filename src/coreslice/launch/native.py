@@ -191,14 +191,19 @@ def setup(name: str, boot_id: str, checked: Sequence[Checked], ops: SriovOps, *,
 
 
 def undo(state: NativeState, ops: SriovOps, progress: Progress = lambda _m: None) -> tuple[list[str], list[dict]]:
-    """Replay the record's undo steps newest first: (what was undone, the steps that failed)."""
-    done, failed = [], []
-    for step in reversed(state.undo):
+    """Replay the record's undo steps newest first, stopping at the first that fails (the older
+    ones act on what it should have removed: an interface, a VF): (what was undone, the steps
+    left, oldest first, the failed one last with its error)."""
+    done = []
+    steps = list(state.undo)
+    while steps:
+        step = steps[-1]
         try:
             progress(f"undo: {step.get('what')}")
             call_from_json(ops, step)()
-            done.append(str(step.get("what")))
-        except Exception as e:  # keep undoing the rest
-            failed.append({**step, "error": str(e)})
-    failed.reverse()  # oldest first again, as the record keeps them
-    return done, failed
+        except Exception as e:
+            steps[-1] = {**step, "error": str(e)}
+            return done, steps
+        done.append(str(step.get("what")))
+        steps.pop()
+    return done, []

@@ -159,13 +159,17 @@ def _prepare_one(ops: SriovOps, c: Checked, prep: Preparation, progress) -> Prep
 
 
 def prepare(checked: Sequence[Checked], ops: SriovOps, progress: Callable[[str], None] = lambda _m: None) -> Preparation:
-    """Make the changes; on any failure undo them all and raise LaunchError saying so."""
+    """Make the changes; on any failure undo them all and raise LaunchError saying so (on Ctrl-C
+    undo them too, and let the interrupt go on)."""
     prep = Preparation()
     try:
         for c in checked:
             prep.vfs.append(_prepare_one(ops, c, prep, progress))
     except Exception as e:
         raise LaunchError(f"{e}; {undo_message(prep)}") from e
+    except BaseException:
+        progress(f"interrupted: {undo_message(prep)}")
+        raise
     return prep
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -187,9 +188,14 @@ class RealOps:
 
     def block_devices(self, address: str) -> list[str]:
         d = self._dev(address) / "nvme"
-        out = []
+        out: list[str] = []
         for ctrl in sorted(os.listdir(d)) if d.is_dir() else []:
-            out += sorted(n for n in os.listdir(d / ctrl) if n.startswith("nvme") and "n" in n.removeprefix("nvme"))
+            for n in sorted(os.listdir(d / ctrl)):
+                # With native multipath the controller holds the hidden path nvmeAcBnC; its disk
+                # (the one with a /dev node) is the subsystem's head nvmeAnC.
+                m = re.fullmatch(r"nvme(\d+)(?:c\d+)?n(\d+)", n)
+                if m and f"nvme{m[1]}n{m[2]}" not in out:
+                    out.append(f"nvme{m[1]}n{m[2]}")
         return out
 
     def _ipr(self, what: str, fn):

@@ -96,7 +96,7 @@ def test_setup_then_undo_restores_everything(env, capsys):
     rc, out, err = run(capsys, "--like", "web1", "--undo", "--json")
     assert rc == 0, err
     doc = json.loads(out)
-    assert doc["ok"] and doc["failed"] == [] and len(doc["undone"]) == len(record["undo"])
+    assert doc["ok"] and doc["left"] == [] and len(doc["undone"]) == len(record["undo"])
     assert not env["state"].exists()
     assert snapshot(ops) == before
     # newest first: the address goes while the interface is still there, then the driver
@@ -218,8 +218,11 @@ def test_undo_keeps_what_failed(env, capsys, monkeypatch):
     monkeypatch.setattr(ops, "set_vf_mac", lambda *a: (_ for _ in ()).throw(LaunchError("netlink down")))
     rc, _, err = run(capsys, "--like", "web1", "--undo")
     assert rc == 1 and "netlink down" in err
-    left = json.loads(env["state"].read_text())["undo"]
-    assert [s["op"] for s in left] == ["set_vf_mac"]
+    record = json.loads(env["state"].read_text())["undo"]
+    # stopped at the MAC: it and the older steps (VFs off, autoprobe back) are left for next time
+    assert [s["op"] for s in record][-1] == "set_vf_mac" and "netlink down" in record[-1]["error"]
+    assert any(s["what"].startswith("VFs of") for s in record)
+    assert ops.devs[NIC]["sriov_numvfs"] == "7"  # not disabled behind the failed step
     monkeypatch.setattr(ops, "set_vf_mac", real)
     assert run(capsys, "--like", "web1", "--undo")[0] == 0 and not env["state"].exists()
 
@@ -253,3 +256,39 @@ def test_held_vfs_reads_records(tmp_path):
     effects.save_state(st, tmp_path / "a.json")
     (tmp_path / "junk.json").write_text("{")
     assert effects.held_vfs(tmp_path) == {"0000:11:00.1": "a (native-setup)"}
+
+
+def test_unwritable_record_undoes_all(env, capsys, monkeypatch):
+    ops = env["ops"]
+    before = snapshot(ops)
+
+    def fail(*_a):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(effects, "save_state", fail)
+    rc, _, err = run(capsys, "--like", "web1")
+    assert rc == 1 and "No space left" in err and "undid all" in err, err
+    assert snapshot(ops) == before
+
+
+def test_ctrl_c_while_preparing_undoes_all(env, capsys, monkeypatch):
+    ops = env["ops"]
+    before = snapshot(ops)
+    real = ops.virt_mgmt
+
+    def interrupt(dev, cntlid, rt, act, nr):
+        if act == 9:  # Secondary Online: after VFs were enabled and resources assigned
+            raise KeyboardInterrupt
+        real(dev, cntlid, rt, act, nr)
+    monkeypatch.setattr(ops, "virt_mgmt", interrupt)
+    assert run(capsys, "--like", "web1")[0] == 130
+    assert snapshot(ops) == before and not env["state"].exists()
+
+
+def test_real_block_devices_name_the_multipath_head(tmp_path):
+    """With native multipath a controller's directory holds the hidden path nvme0c1n1; the disk
+    is the head nvme0n1 (what /dev has)."""
+    from coreslice.machine.sriov import RealOps
+    ctrl = tmp_path / "sys/bus/pci/devices/0000:12:00.2/nvme/nvme1"
+    for n in ("nvme0c1n1", "nvme0c1n3", "ng1n1", "device", "nvme1"):
+        (ctrl / n).mkdir(parents=True)
+    assert RealOps(tmp_path).block_devices("0000:12:00.2") == ["nvme0n1", "nvme0n3"]
