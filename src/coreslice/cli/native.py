@@ -14,7 +14,7 @@ from pathlib import Path
 
 from coreslice import config as configmod
 from coreslice import declared
-from coreslice.cli.slices import LEDGER_HELP
+from coreslice.cli.slices import LEDGER_HELP, newest_of_any_boot
 from coreslice.cli.sriov import held_functions
 from coreslice.errors import LaunchError, UsageError
 from coreslice.host.snapshot import discover
@@ -82,9 +82,8 @@ def find_slice(name: str, ledger, slices_dir: Path | None) -> plan.NativeSlice:
     """The ledger's newest row named ``name`` (any host boot), else its declaration."""
     from coreslice.cli import build_parser
 
-    rows = [r for r in ledger.slices(history=True) if r.name == name]
-    if rows:
-        row = rows[-1]
+    row = newest_of_any_boot(ledger, name)
+    if row is not None:
         if row.request is None:
             raise UsageError(f"slice '{name}' was recorded without its boot request (by an older coreslice); "
                              "declare it in the slices directory, or boot it once with this coreslice")

@@ -248,6 +248,13 @@ def _cmd_stop(args) -> int:
     return 0
 
 
+def newest_of_any_boot(ledger, name: str) -> SliceRecord | None:
+    """The newest row of ``name`` of any host boot (vm --like, native-setup --like: the baselines
+    run in other boots than the slice)."""
+    rows = [r for r in ledger.slices(history=True) if r.name == name]
+    return rows[-1] if rows else None  # rows come oldest first
+
+
 def latest(ledger, host, name: str) -> SliceRecord | None:
     """The newest row of ``name`` in this host boot (held or not)."""
     rows = [r for r in ledger.slices(history=True) if r.name == name and r.boot_id == host.boot_id]

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from coreslice.cli.host import root_arg
-from coreslice.cli.slices import HOST_ROOT_HELP, LEDGER_HELP, cpu_list_arg
+from coreslice.cli.slices import HOST_ROOT_HELP, LEDGER_HELP, cpu_list_arg, newest_of_any_boot
 from coreslice.errors import UsageError
 from coreslice.vm import hugepages as hp
 from coreslice.vm import vfio
@@ -101,15 +101,13 @@ def _like(args, host) -> VmResources:
     if given:
         raise UsageError(f"--like takes the slice's resources; drop {', '.join(given)}, or drop --like")
     ledger = open_ledger(args.ledger, host, readonly=True)
-    rows = ledger.slices(history=True)
-    mine = [r for r in rows if r.name == args.like]
-    if not mine:
-        known = sorted({r.name for r in rows})
+    row = newest_of_any_boot(ledger, args.like)
+    if row is None:
+        known = sorted({r.name for r in ledger.slices(history=True)})
         fix = (f"(known: {', '.join(known)}); give one of those to --like" if known else
                "(it records no slices); boot the slice first")
         raise UsageError(f"no slice named '{args.like}' in the ledger {ledger.path} {fix}, or give the resources "
                          "as for coreslice boot")
-    row = mine[-1]  # rows come oldest first
     if not row.kernel:
         raise UsageError(f"slice '{row.name}' was recorded without its kernel; give --kernel etc. instead of --like")
     return VmResources(kernel=Path(row.kernel), initrd=Path(row.initrd) if row.initrd else None, cpus=row.cpus,
