@@ -29,6 +29,7 @@ pytestmark = pytest.mark.e2e
 CYCLES = 20
 MEM_EVERY = 5  # cycles between memory measurements
 MEM = 256 << 20
+STEP_S = 300  # bound on one restart, stop or console wait (a cycle takes ~1 min under TCG)
 
 # Counts a byte string in physical memory [base, base + size), reading 16 MiB at a time through
 # the loader's own /dev/mem access (chunks overlap by len(marker) - 1 so none is missed).
@@ -42,6 +43,37 @@ while pos < size:
     n += chunk.count(marker)
     pos += step
 print(n)
+"""
+
+# After a cycle: the user processes (non-empty cmdline; kernel threads come and go) and the size of
+# coreslice's state on disk as `du -sk` counts it; every MEM_EVERY cycles also /proc/meminfo, after
+# sync + drop_caches (which slows the next launch: it reads the tree over 9p again).  One Python
+# process, not a shell loop: two forks per process cost ~15 s a cycle under TCG.
+MEASURE = r"""
+import os, sys
+i, every = int(sys.argv[1]), int(sys.argv[2])
+me, procs = os.getpid(), []
+for pid in sorted((int(p) for p in os.listdir("/proc") if p.isdigit())):
+    try:
+        raw = open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        continue
+    if raw and pid != me:
+        procs.append(raw.replace(b"\0", b" ").decode(errors="replace"))
+open(f"procs-{i}.txt", "w").write("".join(p + "\n" for p in procs))
+kib = 0
+for top in ("/var/lib/coreslice", "/run/coreslice"):
+    for root, _dirs, files in os.walk(top):
+        for path in [root] + [os.path.join(root, f) for f in files]:
+            try:
+                kib += os.lstat(path).st_blocks // 2
+            except OSError:
+                pass
+open(f"state-{i}.txt", "w").write(f"{kib}\n")
+if i % every == 0:
+    os.sync()
+    open("/proc/sys/vm/drop_caches", "w").write("3")
+    open(f"mem-{i}.txt", "w").write(open("/proc/meminfo").read())
 """
 
 
@@ -64,16 +96,14 @@ def _script(marker: str, kernel_initrd: str) -> str:
         f"python3 scan.py $base {MEM} {q(marker)} > marker-running.txt",
         f"{wait} > console-0.txt 2>&1; echo $? > console-0.rc",
         "cat /proc/interrupts > irq-before.txt",
-        # After every cycle: user processes and coreslice's state on disk; every MEM_EVERY cycles
-        # also /proc/meminfo, after sync + drop_caches (which slows the next launch: it reads the
-        # tree over 9p again).
-        "measure() { for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f 2>/dev/null | grep . ; done > procs-$1.txt;",
-        "  du -sk /var/lib/coreslice /run/coreslice 2>/dev/null | awk '{k += $1} END {print k + 0}' > state-$1.txt;",
-        f"  if [ $(($1 % {MEM_EVERY})) -eq 0 ]; then sync; echo 3 > /proc/sys/vm/drop_caches; cat /proc/meminfo > mem-$1.txt; fi; }}",
+        "cat > measure.py <<'EOF'", MEASURE.strip(), "EOF",
+        f"measure() {{ python3 measure.py $1 {MEM_EVERY}; }}",
         "measure 0",
+        # Every step is bounded (HOSTCMD_PREAMBLE): a restart that hangs leaves its stacks and the
+        # vCPUs' state instead of running into the run's --timeout with nothing to explain it.
         f"i=1; while [ $i -le {CYCLES} ]; do",
-        "  coreslice restart cyc --json > restart-$i.json 2> restart-$i.err; echo $? > restart-$i.rc",
-        f"  {wait} > console-$i.txt 2>&1; rc=$?; echo $rc > console-$i.rc",
+        f"  bounded restart-$i {STEP_S} coreslice restart cyc --json > restart-$i.json 2> restart-$i.err; echo $? > restart-$i.rc",
+        f"  bounded console-$i {STEP_S} {wait} > console-$i.txt 2>&1; rc=$?; echo $rc > console-$i.rc",
         # A cycle that never reported: QEMU's view of its CPUs while they are still stuck (once).
         '  if [ $rc -ne 0 ] && [ ! -e postmortem-cyc.done ]; then',
         '    coreslice status cyc --json > status-$i.json 2>&1; postmortem cyc 1 2; fi',
@@ -81,7 +111,7 @@ def _script(marker: str, kernel_initrd: str) -> str:
         "  i=$((i+1))",
         "done",
         "cat /proc/interrupts > irq-after.txt",
-        "coreslice stop cyc --json > stop.json 2> stop.err; echo $? > stop.rc",
+        f"bounded stop {STEP_S} coreslice stop cyc --json > stop.json 2> stop.err; echo $? > stop.rc",
         f"python3 scan.py $base {MEM} {q(marker)} > marker-stopped.txt",
         # A launch killed in its writing phase: CPUs parked, the image half written.
         f"CORESLICE_TEST_PAUSE_AT=writing CORESLICE_TEST_PAUSE_FILE=$PWD/paused coreslice boot {kernel_initrd}"
@@ -89,8 +119,8 @@ def _script(marker: str, kernel_initrd: str) -> str:
         "n=0; while [ ! -e paused ] && [ $n -lt 600 ]; do sleep 0.2; n=$((n+1)); done",
         "kill -9 $(cut -d' ' -f1 paused); sleep 0.5",
         "coreslice list --all --json > k9-list.json",
-        "coreslice restart k9 --json > k9-restart.json 2> k9-restart.err; echo $? > k9-restart.rc",
-        f"coreslice console k9 --wait {q(REPORT_TAG)} --timeout 120 > k9-console.txt 2>&1; echo $? > k9-console.rc",
+        f"bounded k9-restart {STEP_S} coreslice restart k9 --json > k9-restart.json 2> k9-restart.err; echo $? > k9-restart.rc",
+        f"bounded k9-console {STEP_S} coreslice console k9 --wait {q(REPORT_TAG)} --timeout 120 > k9-console.txt 2>&1; echo $? > k9-console.rc",
         "coreslice list --all --json > list-end.json",
         "uptime > host-still-up.txt",
     ])
@@ -119,7 +149,7 @@ def test_twenty_restarts_scrub_and_a_killed_launch(run_dir, testbed_ready):
     ki = f"--kernel {shlex.quote(str(kernel.vmlinuz))} --initrd {shlex.quote(str(slice_initrd))}"
     result = run(RunOptions(
         slices=[f"--cpus 1-2 --memory 256M --name cyc --cmdline coreslice.marker={marker}"],
-        host_cmds=[_script(marker, ki)], workdir=run_dir, timeout=1500))
+        host_cmds=[_script(marker, ki)], workdir=run_dir, timeout=2400))
     host = result["host"]
     assert host.get("error") is None, host
     (s,) = result["slices"]

@@ -54,10 +54,37 @@ EVENTS_FILE = "events"
 # Put before every host command: `postmortem LABEL [APIC_ID...]` asks the outside for QEMU's view
 # of the vCPUs (registers, local APIC) while a slice is stuck, and waits (at most 60 s) until it
 # has been written, so that the command's next step (a restart, say) does not change it first.
+#
+# `bounded LABEL SECONDS CMD...` runs CMD (with its caller's redirections) for at most SECONDS.
+# A command still running then is a hang to explain, not to wait out: its threads' kernel stacks
+# and states go to bounded-LABEL.txt, the host kernel's blocked tasks and CPU backtraces to its
+# console (sysrq w, l), then SIGABRT makes Python print where it was (PYTHONFAULTHANDLER, to the
+# command's stderr), SIGKILL follows, and `postmortem LABEL` keeps QEMU's view of the vCPUs.
+# Returns CMD's exit code, 124 after a timeout.
 HOSTCMD_PREAMBLE = """\
 postmortem() {
     echo "postmortem $* $(cut -d' ' -f1 /proc/uptime)" >>"$RUN/events"
     n=0; while [ ! -e "$RUN/postmortem-$1.done" ] && [ $n -lt 300 ]; do sleep 0.2; n=$((n+1)); done
+}
+bounded() {
+    _bl=$1; _bs=$2; shift 2
+    PYTHONFAULTHANDLER=1 "$@" &
+    _bp=$!; _bn=0
+    while kill -0 $_bp 2>/dev/null && [ $_bn -lt $_bs ]; do sleep 1; _bn=$((_bn+1)); done
+    if kill -0 $_bp 2>/dev/null; then
+        { echo "bounded $_bl: pid $_bp still running after $_bs s: $*"
+          for t in /proc/$_bp/task/*; do echo "== $t $(cat $t/comm 2>/dev/null)"; grep -E '^(State|voluntary|nonvoluntary)' $t/status 2>/dev/null
+            echo "wchan $(cat $t/wchan 2>/dev/null)"; cat $t/stack 2>/dev/null; done
+          echo "== children"; cat /proc/$_bp/task/*/children 2>/dev/null; echo; } >"$RUN/bounded-$_bl.txt" 2>&1
+        { echo w > /proc/sysrq-trigger; echo l > /proc/sysrq-trigger; } 2>/dev/null
+        echo "bounded $_bl timeout $(cut -d' ' -f1 /proc/uptime)" >>"$RUN/events"
+        kill -ABRT $_bp 2>/dev/null; _bn=0
+        while kill -0 $_bp 2>/dev/null && [ $_bn -lt 10 ]; do sleep 0.5; _bn=$((_bn+1)); done
+        kill -KILL $_bp 2>/dev/null; wait $_bp
+        postmortem "$_bl"
+        return 124
+    fi
+    wait $_bp
 }
 """
 LEDGER_PATH = "/run/coreslice/ledger.sqlite3"  # in the emulated host (tmpfs)

@@ -459,8 +459,12 @@ def _run(options: RunOptions, guests: list) -> dict:
                     timings["qemu_to_slices_launched"] = round(now - t0, 3)
                     if any(s.waiting(now, options.slice_timeout) for s in states):
                         progress("waiting for the slices to report from user space")
+                elif name == "bounded" and args:
+                    progress(f"host command step '{args[0]}' still running at its bound: its stacks are in "
+                             f"{run_dir / ('bounded-' + args[0] + '.txt')}")
                 elif name == "postmortem" and args:
-                    _save_postmortem(run_dir, machine, args[0], args[1:])
+                    # No APIC IDs named (a `bounded` command that hung): every CPU in use.
+                    _save_postmortem(run_dir, machine, args[0], args[1:] or _apic_ids_in_use(run_dir, states))
                 elif name == "hostcmd-start":
                     progress(f"host command {args[0]}: {options.host_cmds[int(args[0])]}")
                 elif name == "job-end":

@@ -201,3 +201,30 @@ def test_a_timed_out_run_names_the_host_and_slice_apic_ids_for_its_postmortem(tm
     (tmp_path / "slice-1.stdout").write_text("")
     states = [SimpleNamespace(job=SimpleNamespace(index=0)), SimpleNamespace(job=SimpleNamespace(index=1))]
     assert run._apic_ids_in_use(tmp_path, states) == ["0", "2", "3"]
+
+
+def test_bounded_passes_a_quick_commands_exit_code_and_explains_a_hung_one(tmp_path):
+    """`bounded LABEL S CMD`: a command that ends in time gives its own exit code and output; one
+    still running after S seconds leaves its threads' stacks, an event, Python's traceback (SIGABRT
+    with PYTHONFAULTHANDLER) on its stderr, asks for a postmortem, and returns 124."""
+    import shutil
+    import subprocess
+    import sys
+
+    from coreslice.testbed import job
+
+    sh = shutil.which("dash") or shutil.which("sh")
+    (tmp_path / "postmortem-slow.done").write_text("")  # the outside's answer, given in advance
+    script = job.HOSTCMD_PREAMBLE + (
+        "bounded quick 20 sh -c 'echo out; exit 3' > quick.out; echo $? > quick.rc\n"
+        f"bounded slow 1 {sys.executable} -c 'import time; time.sleep(60)' 2> slow.err; echo $? > slow.rc\n")
+    subprocess.run([sh, "-c", script], cwd=tmp_path, env={"RUN": str(tmp_path), "PATH": "/usr/bin:/bin"},
+                   check=True, timeout=60)
+    assert (tmp_path / "quick.rc").read_text().strip() == "3"
+    assert (tmp_path / "quick.out").read_text() == "out\n"
+    assert not (tmp_path / "bounded-quick.txt").exists()
+    assert (tmp_path / "slow.rc").read_text().strip() == "124"
+    assert "still running after 1 s" in (tmp_path / "bounded-slow.txt").read_text()
+    assert "Fatal Python error: Aborted" in (tmp_path / "slow.err").read_text()
+    events = [e.split() for e in (tmp_path / "events").read_text().splitlines()]
+    assert [e[:3] for e in events] == [["bounded", "slow", "timeout"], ["postmortem", "slow", events[1][2]]]
