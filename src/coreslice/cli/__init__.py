@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from coreslice import __version__
-from coreslice.cli import apply, boot, console, demo, dsdt, host, image, native, nvme, slices, sriov, testbed, vm, watch
+from coreslice.cli import apply, boot, console, demo, dsdt, evalcmd, host, image, native, nvme, slices, sriov, testbed, vm, watch
 from coreslice.errors import CoresliceError, UsageError
 
 
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(sub)
     vm.register(sub)
     native.register(sub)
+    evalcmd.register(sub)
     return parser
 
 

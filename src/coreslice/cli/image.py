@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from coreslice.errors import UsageError
 from coreslice.units import parse_size
 
 BUILD_HELP = """\
@@ -79,6 +80,8 @@ def add_image_args(p) -> None:
     p.add_argument("--packages", action="append", default=[], metavar="LIST",
                    help="more packages for --debian (comma-separated, repeatable); systemd, udev, cloud-init and "
                         "openssh-server are always in")
+    p.add_argument("--eval-tools", action="store_true",
+                   help="add the workloads of coreslice eval run (--debian only): " + " ".join(_eval_packages()))
     p.add_argument("--kernel-deb", dest="kernel_debs", action="append", default=[], type=Path, metavar="DEB",
                    help="the slice kernel's linux-image .deb, installed inside the image (modules match) instead "
                         "of the suite's linux-image-amd64 (repeatable; --debian only)")
@@ -124,7 +127,7 @@ def cmd_build(args) -> int:
     from coreslice.image.build import BuildRequest, build
 
     req = BuildRequest(target=args.target, out_dir=args.out_dir, size=args.size, rootfs=args.rootfs,
-                       sha256=args.sha256, debian=args.debian, packages=_packages(args.packages),
+                       sha256=args.sha256, debian=args.debian, packages=_packages(args),
                        kernel_debs=tuple(args.kernel_debs), label=args.label, cloud_config=args.cloud_config,
                        ssh_keys=tuple(args.ssh_keys), hostname=args.hostname, instance_id=args.instance_id,
                        network=args.network, nic_mac=args.nic_mac, force=args.force)
@@ -145,7 +148,7 @@ def cmd_install(args) -> int:
 
     pf, index = parse_vf(args.nvme_vf)
     b = BuildRequest(target=Path("/dev/null"), out_dir=args.out_dir, rootfs=args.rootfs, sha256=args.sha256,
-                     debian=args.debian, packages=_packages(args.packages), kernel_debs=tuple(args.kernel_debs),
+                     debian=args.debian, packages=_packages(args), kernel_debs=tuple(args.kernel_debs),
                      label=args.label, cloud_config=args.cloud_config, ssh_keys=tuple(args.ssh_keys),
                      hostname=args.hostname, instance_id=args.instance_id, network=args.network,
                      nic_mac=args.nic_mac, force=args.force)
@@ -161,6 +164,17 @@ def cmd_install(args) -> int:
     return 0
 
 
-def _packages(items: list[str]) -> tuple[str, ...]:
+def _eval_packages() -> tuple[str, ...]:
+    from coreslice.evaluation.workloads import EVAL_PACKAGES
+    return EVAL_PACKAGES
+
+
+def _packages(args) -> tuple[str, ...]:
     from coreslice.image.rootfs import check_packages
+    items = list(args.packages)
+    if args.eval_tools:
+        if not args.debian:
+            raise UsageError("--eval-tools installs Debian packages into the root it builds: give --debian SUITE "
+                             f"(or install {' '.join(_eval_packages())} into your --rootfs yourself)")
+        items.append(",".join(_eval_packages()))
     return check_packages(items)

@@ -1,0 +1,80 @@
+"""``eval run``'s loop: check the tools are there, run a workload's steps N times on its targets,
+keep every raw output, parse the figures, and stop any server it started, even on failure."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+from coreslice.errors import LaunchError, UsageError
+from coreslice.evaluation.results import ResultSet
+from coreslice.evaluation.targets import Target
+from coreslice.evaluation.workloads import ParseError, Params, Step, Workload
+
+STEP_SLACK_S = 120  # on top of a step's own run length: tool start, a slow ssh
+
+
+def missing_tools(w: Workload, p: Params, targets: dict[str, Target], timeout: float = 60) -> list[str]:
+    """The step commands absent where they run, as 'TOOL on TARGET'."""
+    need: dict[str, set[str]] = {}
+    for st in w.steps(p):
+        need.setdefault(st.where, set()).add(st.argv[0])
+    missing = []
+    for where, tools in sorted(need.items()):
+        t = targets[where]
+        names = sorted(tools)
+        got = t.run(["sh", "-c", " ".join(f"command -v {shlex.quote(n)} >/dev/null || echo {shlex.quote(n)};"
+                                          for n in names)], timeout)
+        if got.rc != 0:
+            raise LaunchError(f"cannot run a command on {t.name}: {(got.stderr or got.stdout).strip()[-300:]}")
+        missing += [f"{n} on {t.name}" for n in got.stdout.split()]
+    return missing
+
+
+def _raw_name(w: Workload, column: str, i: int, label: str) -> str:
+    return f"{w.name}-{column}-{i}-{label}.txt"
+
+
+def run(w: Workload, p: Params, targets: dict[str, Target], rs: ResultSet, repeat: int, raw_dir: Path,
+        progress: Callable[[str], None] = lambda _m: None, clock=time.monotonic) -> ResultSet:
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(1, repeat + 1):
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        t0 = clock()
+        outputs: dict[str, str] = {}
+        raw: list[str] = []
+        servers: list[Step] = []
+        try:
+            for st in w.steps(p):
+                t = targets[st.where]
+                progress(f"{w.name} {rs.column} run {i}/{repeat}: {st.label} on {t.name}")
+                got = t.run(list(st.argv), timeout=p.seconds + STEP_SLACK_S)
+                name = _raw_name(w, rs.column, i, st.label)
+                (raw_dir / name).write_text(got.stdout + (f"\n--- stderr ---\n{got.stderr}" if got.stderr else ""))
+                raw.append(name)
+                if got.rc != 0:
+                    raise LaunchError(f"{w.name}: '{shlex.join(st.argv)[:120]}' on {t.name} exited {got.rc}: "
+                                      f"{(got.stderr or got.stdout).strip()[-300:]} (raw output in {raw_dir / name})")
+                if st.background:
+                    servers.append(st)
+                    time.sleep(1)  # the server's listening socket, before the client connects
+                outputs[st.label] = got.stdout
+        finally:
+            for st in reversed(servers):
+                targets[st.where].run(list(st.stop), timeout=30)
+        try:
+            metrics = w.parse(outputs, p)
+        except ParseError as e:
+            raise LaunchError(f"{w.name} run {i}: {e} (raw output in {raw_dir})") from None
+        rs.runs.append({"started": started, "seconds": round(clock() - t0, 3), "metrics": metrics, "raw": raw})
+        progress(f"{w.name} {rs.column} run {i}/{repeat}: " + ", ".join(f"{k}={v:.6g}" for k, v in metrics.items()))
+    return rs
+
+
+def check_repeat(n: int) -> int:
+    if not 1 <= n <= 100:
+        raise UsageError(f"--repeat {n}: give 1 to 100 runs (the report takes their median)")
+    return n
