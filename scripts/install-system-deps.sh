@@ -128,7 +128,8 @@ fi
 base_pkgs="e2fsprogs busybox-static cpio kmod iproute2 acpica-tools ca-certificates python3 python3-venv nvme-cli
  mmdebstrap fdisk libarchive13 openssh-client"
 # systemd: its systemd-analyze verifies the units of `coreslice host install-units` (a container may lack it).
-[ "$with_test" -eq 1 ] && base_pkgs="$base_pkgs git systemd"
+# sysbench: the native leg of the eval test runs it inside the emulated host, whose root is this machine's.
+[ "$with_test" -eq 1 ] && base_pkgs="$base_pkgs git systemd sysbench"
 # From backports: QEMU 10 (the emulated machine; its igb/nvme SR-IOV models need it).
 bp_pkgs="qemu-system-x86 qemu-utils"
 

@@ -86,6 +86,7 @@ def register(sub) -> None:
     r.add_argument("--out", type=Path, metavar="DIR", help="where the result file goes (required unless --dry-run)")
     r.add_argument("--ssh", metavar="[USER@]HOST[:PORT]", help="the slice or VM to run in (slice default: root@ "
                                                               "the address of the slice's image)")
+    r.add_argument("--ssh-key", metavar="FILE", help="the private key for --ssh and --client (default: ssh's own)")
     r.add_argument("--client", metavar="[USER@]HOST[:PORT]", help="where the kv load generator runs (default: here)")
     r.add_argument("--disk", metavar="DEV", help="storage: the block device to read (the slice's NVMe namespace)")
     r.add_argument("--peer", metavar="ADDR", help="network: the iperf3 server (start iperf3 -s there)")
@@ -194,8 +195,8 @@ def cmd_run(args) -> int:
             raise UsageError(f"--mode {args.mode} needs --ssh [USER@]HOST: " +
                              ("the VM's address" if args.mode == "vm" else
                               f"slice '{sl.name}''s image records no static address"))
-        target = make_target(dest)
-    client = make_target(args.client) if args.client else local_target()
+        target = make_target(dest, args.ssh_key)
+    client = make_target(args.client, args.ssh_key) if args.client else local_target()
     server = args.server or ("127.0.0.1" if args.mode == "native" else
                              (target.dest.split("@")[-1] if isinstance(target, targetmod.Ssh) else None))
     p = workloads.Params(cpus=sl.ncpus, seconds=args.seconds, disk=args.disk, peer=args.peer, server=server,

@@ -69,7 +69,7 @@ class Ssh:
         return _run(self.argv(argv), timeout)
 
 
-def parse_dest(text: str) -> Ssh:
+def parse_dest(text: str, identity: str | None = None) -> Ssh:
     """``[user@]host[:port]`` for --ssh / --client."""
     dest, port = text, None
     if text.count(":") == 1:
@@ -79,7 +79,7 @@ def parse_dest(text: str) -> Ssh:
         port = int(p)
     if not dest or any(c.isspace() for c in dest) or dest.startswith("-"):
         raise UsageError(f"'{text}' is not [user@]host[:port]")
-    return Ssh(dest, port)
+    return Ssh(dest, port, identity)
 
 
 # What the environment record asks the target: kernel, CPUs online, memory, PCI functions and

@@ -121,7 +121,7 @@ def kernel_deb(kernel) -> Path:
 
 
 def prepare(choice: str, run_dir: Path, k: int, kernel, key: Path, cloud_config: Path | None,
-            address: str, gateway: str, mac: str) -> Guest:
+            address: str, gateway: str, mac: str, packages: tuple[str, ...] = ()) -> Guest:
     """Build (debian) or overlay (DIR) the slice's disk."""
     if choice != "debian":
         src = Path(choice).resolve()
@@ -135,7 +135,7 @@ def prepare(choice: str, run_dir: Path, k: int, kernel, key: Path, cloud_config:
     cfg = cloud_config or default_cloud_config(run_dir, key, k)
     user, host = user_and_host(cfg)
     out = run_dir / f"guest-{k}"
-    req = BuildRequest(target=run_dir / f"guest-{k}.img", out_dir=out, debian=SUITE,
+    req = BuildRequest(target=run_dir / f"guest-{k}.img", out_dir=out, debian=SUITE, packages=packages,
                        kernel_debs=(kernel_deb(kernel),), cloud_config=cfg,
                        ssh_keys=(Path(str(key) + ".pub"),), network=f"{address}/24,{gateway}", nic_mac=mac,
                        hostname=None if host else f"slice{k}")

@@ -80,6 +80,7 @@ class RunOptions:
     guest_os: str | None = None
     guest_cloud_config: Path | None = None
     guest_ssh_key: Path | None = None  # private key; its .pub beside it
+    guest_packages: tuple[str, ...] = ()  # more Debian packages in a --guest-os debian image
     keep_guest_disks: bool = False
     # Record every device access of the slices' CPUs (testbed/audit.py) from the first boot to
     # audit_steady seconds after the last report.
@@ -360,7 +361,8 @@ def _run(options: RunOptions, guests: list) -> dict:
             key = guestos.ensure_keypair(run_dir, options.guest_ssh_key)
             for ln in links:
                 guests.append(guestos.prepare(options.guest_os, run_dir, ln.k, kernel, key,
-                                              options.guest_cloud_config, ln.slice_ip, ln.host_ip, ln.slice_mac))
+                                              options.guest_cloud_config, ln.slice_ip, ln.host_ip, ln.slice_mac,
+                                              packages=options.guest_packages))
             links = [dataclasses.replace(ln, image=g.disk, image_format=g.disk_format, guest_os=True)
                      for ln, g in zip(links, guests)]
             jobs = [dataclasses.replace(j, args=guestos.slice_args(j.args, g)) for j, g in zip(jobs, guests)]

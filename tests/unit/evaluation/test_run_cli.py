@@ -51,7 +51,7 @@ def env(tmp_path, monkeypatch, bzimage):
     monkeypatch.setenv("CORESLICE_LEDGER", str(tmp_path / "ledger.sqlite3"))
     fakes = {"local": FakeTarget("this host"), "remote": FakeTarget("root@10.0.0.2")}
     monkeypatch.setattr(evalcmd, "local_target", lambda: fakes["local"])
-    monkeypatch.setattr(evalcmd, "make_target", lambda dest: fakes["remote"])
+    monkeypatch.setattr(evalcmd, "make_target", lambda dest, key=None: fakes["remote"])
     return {"tmp": tmp_path, "fakes": fakes, "host": host}
 
 

@@ -110,7 +110,7 @@ def test_built_by_a_user_without_root(nobody_dir, root_tar):
 
 @pytest.mark.parametrize("case", ["truncated", "no kernel", "no nvme", "small size", "exists", "bad config",
                                   "private key", "wrong sha256", "label", "no source", "url without sha",
-                                  "directory target"])
+                                  "directory target", "eval tools"])
 def test_bad_input_writes_nothing(case, tmp_path, root_tar, capsys):
     img, out = tmp_path / "s.img", tmp_path / "out"
     src = root_tar
@@ -142,6 +142,8 @@ def test_bad_input_writes_nothing(case, tmp_path, root_tar, capsys):
     elif case == "directory target":
         img = tmp_path / "adir"
         img.mkdir()
+    elif case == "eval tools":
+        args = ["--eval-tools"]  # packages go into a --debian root only
     argv = ["image", "build", "--target", str(img), "--out-dir", str(out), "--json", "--quiet", *args]
     if case == "no source":
         pass
@@ -156,6 +158,8 @@ def test_bad_input_writes_nothing(case, tmp_path, root_tar, capsys):
     assert json.loads(cap.out)["ok"] is False
     if case == "truncated":
         assert "truncated or damaged" in cap.err, cap.err
+    if case == "eval tools":
+        assert "--eval-tools" in cap.err and "--debian" in cap.err, cap.err
     if case == "exists":
         assert img.read_bytes() == b"precious"
     elif case != "directory target":
@@ -205,6 +209,16 @@ def test_layout_and_sfdisk_script():
     assert "start=2048, size=126976" in disk.sfdisk_script(lay)
     lay4k = disk.plan_layout(64 << 20, 4096)
     assert "sector-size: 4096" in disk.sfdisk_script(lay4k) and "start=256," in disk.sfdisk_script(lay4k)
+
+
+def test_eval_tools_add_the_workloads_packages():
+    import argparse
+
+    from coreslice.cli import image as image_cli
+    from coreslice.evaluation.workloads import EVAL_PACKAGES
+    args = argparse.Namespace(packages=["curl"], eval_tools=True, debian="bookworm")
+    assert image_cli._packages(args) == ("curl", *EVAL_PACKAGES)
+    assert image_cli._packages(argparse.Namespace(packages=[], eval_tools=False, debian="bookworm")) == ()
 
 
 def test_mmdebstrap_command_line(tmp_path):
