@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -143,6 +144,30 @@ def _host_facts(host) -> modes.HostFacts:
     return modes.HostFacts(host.cmdline, sum(1 for c in host.cpus if c.online), vendor, hyper)
 
 
+def _native_setup_done(sl) -> bool:
+    """native-setup --like NAME is in place (its undo record), or the slice has no VFs to give."""
+    from coreslice.cli import native as native_cli
+    from coreslice.launch import native as native_effects
+    return not sl.vfs or native_effects.state_path(sl.name, native_cli.STATE_DIR).exists()
+
+
+def _check_out_dir(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} is a file; give a directory for the results")
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("/"))
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--out {path}: {parent} is not writable")
+
+
+def _check_output(path: Path | None, flag: str) -> None:
+    if path is None:
+        return
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file name")
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise UsageError(f"{flag} {path}: its directory {path.parent} does not exist or is not writable")
+
+
 def _slice_running(ledger, name: str) -> bool:
     return any(r.name == name and r.state == "running" for r in ledger.holding())
 
@@ -180,7 +205,7 @@ def cmd_run(args) -> int:
     host, ledger, sl = _context(args)
     facts = _host_facts(host)
     running = _slice_running(ledger, sl.name)
-    gaps = modes.gaps(args.mode, facts, sl, running)
+    gaps = modes.gaps(args.mode, facts, sl, running, native_setup=_native_setup_done(sl))
     if gaps and not args.any_profile:
         raise UsageError(f"--mode {args.mode} needs another host boot: {'; '.join(gaps)}; {modes.fix(args.mode, sl)} "
                          "(coreslice eval plan prints the whole sequence; --any-profile runs anyway)")
@@ -197,9 +222,14 @@ def cmd_run(args) -> int:
                               f"slice '{sl.name}''s image records no static address"))
         target = make_target(dest, args.ssh_key)
     client = make_target(args.client, args.ssh_key) if args.client else local_target()
-    server = args.server or ("127.0.0.1" if args.mode == "native" else
+    # kv's client reaches the server at: the slice's or VM's address; natively, the address
+    # native-setup gave the slice's NIC VF, else loopback (client and server then share the CPUs).
+    server = args.server or (address or "127.0.0.1" if args.mode == "native" else
                              (target.dest.split("@")[-1] if isinstance(target, targetmod.Ssh) else None))
-    p = workloads.Params(cpus=sl.ncpus, seconds=args.seconds, disk=args.disk, peer=args.peer, server=server,
+    if args.client and server in ("127.0.0.1", "localhost", "::1"):
+        raise UsageError(f"--client {args.client} would reach its own loopback: give --server ADDR, this host's "
+                         "address as the client sees it")
+    p = workloads.Params(cpus=sl.ncpus, mem_mib=sl.mem_size >> 20, seconds=args.seconds, disk=args.disk, peer=args.peer, server=server,
                          kv_sweep=_kv_sweep(args.kv_sweep), graph_nodes=args.graph_nodes)
     workloads.check_params(w, p)
     where = {"target": target, "client": client}
@@ -215,6 +245,7 @@ def cmd_run(args) -> int:
             for s in steps:
                 print(f"{where[s.where].name}: {' '.join(s.argv) if s.label != 'bfs' else 'python3 -c <graph BFS script>'}")
         return 0
+    _check_out_dir(args.out)
     missing = runner.missing_tools(w, p, where)
     if missing:
         raise UsageError(f"workload '{w.name}' needs {', '.join(missing)}: build the slice's image with "
@@ -223,6 +254,7 @@ def cmd_run(args) -> int:
     progress = _progress(args, "run")
     env = targetmod.environment(target)
     env.update(mode=args.mode, variant=variant, host_cmdline=facts.cmdline, host_profile_gaps=gaps,
+               host_profile=modes.current(facts, sl, running, native_setup=_native_setup_done(sl)),
                emulated=facts.emulated, slice=sl.to_json())
     rs = results.ResultSet(w.name, args.mode, variant,
                            {m.name: {"unit": m.unit, "higher_is_better": m.higher_is_better} for m in w.metrics},
@@ -242,6 +274,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
+    for path, flag in ((args.out, "--out"), (args.plot, "--plot"), (args.html, "--html")):
+        _check_output(path, flag)
     sets = results.load_dirs(args.dirs)
     rows, columns = reportmod.build(sets)
     doc = reportmod.to_json(rows, columns, sets)

@@ -43,10 +43,15 @@ def vm_gaps(facts: HostFacts, sl: NativeSlice) -> list[str]:
     return gaps
 
 
-def gaps(mode: str, facts: HostFacts, sl: NativeSlice, slice_running: bool) -> list[str]:
+def gaps(mode: str, facts: HostFacts, sl: NativeSlice, slice_running: bool, native_setup: bool = True) -> list[str]:
     """Why the running boot does not suit ``mode`` (empty: it does)."""
     if mode == "native":
-        return profile_gaps(facts.cmdline, facts.online_cpus, sl)
+        found = profile_gaps(facts.cmdline, facts.online_cpus, sl)
+        if slice_running:
+            found.append(f"slice '{sl.name}' is running: the native baseline is a host boot without it")
+        if not native_setup:
+            found.append(f"the host does not have the slice's VFs (coreslice native-setup --like {sl.name})")
+        return found
     if mode == "vm":
         return vm_gaps(facts, sl)
     if not slice_running:
@@ -63,11 +68,11 @@ def fix(mode: str, sl: NativeSlice) -> str:
     return f"boot it (coreslice apply, or coreslice restart {sl.name}) on a slice-host boot"
 
 
-def current(facts: HostFacts, sl: NativeSlice, slice_running: bool) -> str | None:
-    """The mode the running boot suits, if any (native first: a native-eval boot also has few
-    CPUs, like a slice-host one)."""
-    for mode in ("native", "vm", "slice"):
-        if not gaps(mode, facts, sl, slice_running):
+def current(facts: HostFacts, sl: NativeSlice, slice_running: bool, native_setup: bool = True) -> str | None:
+    """The mode the running boot suits, if any (a running slice first; then native, whose boot
+    also has few CPUs, like a slice-host one)."""
+    for mode in ("slice", "native", "vm"):
+        if not gaps(mode, facts, sl, slice_running, native_setup):
             return mode
     return None
 

@@ -79,8 +79,11 @@ def build(sets: list[ResultSet]) -> tuple[list[Row], list[str]]:
             for col, vals in medians.items():
                 med = statistics.median(vals)
                 rel = None
-                if native is not None and native > 0 and med > 0:
-                    rel = med / native if hib else native / med
+                if native is not None and native > 0:
+                    if hib:
+                        rel = med / native  # 0 stays 0: a mode that reached nothing is not "missing"
+                    elif med > 0:
+                        rel = native / med
                 cells[col] = Cell(med, min(vals), max(vals), len(vals), None if rel is None else round(rel, 6))
             key = workload if len(metrics) == 1 else f"{workload}.{name}"
             rows.append(Row(key, workload, name, str(meta.get("unit", "")), hib, cells))

@@ -18,10 +18,11 @@ STEP_SLACK_S = 120  # on top of a step's own run length: tool start, a slow ssh
 
 
 def missing_tools(w: Workload, p: Params, targets: dict[str, Target], timeout: float = 60) -> list[str]:
-    """The step commands absent where they run, as 'TOOL on TARGET'."""
+    """The step programs absent where they run, and the workload's own checks that fail (a
+    Python module, a block device), as 'WHAT on TARGET'."""
     need: dict[str, set[str]] = {}
     for st in w.steps(p):
-        need.setdefault(st.where, set()).add(st.argv[0])
+        need.setdefault(st.where, set()).add(st.program)
     missing = []
     for where, tools in sorted(need.items()):
         t = targets[where]
@@ -31,6 +32,9 @@ def missing_tools(w: Workload, p: Params, targets: dict[str, Target], timeout: f
         if got.rc != 0:
             raise LaunchError(f"cannot run a command on {t.name}: {(got.stderr or got.stdout).strip()[-300:]}")
         missing += [f"{n} on {t.name}" for n in got.stdout.split()]
+    for where, argv, what in w.checks(p):
+        if targets[where].run(list(argv), timeout).rc != 0:
+            missing.append(f"{what} on {targets[where].name}")
     return missing
 
 
@@ -51,7 +55,7 @@ def run(w: Workload, p: Params, targets: dict[str, Target], rs: ResultSet, repea
             for st in w.steps(p):
                 t = targets[st.where]
                 progress(f"{w.name} {rs.column} run {i}/{repeat}: {st.label} on {t.name}")
-                got = t.run(list(st.argv), timeout=p.seconds + STEP_SLACK_S)
+                got = t.run(list(st.argv), timeout=p.seconds + st.extra_s + STEP_SLACK_S)
                 name = _raw_name(w, rs.column, i, st.label)
                 (raw_dir / name).write_text(got.stdout + (f"\n--- stderr ---\n{got.stderr}" if got.stderr else ""))
                 raw.append(name)
@@ -64,7 +68,10 @@ def run(w: Workload, p: Params, targets: dict[str, Target], rs: ResultSet, repea
                 outputs[st.label] = got.stdout
         finally:
             for st in reversed(servers):
-                targets[st.where].run(list(st.stop), timeout=30)
+                done = targets[st.where].run(list(st.stop), timeout=30)
+                if done.rc != 0:  # said, not raised: the run's own error (if any) matters more
+                    progress(f"warning: stopping {st.label} on {targets[st.where].name} failed: "
+                             f"{(done.stderr or done.stdout).strip()[-200:]}; stop it by hand")
         try:
             metrics = w.parse(outputs, p)
         except ParseError as e:

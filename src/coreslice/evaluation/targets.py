@@ -66,7 +66,10 @@ class Ssh:
         return cmd + [self.dest, "--", shlex.join(list(argv))]
 
     def run(self, argv, timeout: float) -> Completed:
-        return _run(self.argv(argv), timeout)
+        # The remote side gets the same bound: killing the local ssh leaves a command without a
+        # terminal running there.
+        bounded = ["timeout", "-s", "KILL", str(max(1, int(timeout) - 5)), *argv]
+        return _run(self.argv(bounded), timeout)
 
 
 def parse_dest(text: str, identity: str | None = None) -> Ssh:

@@ -90,8 +90,11 @@ def test_cli_writes_json_html_and_a_png(tmp_path, capsys):
 def test_bad_inputs_are_refused(tmp_path):
     with pytest.raises(UsageError, match="no eval results"):
         results.load_dirs([tmp_path])
-    (tmp_path / "x.json").write_text('{"hello": 1}')
-    with pytest.raises(UsageError, match="is not an eval result"):
+    (tmp_path / "x.json").write_text('{"hello": 1}')  # not ours: skipped
+    with pytest.raises(UsageError, match="no eval results"):
+        results.load_dirs([tmp_path])
+    (tmp_path / "x.json").write_text('{"schema": "coreslice-eval-1", "workload": "cpu"}')
+    with pytest.raises(UsageError, match="malformed eval result"):
         results.load_dirs([tmp_path])
     (tmp_path / "x.json").unlink()
     write(tmp_path / "a", rs("cpu", "slice", {"x": [1.0]}))
@@ -102,3 +105,13 @@ def test_bad_inputs_are_refused(tmp_path):
         results.load_dirs([tmp_path / "nope"])
     with pytest.raises(UsageError, match="letters, digits"):
         results.check_variant("1 G")
+
+
+def test_a_mode_that_reached_nothing_shows_zero_and_outputs_are_checked_first(tmp_path, capsys):
+    write(tmp_path / "ev", rs("kv", "native", {"x": [1000.0]}), rs("kv", "slice", {"x": [0.0]}))
+    rows, _columns = report.build(results.load_dirs([tmp_path / "ev"]))
+    assert rows[0].cells["slice"].relative_to_native == 0.0
+    out = tmp_path / "r.json"
+    rc = cli.main(["eval", "report", str(tmp_path / "ev"), "--out", str(out), "--html", str(tmp_path / "no" / "r.html")])
+    assert rc == 2 and "--html" in capsys.readouterr().err
+    assert not out.exists()  # nothing written before every output was checked

@@ -31,10 +31,13 @@ class FakeTarget:
             return targets.Completed(0, ENV_OUT, "")
         if argv[:2] == ["sh", "-c"] and "command -v" in argv[2]:
             return targets.Completed(0, "".join(f"{m}\n" for m in self.missing if f"command -v {m} " in argv[2]), "")
-        if argv[0] in self.fail:
-            return targets.Completed(1, "", f"{argv[0]}: connection refused")
+        program = argv[0]
+        if argv[:2] == ["sh", "-c"]:  # kv's wrappers: `sh -c SCRIPT memcaslap ...`, `setsid memcached ...`
+            program = argv[3] if len(argv) > 3 else ("memcached" if "setsid memcached" in argv[2] else "sh")
+        if program in self.fail:
+            return targets.Completed(1, "", f"{program}: connection refused")
         out = {"sysbench": (DATA / "sysbench-cpu.txt").read_text(), "memcaslap": (DATA / "memcaslap-peak.txt").read_text()}
-        return targets.Completed(0, out.get(argv[0], ""), "")
+        return targets.Completed(0, out.get(program, ""), "")
 
 
 @pytest.fixture
@@ -114,8 +117,8 @@ def test_a_failing_client_stops_the_server_it_started(env, capsys):
                          "--seconds", "1", "--out", str(env["tmp"] / "ev"))
     assert rc == 1 and "memcaslap" in err and "connection refused" in err
     calls = env["fakes"]["local"].calls
-    started = [i for i, c in enumerate(calls) if c[0] == "memcached"]
-    stopped = [i for i, c in enumerate(calls) if c[:2] == ["sh", "-c"] and "memcached.pid" in c[2]]
+    started = [i for i, c in enumerate(calls) if c[:2] == ["sh", "-c"] and "setsid memcached" in c[2]]
+    stopped = [i for i, c in enumerate(calls) if c[:2] == ["sh", "-c"] and c[2].startswith("p=$(cat")]
     assert len(started) == 1 and len(stopped) == 1 and stopped[0] > started[0]
     assert not (env["tmp"] / "ev" / "kv-native.json").exists()
 
@@ -125,9 +128,10 @@ def test_dry_run_and_parameters(env, capsys):
                          "64,16", "--dry-run", "--json")
     assert rc == 0
     doc = json.loads(out)
-    assert [s["argv"][0] for s in doc["steps"]] == ["memcached", "memcaslap", "memcaslap", "memcaslap"]
+    assert "setsid memcached" in doc["steps"][0]["argv"][2]
+    assert [s["argv"][3] for s in doc["steps"][1:]] == ["memcaslap"] * 3
     assert doc["steps"][2]["argv"][-2:] == ["-S", "20s"] and "16" in doc["steps"][2]["argv"]
-    assert "127.0.0.1:11211" in doc["steps"][1]["argv"]
+    assert "127.0.0.1:11311" in doc["steps"][1]["argv"]  # web1's image has no address: loopback
     assert env["fakes"]["local"].calls == []
     rc, _out, err = main(capsys, "run", "--mode", "native", "--like", "web1", "--workload", "storage", "--dry-run")
     assert rc == 2 and "--disk DEV" in err
@@ -181,3 +185,16 @@ def test_graph_runs_for_real_here_and_reports(env, capsys, monkeypatch):
     assert rc == 0, err
     cell = json.loads(out)["report"]["graph"]["native"]
     assert cell["n"] == 2 and cell["relative_to_native"] == 1.0 and cell["min"] <= cell["median"] <= cell["max"]
+
+
+def test_native_needs_the_slices_vfs_and_no_running_slice():
+    from coreslice.evaluation import modes
+    from coreslice.plan.native import NativeSlice
+    sl = NativeSlice("web1", "x", 2, 2 << 30, None, (), (), None, None)
+    facts = modes.HostFacts(NATIVE, 2)
+    assert modes.gaps("native", facts, sl, False) == []
+    assert "is running" in " ".join(modes.gaps("native", facts, sl, True))
+    assert "native-setup --like web1" in " ".join(modes.gaps("native", facts, sl, False, native_setup=False))
+    assert modes.current(facts, sl, True) == "slice" and modes.current(facts, sl, False) == "native"
+    assert modes.current(modes.HostFacts("intel_iommu=on iommu=pt", 8), sl, False) == "vm"
+    assert modes.HostFacts("", 1, sys_vendor="QEMU\n").emulated and not modes.HostFacts("", 1, "Dell Inc.").emulated
