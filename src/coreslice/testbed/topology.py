@@ -56,10 +56,18 @@ class Share:
     path: Path
     readonly: bool = True
 
-    def arg(self) -> str:
+    def args(self, i: int) -> list[str]:
+        """-fsdev and its virtio-9p-pci device (what -virtfs expands to, plus ioeventfd=off).
+
+        ioeventfd=off: a lifecycle run hung with two 9p requests the guest had published
+        (avail idx 63466) and kicked (the device's avail_event was 63464), which QEMU never
+        popped (its last_avail_idx and shadow stayed 63464): a lost kick.  With an ioeventfd
+        the kick is an eventfd that QEMU's main loop must notice; without one, the vCPU thread
+        that writes the notify register runs the queue handler itself."""
         # multidevs=remap: "/" spans several file systems; keep inode numbers unique.
-        s = f"local,path={self.path},mount_tag={self.tag},security_model=none,multidevs=remap"
-        return s + (",readonly=on" if self.readonly else "")
+        fs = f"local,id=fs{i},path={self.path},security_model=none,multidevs=remap"
+        return ["-fsdev", fs + (",readonly=on" if self.readonly else ""),
+                "-device", f"virtio-9p-pci,fsdev=fs{i},mount_tag={self.tag},ioeventfd=off"]
 
 
 @dataclass(frozen=True)
@@ -225,8 +233,8 @@ def build_command(config: MachineConfig, console_log: Path, serial_ports: Sequen
     if config.initrd is not None:
         cmd += ["-initrd", str(config.initrd)]
     cmd += ["-append", config.append]
-    for share in config.shares:
-        cmd += ["-virtfs", share.arg()]
+    for i, share in enumerate(config.shares):
+        cmd += share.args(i)
     for i, port in enumerate(serial_ports):
         cid = f"slicecon{i}"
         cmd += ["-chardev", f"file,id={cid},path={port.log}"]

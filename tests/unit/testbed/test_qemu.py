@@ -40,11 +40,13 @@ def test_xapic_command_line():
     # Host console: COM1 -> file.
     assert "file,id=con0,path=/runs/r1/console-host.log" in _pairs(cmd, "-chardev")
     assert _pairs(cmd, "-serial") == ["chardev:con0"]
-    virtfs = _pairs(cmd, "-virtfs")
-    assert virtfs[0] == ("local,path=/,mount_tag=hostroot,security_model=none,"
-                         "multidevs=remap,readonly=on")
-    assert virtfs[1].startswith("local,path=/runs/r1,mount_tag=run,security_model=none")
-    assert "readonly" not in virtfs[1]
+    fsdev = _pairs(cmd, "-fsdev")
+    assert fsdev[0] == "local,id=fs0,path=/,security_model=none,multidevs=remap,readonly=on"
+    assert fsdev[1].startswith("local,id=fs1,path=/runs/r1,security_model=none")
+    assert "readonly" not in fsdev[1]
+    nine = [d for d in _pairs(cmd, "-device") if d.startswith("virtio-9p-pci")]
+    assert nine[:2] == ["virtio-9p-pci,fsdev=fs0,mount_tag=hostroot,ioeventfd=off",
+                        "virtio-9p-pci,fsdev=fs1,mount_tag=run,ioeventfd=off"]
 
 
 def test_slice_uarts_each_log_to_own_file():
