@@ -31,7 +31,7 @@ from pathlib import Path
 import coreslice
 from coreslice.errors import CoresliceError, UsageError
 from coreslice.testbed import audit, guestos
-from coreslice.testbed import hostview, initramfs, interrupts, job as jobmod, kernels, report
+from coreslice.testbed import hostview, initramfs, interrupts, job as jobmod, kernels, ninep, report
 from coreslice.testbed.paths import cache_dir
 from coreslice.testbed.qemu import (
     LogFollower,
@@ -413,6 +413,7 @@ def _run(options: RunOptions, guests: list) -> dict:
     continued = False
     tracing = False
     all_reported_at: float | None = None
+    ninep_watch = ninep.Watch()
     with machine:
         machine.launch()
         progress(f"QEMU pid {machine.pid} booting the emulated host (TCG: expect 10-20 s to the job)")
@@ -543,6 +544,11 @@ def _run(options: RunOptions, guests: list) -> dict:
                 if host["error"]:
                     progress(host["error"] + f"; see {machine.console_log}")
                 break
+            try:
+                for msg in ninep_watch.poll(now, machine.hmp):
+                    progress(msg)
+            except (OSError, ToolError):
+                pass  # the monitor is busy or gone: the next look, or the exit, tells
             if now > deadline:
                 host["error"] = f"timed out after {options.timeout:.0f} s (--timeout)"
                 progress(host["error"] + f"; see {machine.console_log}")
@@ -557,6 +563,7 @@ def _run(options: RunOptions, guests: list) -> dict:
     timings["qemu_total"] = round(time.monotonic() - t0, 3)  # type: ignore[operator]
     host["qemu_exit_code"] = machine.exit_code
     host["job_finished"] = job_ended
+    host["ninep_lost_kicks"] = ninep_watch.events  # QEMU's, kicked again (testbed/ninep.py)
     result = _collect(run_dir, machine, states, options, host)
     if data:
         _collect_data(run_dir, result, states, links)
