@@ -3,8 +3,10 @@ the emulated host, on the same emulated CPU count and memory, then `eval report`
 
 The slice boots Debian with sysbench from its own NVMe (`--guest-os debian`, the image built with
 the package added); the emulated host boots `maxcpus=1 mem=1G`, which is the native-eval boot of
-this 1-CPU, 1G slice, so `--mode native` passes its host-boot check without --any-profile (and
-`--mode vm` is refused by it: no IOMMU).  sysbench cpu on one emulated CPU in the slice and on
+this 1-CPU, 1G slice.  On hardware the native baseline is another host boot, without the slice;
+here both run side by side in one boot, so `--mode native` is refused for the running slice
+alone (and `--mode vm` for the missing IOMMU), and runs with --any-profile, which records that one
+difference.  sysbench cpu on one emulated CPU in the slice and on
 one natively: under TCG both are the same emulated CPU model on the same real cores, so their
 ratio checks that a slice runs a CPU-bound workload as fast as the host itself, the one
 performance-shaped check the emulator allows.  The figures are labelled as no performance claims.
@@ -30,7 +32,9 @@ ev() {{ coreslice eval "$@"; }}
 ev run --mode slice --like ev --workload cpu --seconds {SECONDS} --repeat {REPEAT} --ssh tester@10.99.1.2 \\
   --ssh-key /tmp/guest-key --out res/slice --json > slice.json 2> slice.err; echo $? > slice.rc
 ev run --mode native --like ev --workload cpu --seconds {SECONDS} --repeat {REPEAT} --out res/native --json \\
-  > native.json 2> native.err; echo $? > native.rc
+  > native-refused.json 2> native-refused.err; echo $? > native-refused.rc
+ev run --mode native --like ev --workload cpu --seconds {SECONDS} --repeat {REPEAT} --out res/native --json \\
+  --any-profile > native.json 2> native.err; echo $? > native.rc
 ev run --mode vm --like ev --workload cpu --ssh root@10.0.0.9 --out res/vm > vm.out 2> vm.err; echo $? > vm.rc
 ev report res --json --out report.json --plot report.png --html report.html > report.out 2> report.err; echo $? > report.rc
 ev plan --like ev > plan.txt 2>&1
@@ -64,7 +68,10 @@ def test_eval_cpu_in_a_slice_and_natively_agree(testbed_ready, tmp_path):
     # Each ran where it should: the slice's own kernel on its one CPU, over SSH; the host itself.
     assert slice_doc["environment"]["target"] == "tester@10.99.1.2" and slice_doc["environment"]["cpus"] == 1
     assert native_doc["environment"]["target"] == "this host" and native_doc["environment"]["cpus"] == 1
-    assert native_doc["environment"]["host_profile_gaps"] == []  # maxcpus=1 mem=1G is this slice's native boot
+    # maxcpus=1 mem=1G is this slice's native-eval boot: the running slice is the one difference.
+    assert text("native-refused.rc").strip() == "2" and "slice 'ev' is running" in text("native-refused.err")
+    assert native_doc["environment"]["host_profile_gaps"] == [
+        "slice 'ev' is running: the native baseline is a host boot without it"]
     assert slice_doc["environment"]["emulated"] and native_doc["environment"]["emulated"]
     assert len(slice_doc["runs"]) == REPEAT and len(native_doc["runs"]) == REPEAT
     # No VM here: the host has no IOMMU, and the mode's boot check says so before running anything.

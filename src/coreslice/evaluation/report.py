@@ -175,6 +175,13 @@ def html_page(rows: list[Row], columns: list[str], sets: list[ResultSet], plot_f
 def plot(rows: list[Row], columns: list[str], sets: list[ResultSet], path) -> None:
     """Slice and VM relative to native per workload metric, as grouped bars (percent), with the
     prototype's figures as markers where it has them."""
+    import os
+    import tempfile
+    config = os.path.expanduser("~/.config")
+    if "MPLCONFIGDIR" not in os.environ and not os.access(config if os.path.isdir(config) else
+                                                          os.path.expanduser("~"), os.W_OK):
+        # A read-only home (the emulated host's): a cache of our own rather than a warning.
+        os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="coreslice-mpl-")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
