@@ -62,9 +62,8 @@ def run(w: Workload, p: Params, targets: dict[str, Target], rs: ResultSet, repea
                 if got.rc != 0:
                     raise LaunchError(f"{w.name}: '{shlex.join(st.argv)[:120]}' on {t.name} exited {got.rc}: "
                                       f"{(got.stderr or got.stdout).strip()[-300:]} (raw output in {raw_dir / name})")
-                if st.background:
+                if st.background:  # its own command waited until it listens
                     servers.append(st)
-                    time.sleep(1)  # the server's listening socket, before the client connects
                 outputs[st.label] = got.stdout
         finally:
             for st in reversed(servers):
