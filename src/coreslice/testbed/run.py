@@ -30,7 +30,7 @@ from pathlib import Path
 
 import coreslice
 from coreslice.errors import CoresliceError, UsageError
-from coreslice.testbed import audit, guestos
+from coreslice.testbed import apicwatch, audit, guestos
 from coreslice.testbed import hostview, initramfs, interrupts, job as jobmod, kernels, ninep, report
 from coreslice.testbed.paths import cache_dir
 from coreslice.testbed.qemu import (
@@ -215,6 +215,15 @@ def _save_lapic_state(run_dir: Path, machine: QemuMachine, s: _SliceState) -> No
     except (OSError, ValueError, KeyError, TypeError, ToolError) as exc:
         with contextlib.suppress(OSError):
             out.write_text(f"could not read the local APIC state: {exc}\n")
+
+
+def _host_cpus(run_dir: Path) -> list[int]:
+    """The emulated host's online CPUs (host-cpu-online.txt, written early by the job)."""
+    from coreslice.host.sysfs import parse_cpu_list
+    try:
+        return parse_cpu_list((run_dir / "host-cpu-online.txt").read_text().strip())
+    except (OSError, ValueError):
+        return []
 
 
 def _apic_ids_in_use(run_dir: Path, states: list["_SliceState"]) -> list[str]:
@@ -414,6 +423,7 @@ def _run(options: RunOptions, guests: list) -> dict:
     tracing = False
     all_reported_at: float | None = None
     ninep_watch = ninep.Watch()
+    apic_watch = apicwatch.Watch()
     with machine:
         machine.launch()
         progress(f"QEMU pid {machine.pid} booting the emulated host (TCG: expect 10-20 s to the job)")
@@ -547,8 +557,17 @@ def _run(options: RunOptions, guests: list) -> dict:
             try:
                 for msg in ninep_watch.poll(now, machine.hmp):
                     progress(msg)
+                lost = apic_watch.poll(now, machine.hmp, _host_cpus(run_dir))
             except (OSError, ToolError):
-                pass  # the monitor is busy or gone: the next look, or the exit, tells
+                lost = []  # the monitor is busy or gone: the next look, or the exit, tells
+            if lost:
+                # The host can take no device interrupt again: end now, with the reason, rather
+                # than at --timeout.
+                host["error"] = f"emulator fault: {lost[0]}"
+                progress(host["error"])
+                _save_postmortem(run_dir, machine, "lost-eoi", _apic_ids_in_use(run_dir, states),
+                                 extra=("info pic", "info irq"))
+                break
             if now > deadline:
                 host["error"] = f"timed out after {options.timeout:.0f} s (--timeout)"
                 progress(host["error"] + f"; see {machine.console_log}")
@@ -564,6 +583,7 @@ def _run(options: RunOptions, guests: list) -> dict:
     host["qemu_exit_code"] = machine.exit_code
     host["job_finished"] = job_ended
     host["ninep_lost_kicks"] = ninep_watch.events  # QEMU's, kicked again (testbed/ninep.py)
+    host["lost_eois"] = apic_watch.events  # QEMU's, said only (testbed/apicwatch.py)
     result = _collect(run_dir, machine, states, options, host)
     if data:
         _collect_data(run_dir, result, states, links)

@@ -78,3 +78,26 @@ def test_wrapping_indexes_and_parsers():
     m.last[1], m.guest[1] = 0xFFFF, 0x0001
     assert ninep.behind(m) == {"/machine/peripheral-anon/device[1]/virtio-backend": (1, 0xFFFF)}
     assert ninep.io_bar0(INFO_PCI, 2) == 0xF080 and ninep.io_bar0(INFO_PCI, 7) is None
+
+
+def test_a_host_cpu_idle_with_a_vector_in_service_is_said_once():
+    from coreslice.testbed import apicwatch
+
+    state = {"halted": True, "isr": "236 ", "irr": "41 236 "}
+
+    def hmp(cmd):
+        if cmd == "info cpus":
+            return "* CPU #0: thread_id=1" + (" (halted)" if state["halted"] else "") + "\n  CPU #1: thread_id=2\n"
+        assert cmd == "info lapic 0"
+        return f"dumping local APIC state for CPU 0 \n\nISR\t {state['isr']}\nIRR\t {state['irr']}\n"
+
+    w = apicwatch.Watch(interval=30)
+    assert w.poll(0, hmp, [0]) == []             # first look
+    said = w.poll(30, hmp, [0])
+    assert len(said) == 1 and "0xec in service" in said[0] and "0x29, 0xec" in said[0]
+    assert w.poll(60, hmp, [0]) == []            # said once
+    state.update(isr="(none)", irr="(none)")
+    w2 = apicwatch.Watch(interval=30)
+    assert w2.poll(0, hmp, [0]) == [] and w2.poll(30, hmp, [0]) == []  # a healthy idle CPU
+    state.update(halted=False, isr="236 ")
+    assert apicwatch.stuck(hmp, [0]) == {}       # running: in a handler, not stuck
