@@ -99,6 +99,10 @@ def register(sub) -> None:
                    help="graph: nodes of the random graph (8 edges per node; default: 200000)")
     r.add_argument("--any-profile", action="store_true",
                    help="run although the host boot does not suit the mode (the figures then compare nothing)")
+    r.add_argument("--append", action="store_true",
+                   help="add the runs to DIR's result file of this workload and mode instead of replacing it "
+                        "(to interleave modes: slice, native, slice, native... shares out a noisy machine's "
+                        "slow spells between them)")
     r.add_argument("--dry-run", action="store_true", help="check and print the commands; run nothing")
     r.add_argument("--ledger", type=Path, metavar="PATH", help=LEDGER_HELP)
     r.add_argument("--slices-dir", type=Path, metavar="DIR",
@@ -259,6 +263,8 @@ def cmd_run(args) -> int:
     rs = results.ResultSet(w.name, args.mode, variant,
                            {m.name: {"unit": m.unit, "higher_is_better": m.higher_is_better} for m in w.metrics},
                            environment=env)
+    if args.append:
+        rs.runs = results.earlier_runs(args.out, rs)
     runner.run(w, p, where, rs, args.repeat, args.out / "raw", progress)
     path = results.save(args.out, rs)
     if args.json:

@@ -75,6 +75,21 @@ def save(out_dir: Path, rs: ResultSet) -> Path:
     return path
 
 
+def earlier_runs(out_dir: Path, rs: ResultSet) -> list[dict]:
+    """The runs already in out_dir's file for rs's workload, mode and variant (eval run --append);
+    none when there is no file yet."""
+    path = out_dir / file_name(rs.workload, rs.mode, rs.variant)
+    if not path.exists():
+        return []
+    try:
+        old = ResultSet.from_json(json.loads(path.read_text()), str(path))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"--append: cannot read {path}: {e}") from None
+    if set(old.metrics) != set(rs.metrics):
+        raise UsageError(f"--append: {path} holds other metrics ({', '.join(old.metrics)}); give another --out")
+    return list(old.runs)
+
+
 def load_dirs(dirs: list[Path]) -> list[ResultSet]:
     """Every result file in the directories (and their subdirectories, one level: ``eval plan``
     writes one per mode); a workload measured twice in the same column is refused."""

@@ -45,7 +45,8 @@ def _raw_name(w: Workload, column: str, i: int, label: str) -> str:
 def run(w: Workload, p: Params, targets: dict[str, Target], rs: ResultSet, repeat: int, raw_dir: Path,
         progress: Callable[[str], None] = lambda _m: None, clock=time.monotonic) -> ResultSet:
     raw_dir.mkdir(parents=True, exist_ok=True)
-    for i in range(1, repeat + 1):
+    first = len(rs.runs) + 1  # after the runs of an --append
+    for i in range(first, first + repeat):
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         t0 = clock()
         outputs: dict[str, str] = {}
@@ -54,7 +55,7 @@ def run(w: Workload, p: Params, targets: dict[str, Target], rs: ResultSet, repea
         try:
             for st in w.steps(p):
                 t = targets[st.where]
-                progress(f"{w.name} {rs.column} run {i}/{repeat}: {st.label} on {t.name}")
+                progress(f"{w.name} {rs.column} run {i}/{first + repeat - 1}: {st.label} on {t.name}")
                 got = t.run(list(st.argv), timeout=p.seconds + st.extra_s + STEP_SLACK_S)
                 name = _raw_name(w, rs.column, i, st.label)
                 (raw_dir / name).write_text(got.stdout + (f"\n--- stderr ---\n{got.stderr}" if got.stderr else ""))
@@ -76,7 +77,7 @@ def run(w: Workload, p: Params, targets: dict[str, Target], rs: ResultSet, repea
         except ParseError as e:
             raise LaunchError(f"{w.name} run {i}: {e} (raw output in {raw_dir})") from None
         rs.runs.append({"started": started, "seconds": round(clock() - t0, 3), "metrics": metrics, "raw": raw})
-        progress(f"{w.name} {rs.column} run {i}/{repeat}: " + ", ".join(f"{k}={v:.6g}" for k, v in metrics.items()))
+        progress(f"{w.name} {rs.column} run {i}/{first + repeat - 1}: " + ", ".join(f"{k}={v:.6g}" for k, v in metrics.items()))
     return rs
 
 

@@ -198,3 +198,14 @@ def test_native_needs_the_slices_vfs_and_no_running_slice():
     assert modes.current(facts, sl, True) == "slice" and modes.current(facts, sl, False) == "native"
     assert modes.current(modes.HostFacts("intel_iommu=on iommu=pt", 8), sl, False) == "vm"
     assert modes.HostFacts("", 1, sys_vendor="QEMU\n").emulated and not modes.HostFacts("", 1, "Dell Inc.").emulated
+
+
+def test_append_adds_runs_to_the_same_file(env, capsys):
+    out_dir = env["tmp"] / "ev"
+    base = ["run", "--mode", "native", "--like", "web1", "--workload", "cpu", "--seconds", "1", "--out", str(out_dir)]
+    assert main(capsys, *base, "--repeat", "2")[0] == 0
+    assert main(capsys, *base, "--repeat", "1", "--append")[0] == 0
+    doc = json.loads((out_dir / "cpu-native.json").read_text())
+    assert len(doc["runs"]) == 3 and doc["runs"][2]["raw"] == ["cpu-native-3-sysbench.txt"]
+    assert main(capsys, *base, "--repeat", "1")[0] == 0  # without --append: replaced
+    assert len(json.loads((out_dir / "cpu-native.json").read_text())["runs"]) == 1
