@@ -209,7 +209,8 @@ def cmd_run(args) -> int:
     host, ledger, sl = _context(args)
     facts = _host_facts(host)
     running = _slice_running(ledger, sl.name)
-    gaps = modes.gaps(args.mode, facts, sl, running, native_setup=_native_setup_done(sl))
+    native_setup = _native_setup_done(sl)
+    gaps = modes.gaps(args.mode, facts, sl, running, native_setup=native_setup)
     if gaps and not args.any_profile:
         raise UsageError(f"--mode {args.mode} needs another host boot: {'; '.join(gaps)}; {modes.fix(args.mode, sl)} "
                          "(coreslice eval plan prints the whole sequence; --any-profile runs anyway)")
@@ -258,7 +259,7 @@ def cmd_run(args) -> int:
     progress = _progress(args, "run")
     env = targetmod.environment(target)
     env.update(mode=args.mode, variant=variant, host_cmdline=facts.cmdline, host_profile_gaps=gaps,
-               host_profile=modes.current(facts, sl, running, native_setup=_native_setup_done(sl)),
+               host_profile=modes.current(facts, sl, running, native_setup=native_setup),
                emulated=facts.emulated, slice=sl.to_json())
     rs = results.ResultSet(w.name, args.mode, variant,
                            {m.name: {"unit": m.unit, "higher_is_better": m.higher_is_better} for m in w.metrics},

@@ -103,14 +103,11 @@ def load_dirs(dirs: list[Path]) -> list[ResultSet]:
             if f.name.startswith("report"):
                 continue
             try:
-                if json.loads(f.read_text()).get("schema") != SCHEMA:
-                    continue  # not ours (a report written here under another name, notes): skipped
-            except (OSError, json.JSONDecodeError, AttributeError):
-                pass  # reported below, with the reason
-            try:
                 doc = json.loads(f.read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise UsageError(f"cannot read {f}: {e}") from None
+            if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+                continue  # not ours (a report written here under another name, notes): skipped
             rs = ResultSet.from_json(doc, str(f))
             key = (rs.workload, rs.column)
             if key in seen:
