@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from coreslice import __version__
-from coreslice.cli import apply, boot, console, demo, dsdt, evalcmd, host, image, native, nvme, slices, sriov, testbed, vm, watch
+from coreslice.cli import apply, boot, console, demo, dmahold, dsdt, evalcmd, host, image, native, nvme, slices, sriov, testbed, vm, watch
 from coreslice.errors import CoresliceError, UsageError
 
 
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     vm.register(sub)
     native.register(sub)
     evalcmd.register(sub)
+    dmahold.register(sub)  # started by boot, not listed
     return parser
 
 

@@ -56,6 +56,8 @@ class BootResult:
     # A relaunch: the functions of the slice it replaces, quieted before the INIT (what was done)
     relaunch_quieted: dict[str, list[str]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    dma: dict | None = None  # the slice's IOMMU domain (None: the host's IOMMU does not translate)
+    dma_released: list[str] = field(default_factory=list)  # domains of the slices this one replaced
 
     def to_json(self) -> dict:
         return {
@@ -71,6 +73,8 @@ class BootResult:
             "devices_detached_from": self.detached_devices,
             "relaunch_quieted": self.relaunch_quieted,
             "warnings": self.warnings,
+            "dma": self.dma,
+            "dma_released": self.dma_released,
             "slice": self.slice.to_json() if self.slice else None,
             "ledger": str(self.ledger_path) if self.ledger_path else None,
             "placement": self.placement.to_json() if self.placement else None,
@@ -303,6 +307,9 @@ def reserve_and_act(spec: BootSpec, plan: Plan, image: BootImage, vfs: list[vfpl
     """Reserve in the ledger, then act.  A failure before the INIT undoes every change and
     releases the reservation (LaunchError says what was undone); a failure from the INIT on
     leaves the slice ``failed``, holding its resources."""
+    confine = dma_functions(plan, machine)
+    if confine:  # refuse a group shared with the host now, before anything changes (VFs: after creation)
+        machine.dma.check([fn for fn in confine if (host.root / "sys/bus/pci/devices" / fn).exists()])  # type: ignore[union-attr]
     # Reserve first, in one transaction with the conflict check (ledger.py): of two launches
     # that want the same resources, the second is refused here, before touching anything.
     row = None
@@ -318,11 +325,24 @@ def reserve_and_act(spec: BootSpec, plan: Plan, image: BootImage, vfs: list[vfpl
             ledger.set_phase(row.id, name)  # type: ignore[union-attr,arg-type]
         pause_for_tests(name)
 
+    replaced = [r for rid in (row.replaces if row is not None else ()) if (r := ledger.get(rid)) is not None]  # type: ignore[union-attr]
+    name = row.name if row is not None else slice_record(spec, plan).name
     try:
         # What can still fail without a trace (the msr device) comes first.
         apic = boot_cpu_apic(host, machine, plan.apic_mode)
         phase("devices")
+        if machine.dma is not None:
+            # A slice being replaced lets go of its DMA domain first: its functions are bound to
+            # vfio-pci by its holder, and unbinding them while it holds them would block.  Its
+            # devices' DMA faults from here on, which is safe; they are quieted below.
+            for r in replaced:
+                done = machine.dma.release(r.name)  # type: ignore[attr-defined]
+                if done:
+                    progress(f"{r.name}: {done}")
+                    result.dma_released.append(f"{r.name}: {done}")
         acting.prepare_devices(plan, vfs, machine, progress, acted, undo)
+        if confine:
+            result.dma = confine_dma(name, confine, plan, machine, progress, undo)
     except BaseException as e:
         what = undo.undo()
         if row is not None:
@@ -340,7 +360,6 @@ def reserve_and_act(spec: BootSpec, plan: Plan, image: BootImage, vfs: list[vfpl
     # have the INIT, so no DMA of the old slice lands in the scrubbed range or the new image.
     from coreslice.launch import stopping  # it imports this module
 
-    replaced = [r for rid in (row.replaces if row is not None else ()) if (r := ledger.get(rid)) is not None]  # type: ignore[union-attr]
     old_fns = sorted({fn for r in replaced for fn in r.pci_functions()})
     quieted = result.relaunch_quieted
     if old_fns:
@@ -364,6 +383,29 @@ def reserve_and_act(spec: BootSpec, plan: Plan, image: BootImage, vfs: list[vfpl
     result.phases.update(acted.phases)
     result.phases["total"] = time.perf_counter() - t0
     return result
+
+
+def dma_functions(plan: Plan, machine: Machine) -> list[str]:
+    """The functions whose DMA the host's IOMMU must confine to the slice's RAM: all of them when
+    the host's IOMMU translates (host configure --iommu on), none otherwise."""
+    fns = [f.address for f in plan.pci.functions] if plan.pci else []
+    if not fns or machine.dma is None or not machine.dma.translates():  # type: ignore[attr-defined]
+        return []
+    return fns
+
+
+def confine_dma(name: str, fns: list[str], plan: Plan, machine: Machine, progress: Progress,
+                undo: acting.UndoLog) -> dict:
+    """The slice's IOMMU domain (launch/dmahold.py), before its CPUs get the INIT: undoable."""
+    from coreslice.launch.dmahold import Range
+
+    dma = machine.dma
+    groups = dma.check(fns)  # type: ignore[attr-defined]  # now with the VFs that exist since prepare
+    state = dma.hold(name, fns, [Range(plan.mem_base, plan.mem_size)], progress)  # type: ignore[attr-defined]
+    undo.add(f"the DMA domain of {', '.join(fns)}", lambda: dma.release(name))  # type: ignore[attr-defined]
+    return {"confined": True, "functions": fns, "iommu_groups": groups,
+            "iova": {"base": plan.mem_base, "size": plan.mem_size}, "holder_pid": state.get("pid"),
+            "notes": state.get("notes", [])}
 
 
 # Fault injection for the crash-consistency tests (tests/unit/launch/test_lifecycle.py and the

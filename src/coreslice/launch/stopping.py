@@ -1,6 +1,7 @@
 """Stopping a slice: devices quiet, CPUs parked, memory scrubbed, resources released.
 
-    quiesce its PCI functions ─► INIT its CPUs ─► bus master off again ─► scrub RAM + low-memory slot
+    quiesce its PCI functions ─► INIT its CPUs ─► bus master off again ─► its IOMMU domain released
+        ─► scrub RAM + low-memory slot
         ─► ledger: stopped ─► (--return-devices) host drivers
 
 Devices go first: a function still bus-mastering could write the memory again after the scrub,
@@ -32,9 +33,10 @@ class Stopped:
     scrubbed_bytes: int = 0
     scrub_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    dma: str | None = None  # what became of its IOMMU domain (None: it had none)
 
     def to_json(self) -> dict:
-        return {"slice": self.slice.to_json(), "devices": self.devices, "returned": self.returned,
+        return {"slice": self.slice.to_json(), "devices": self.devices, "returned": self.returned, "dma": self.dma,
                 "scrubbed_bytes": self.scrubbed_bytes, "scrub_s": round(self.scrub_s, 6),
                 "warnings": self.warnings}
 
@@ -71,6 +73,15 @@ def stop(name: str, *, host: Host, machine: Machine, ledger: Ledger, progress=la
     progress(f"INIT to CPUs {','.join(map(str, row.cpus))} (APIC IDs {','.join(map(str, row.apic_ids))})")
     lapic.init_cpus(apic, list(row.apic_ids))
     quiesce_again(machine, out.devices, out.warnings)
+    if machine.dma is not None:
+        # Now that its functions are quiet: the domain goes (vfio-pci resets them once more and
+        # leaves them unbound); from here a stray DMA faults in the host's default domain.
+        try:
+            out.dma = machine.dma.release(row.name)  # type: ignore[attr-defined]
+        except OSError as e:
+            out.warnings.append(f"ending the DMA holder of '{row.name}': {e.strerror}")
+        if out.dma:
+            progress(out.dma)
     slot = row.low_slot
     if slot is not None:
         rec = slot_reader(machine.mem)(slot)

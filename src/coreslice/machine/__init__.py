@@ -2,7 +2,7 @@
 chooses between the real machine and the in-memory one.
 
 Every effect goes through a :class:`Machine`: physical memory (/dev/mem), the local APIC (xAPIC
-page or x2APIC MSR), PCI driver binding (sysfs), SR-IOV (sysfs, netlink, NVMe admin commands)
+page or x2APIC MSR), PCI driver binding (sysfs), the slices' IOMMU domains (VFIO), SR-IOV (sysfs, netlink, NVMe admin commands)
 and the boot loader configuration (GRUB drop-in, update-grub).  :func:`real` drives the live
 host; :class:`coreslice.machine.fake.FakeMachine` records every effect in memory.  Commands ask
 :func:`for_host`; tests choose the fake with :func:`using` (in process) or
@@ -36,6 +36,8 @@ class Machine:
     grub: Grub
     sleep: Callable[[float], None] = time.sleep
     fake: bool = field(default=False)
+    # The slices' IOMMU domains (launch/dmahold.py RealDma / FakeDma); None: never confined.
+    dma: object | None = None
 
 
 def real(root: Path = Path("/")) -> Machine:
@@ -46,7 +48,10 @@ def real(root: Path = Path("/")) -> Machine:
             return lapic.X2Apic(lapic.ensure_msr_device(0))
         return lapic.XApic(lapic.MmioApicPage())
 
-    return Machine(mem=DevMem(), pci=SysfsPci(root), apic=make_apic, sriov=RealOps(root), grub=RealGrub(root))
+    from coreslice.launch.dmahold import RealDma
+
+    return Machine(mem=DevMem(), pci=SysfsPci(root), apic=make_apic, sriov=RealOps(root), grub=RealGrub(root),
+                   dma=RealDma(root))
 
 
 _selected: list[Machine] = []

@@ -45,8 +45,10 @@ class FakeMachine(Machine):
             self.apics.append(a)
             return a
 
+        from coreslice.launch.dmahold import FakeDma
+
         super().__init__(mem=FakeMemory(preset), pci=FakePci(), apic=apic, sriov=sriov or FakeOps(),
-                         grub=FakeGrub(), sleep=lambda _s: None, fake=True)
+                         grub=FakeGrub(), sleep=lambda _s: None, fake=True, dma=FakeDma())
         self.root = root
 
     def _cpu_runs_trampoline(self, apic_id: int, vector: int) -> None:
@@ -67,4 +69,5 @@ class FakeMachine(Machine):
         out += [f"sriov: {line}" for line in self.sriov.log]  # type: ignore[attr-defined]
         out += [f"grub drop-in written" for _ in self.grub.dropins]  # type: ignore[attr-defined]
         out += ["update-grub"] * self.grub.updates  # type: ignore[attr-defined]
+        out += [f"dma: {line}" for line in self.dma.log]  # type: ignore[union-attr]
         return out
