@@ -337,7 +337,8 @@ def cmd_configure(args: argparse.Namespace) -> int:
     # Another root (tests, an image being prepared): the drop-in goes under it, for real.
     grub = machine.grub if machine else None if args.dry_run else RealGrub(Path(args.root))
     r = profiles.configure(profile=args.profile, host_cpus=args.host_cpus, host_mem=args.host_mem,
-                           intremap=args.intremap, dry_run=args.dry_run, root=Path(args.root), grub=grub)
+                           intremap=args.intremap, dry_run=args.dry_run, root=Path(args.root), grub=grub,
+                           iommu=args.iommu)
     if args.json:
         print(json.dumps(r, indent=2))
     elif args.dry_run:
@@ -367,7 +368,7 @@ def register_configure(host_subparsers) -> None:
     """Add ``configure`` and ``check`` to the subparsers of ``coreslice host``."""
     p = host_subparsers.add_parser(
         "configure", help="write the host's kernel parameters (GRUB drop-in) for a configuration",
-        description=profiles.CONFIGURE_HELP + profiles.INTREMAP_HELP,
+        description=profiles.CONFIGURE_HELP + profiles.INTREMAP_HELP + "\n" + profiles.IOMMU_HELP,
         epilog="examples:\n  coreslice host configure --profile slice-host --host-cpus 2 --host-mem 8G --dry-run\n"
                "  sudo coreslice host configure --profile slice-host && sudo reboot\n"
                "exit status: 0 written (or dry run printed), 1 update-grub failed, 2 bad input",
@@ -382,6 +383,9 @@ def register_configure(host_subparsers) -> None:
     p.add_argument("--intremap", choices=("auto", "off", "on"), default="auto",
                    help="write intremap=off (off), keep interrupt remapping (on), or decide from "
                         "this host's APIC IDs (auto, default); see above")
+    p.add_argument("--iommu", choices=("off", "on"), default="off",
+                   help="slice-host: confine each slice's DMA to its RAM with the IOMMU (on), or leave DMA "
+                        "untranslated as the reference does (off, default); see above")
     p.add_argument("--dry-run", action="store_true",
                    help="print the drop-in and change nothing")
     p.add_argument("--root", type=root_arg, default=Path("/"), metavar="DIR",

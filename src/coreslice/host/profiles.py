@@ -46,7 +46,21 @@ WHY = {
     "intel_iommu": "no DMA translation: slices' devices DMA to physical addresses",
     "intel_iommu_on": "DMA translation, which vfio-pci needs to pass devices to a VM",
     "iommu_pt": "the host's own devices keep identity mappings (no translation cost for them)",
+    "intel_iommu_confine": "DMA translation: each slice's functions get a domain that maps only its RAM",
+    "unsafe_interrupts": "VFIO accepts an IOMMU without interrupt remapping (remapping stays off for the slices' MSIs)",
 }
+
+IOMMU_HELP = """the IOMMU (--iommu, slice-host only):
+  off   (default) intel_iommu=off, as the reference README does: slices' devices DMA to
+        physical addresses untranslated, so a slice's device can read and write any memory
+        of the machine, the host's included.
+  on    intel_iommu=on with intremap=off, and vfio_iommu_type1.allow_unsafe_interrupts=1: the
+        IOMMU translates, and coreslice boot gives each slice's PCI functions a VFIO domain
+        that maps exactly the slice's RAM at IOVA = physical address (held by a coreslice
+        dma-hold process for the slice's life); a DMA anywhere else faults and the host logs
+        it.  Interrupt remapping stays off (it would block the slices' compatibility-format
+        MSIs), so the IOMMU confines DMA, not interrupts.  Not with --intremap on.
+"""
 
 INTREMAP_HELP = """\
 interrupt remapping (--intremap):
@@ -80,7 +94,8 @@ parameters:
   pci=assign-busses          the host numbers every PCI bus itself
   maxcpus=N mem=SIZE         limit the host to N CPUs and the RAM below address SIZE
   intremap=off               MSIs go straight to local APICs (see below)
-  intel_iommu=off            no DMA translation for the devices given to slices
+  intel_iommu=off            no DMA translation for the devices given to slices (--iommu on:
+                             intel_iommu=on, each slice's DMA confined to its RAM; see below)
 
 """
 
@@ -97,7 +112,8 @@ Say whether the running host is ready to launch slices, item by item:
   devmem       /dev/mem opens read-write as root and maps free RAM
   tsc          the host's TSC calibration is in its kernel log (slices need it)
   lowmem-scan  memory_corruption_check=0
-  iommu        no IOMMU DMA translation (intel_iommu=off)
+  iommu        no IOMMU DMA translation (intel_iommu=off), or, with intel_iommu=on, translation
+               with interrupt remapping off and VFIO: each slice's DMA confined to its RAM
 
 With --profile vm-host, whether it can run coreslice vm's comparison VMs instead:
 
@@ -137,7 +153,7 @@ def decide_intremap(choice: str, apic_ids: list[int], kernel_log: list[str]) -> 
 
 
 def profile_params(profile: str, host_cpus: int | None, host_mem: int | None,
-                   intremap_off: bool) -> list[Param]:
+                   intremap_off: bool, iommu: bool = False) -> list[Param]:
     """The kernel parameters of ``profile`` (in the reference README's order)."""
     params = [Param("memory_corruption_check=0", WHY["memory_corruption_check"]),
               Param("pci=assign-busses", WHY["pci"])]
@@ -147,6 +163,9 @@ def profile_params(profile: str, host_cpus: int | None, host_mem: int | None,
                Param(f"mem={format_size(host_mem)}", WHY["mem"])]  # type: ignore[arg-type]
     if intremap_off:
         params.append(Param("intremap=off", WHY["intremap"]))
+    if iommu:
+        return params + [Param("intel_iommu=on", WHY["intel_iommu_confine"]),
+                         Param("vfio_iommu_type1.allow_unsafe_interrupts=1", WHY["unsafe_interrupts"])]
     params.append(Param("intel_iommu=off", WHY["intel_iommu"]))
     return params
 
@@ -206,7 +225,7 @@ def _check_limits(profile: str, cpus: int, mem: int, host) -> None:
 
 
 def configure(*, profile: str, host_cpus: int | None, host_mem: str | None, intremap: str, dry_run: bool,
-              root: Path, grub: Grub | None) -> dict:
+              root: Path, grub: Grub | None, iommu: str = "off") -> dict:
     """Decide the drop-in for ``profile`` on the host under ``root``; unless ``dry_run``, write it
     and run update-grub through ``grub`` (machine/grub.py)."""
     from coreslice.host.snapshot import check_root, discover
@@ -218,6 +237,12 @@ def configure(*, profile: str, host_cpus: int | None, host_mem: str | None, intr
     if profile == "vm-host" and intremap != "auto":
         raise UsageError("--intremap: the vm-host profile leaves interrupt remapping alone; "
                          "use it with slice-host or native-eval")
+    if iommu == "on" and profile != "slice-host":
+        raise UsageError(f"--iommu on: only the slice-host profile confines slices' DMA (the {profile} profile "
+                         "has its own IOMMU setting); drop --iommu or use --profile slice-host")
+    if iommu == "on" and intremap == "on":
+        raise UsageError("--iommu on with --intremap on: with remapping on the IOMMU blocks the slices' "
+                         "compatibility-format MSIs; use --intremap off (or auto)")
     if not dry_run and not (root / "etc/default/grub").is_file():
         raise UsageError(f"no {root / 'etc/default/grub'}: this host does not boot through GRUB; "
                          "add the parameters to its boot loader yourself (see --dry-run)")
@@ -237,11 +262,15 @@ def configure(*, profile: str, host_cpus: int | None, host_mem: str | None, intr
                           {e.apic_id for e in (host.madt.processors if host.madt else [])
                            if e.enabled or e.online_capable})
         intremap_off, remap_why = decide_intremap(intremap, apic_ids, host.kernel_log)
-    params = profile_params(profile, cpus, mem, intremap_off)
+        if iommu == "on" and not intremap_off:
+            raise UsageError(f"--iommu on needs interrupt remapping off, which this host cannot have ({remap_why}); "
+                             "run without --iommu")
+    params = profile_params(profile, cpus, mem, intremap_off, iommu == "on")
     command = " ".join(["coreslice host configure", f"--profile {profile}",
                         *([f"--host-cpus {cpus}"] if cpus is not None else []),
                         *([f"--host-mem {format_size(mem)}"] if mem is not None else []),
-                        *([f"--intremap {intremap}"] if intremap != "auto" else [])])
+                        *([f"--intremap {intremap}"] if intremap != "auto" else []),
+                        *(["--iommu on"] if iommu == "on" else [])])
     notes = ([remap_why] if remap_why else []) + conflicting_settings(root, params)
     text = render_dropin(profile, params, command, notes)
     path = check_dropin(root)  # a dry run says so too: the real run would be refused

@@ -228,8 +228,15 @@ def check_iommu(host: Host) -> Item:
     if cmdline_value(host.cmdline, "intel_iommu") == "off" or "DMAR: IOMMU disabled" in text:
         return Item("iommu", "ok", "IOMMU DMA translation off (intel_iommu=off)")
     if "DMAR: IOMMU enabled" in text or "AMD-Vi: AMD IOMMUv2" in text or "DMAR: Intel(R) Virtualization" in text:
-        return Item("iommu", "warn", "the IOMMU translates DMA: devices given to slices cannot reach "
-                    "slice memory", "add intel_iommu=off (coreslice host configure), then reboot")
+        if cmdline_value(host.cmdline, "iommu") == "pt":
+            return Item("iommu", "fail", "the IOMMU runs in passthrough (iommu=pt): a function the host lets go of "
+                        "keeps an identity mapping, so slices' DMA is not confined",
+                        "coreslice host configure --profile slice-host --iommu on (no iommu=pt), then reboot")
+        if cmdline_value(host.cmdline, "intremap") != "off":
+            return Item("iommu", "warn", "the IOMMU translates with interrupt remapping on: the slices' devices' "
+                        "MSIs are blocked", "coreslice host configure --profile slice-host --iommu on, then reboot")
+        return Item("iommu", "ok", "the IOMMU translates DMA: coreslice boot confines each slice's functions to "
+                    "its RAM (a VFIO domain per slice)")
     return Item("iommu", "ok", "no IOMMU DMA translation in the kernel log")
 
 

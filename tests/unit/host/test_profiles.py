@@ -127,6 +127,22 @@ def test_bad_input_exits_2_and_writes_nothing(root, fake_update_grub, capsys, ar
     assert not (root / hostcfg.DROPIN).exists() and not fake_update_grub.exists()
 
 
+def test_iommu_on_confines_slices_dma_with_remapping_off(root, fake_update_grub, capsys):
+    rc, out, _ = _main(capsys, "--profile", "slice-host", "--iommu", "on", "--dry-run", "--json", "--root", str(root))
+    r = json.loads(out)
+    assert rc == 0 and r["parameters"][-3:] == ["intremap=off", "intel_iommu=on",
+                                                "vfio_iommu_type1.allow_unsafe_interrupts=1"]
+    assert "intel_iommu=off" not in r["parameters"] and "iommu=pt" not in r["parameters"]
+    for argv, message in ((["--profile", "vm-host", "--iommu", "on"], "only the slice-host profile"),
+                          (["--profile", "slice-host", "--iommu", "on", "--intremap", "on"], "--intremap off")):
+        rc, _, err = _main(capsys, *argv, "--root", str(root))
+        assert rc == 2 and message in err and err.count("\n") == 1
+    (root / "sys/firmware/acpi/tables/APIC").write_bytes(build_madt([0x100, 0x101, 0x102], host_bsp_apic_id=0))
+    rc, _, err = _main(capsys, "--profile", "slice-host", "--iommu", "on", "--root", str(root))
+    assert rc == 2 and "needs interrupt remapping off" in err
+    assert not (root / hostcfg.DROPIN).exists() and not fake_update_grub.exists()
+
+
 def test_native_eval_may_exceed_the_machine(root, fake_update_grub, capsys):
     # native-eval restricts the native system; it leaves nothing for slices by design.
     assert _main(capsys, "--profile", "native-eval", "--root", str(root))[0] == 0

@@ -95,8 +95,19 @@ def test_iommu_translation_and_missing_tsc_warn(tmp_path):
                           devmem=True, kmsg_extra=("DMAR: IOMMU enabled",))
     r, items = _items(root)
     assert r.ready
-    assert items["iommu"].status == "warn" and "intel_iommu=off" in items["iommu"].fix
+    assert items["iommu"].status == "warn" and "--iommu on" in items["iommu"].fix  # remapping still on
     assert items["tsc"].status == "warn" and "--tsc-khz" in items["tsc"].fix
+
+
+@pytest.mark.parametrize("extra, status, words", [
+    (" intel_iommu=on intremap=off", "ok", "confines each slice's functions"),
+    (" intel_iommu=on intremap=off iommu=pt", "fail", "passthrough"),
+])
+def test_an_iommu_that_translates_confines_slices_unless_passthrough(tmp_path, extra, status, words):
+    root = make_host_tree(tmp_path, cmdline="maxcpus=1 mem=1G memory_corruption_check=0" + extra,
+                          devmem=True, kmsg_extra=("DMAR: IOMMU enabled",))
+    _r, items = _items(root)
+    assert items["iommu"].status == status and words in items["iommu"].detail
 
 
 @pytest.mark.parametrize("cmdline, key, value", [
