@@ -209,7 +209,22 @@ def status_of(row: SliceRecord, boot_id: str, read, ledger=None) -> dict:
         "uptime_s": round(_now() - running_at, 3) if live and running_at else None,
         "kernel_release": release, "last_log": last, "cpus": list(row.cpus),
         "memory": {"base": row.mem_base, "size": row.mem_size}, "on_crash": getattr(row, "on_crash", None),
+        "dma": dma_status(row.name) if live else None,
     }
+
+
+def dma_status(name: str) -> dict | None:
+    """The slice's IOMMU domain (launch/dmahold.py); None when it has none (no IOMMU, no functions)."""
+    from coreslice.launch.dmahold import read_state
+    from coreslice.ledger import pid_alive
+
+    st = read_state(name)
+    if st is None:
+        return None
+    alive = bool(st.get("ready")) and pid_alive(st.get("pid"))
+    return {"confined": alive, "holder_pid": st.get("pid"), "functions": st.get("functions", []),
+            "problem": None if alive else "its DMA holder is gone: its functions' DMA now faults (safe, but its "
+                                          f"devices stop working); coreslice restart {name}"}
 
 
 def _uptime(s: float | None) -> str:
@@ -239,6 +254,8 @@ def _cmd_status(args) -> int:
     for d in docs:
         if d["state"] == "unknown":
             print(f"{d['name']}: state unknown: {d['reason']}")
+        if d.get("dma") and d["dma"]["problem"]:
+            print(f"{d['name']}: {d['dma']['problem']}")
     return 0
 
 

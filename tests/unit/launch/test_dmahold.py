@@ -198,3 +198,16 @@ def test_a_relaunch_lets_the_old_domain_go_before_detaching_and_builds_a_new_one
     assert fakes.m.dma.log == ["hold web 0000:00:03.0 0x40000000:0x20000000", "release web",
                                "hold web 0000:00:03.0 0x40000000:0x20000000"]
     assert result.dma_released == ["web: DMA domain released"] and len(fakes.pci.detached) == detached_before + 1
+
+
+def test_status_says_when_a_slices_dma_holder_is_gone(tmp_path, monkeypatch):
+    from coreslice.cli.console import dma_status
+
+    monkeypatch.setenv(dmahold.RUN_DIR_ENV, str(tmp_path))
+    assert dma_status("web") is None
+    dmahold._write_state(dmahold.state_path("web"), {"ready": True, "pid": os.getpid(), "functions": [FN]})
+    assert dma_status("web") == {"confined": True, "holder_pid": os.getpid(), "functions": [FN], "problem": None}
+    dmahold._write_state(dmahold.state_path("web"), {"ready": True, "pid": 2 ** 22 + 1, "functions": [FN]})
+    assert "DMA holder is gone" in dma_status("web")["problem"]
+    assert dmahold.release("web") == "DMA holder already gone (its domain with it)"
+    assert not dmahold.state_path("web").exists()

@@ -16,7 +16,7 @@ from coreslice.machine.fake import FakeMachine
 from ..hosttree import BOOT_ID, make_host_tree
 from .kernelmem import MIB, SliceKernel
 
-KEYS = {"name", "state", "reason", "uptime_s", "kernel_release", "last_log", "cpus", "memory", "on_crash"}
+KEYS = {"name", "state", "reason", "uptime_s", "kernel_release", "last_log", "cpus", "memory", "on_crash", "dma"}
 
 
 @pytest.fixture
