@@ -52,6 +52,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--x2apic", action="store_true",
                    help="run the host in x2APIC mode (adds an interrupt-remapping intel-iommu; "
                         "host gets intel_iommu=off); default: xAPIC, no IOMMU")
+    p.add_argument("--iommu", action="store_true",
+                   help="give the host a DMA-remapping IOMMU (intel-iommu,intremap=off; host gets "
+                        "intel_iommu=on intremap=off and loads VFIO); not with --x2apic, which needs "
+                        "interrupt remapping (default: no IOMMU)")
+    p.add_argument("--dma-probe", action="store_true",
+                   help="give each slice a QEMU edu DMA engine on its own root bus (root port N:03.0; "
+                        "needs the pxb consoles) and make its init DMA from its own RAM and from host "
+                        "address 0x0; each slice's JSON gets \"dma\": own_ok, host_blocked, fault_logged "
+                        "(a DMAR fault the host logged for the edu)")
     p.add_argument("--kernel-version", default=None, metavar="VER",
                    help="Debian kernel to use, as linux-image-amd64 package version or as release "
                         "(6.12.95+deb12-amd64); default: newest 6.12 in bookworm-backports")
@@ -141,6 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         guest_os=args.guest_os, guest_cloud_config=args.guest_cloud_config,
         guest_ssh_key=args.guest_ssh_key, keep_guest_disks=args.keep_guest_disks,
         audit=args.audit, audit_steady=args.audit_steady,
+        iommu=args.iommu, dma_probe=args.dma_probe,
     )
     return main_run(opts, args.json)
 

@@ -170,7 +170,8 @@ def machine_args(links: Sequence[SliceLink], run_dir: Path, host_devices: bool =
 
 def slice_args(args: Sequence[str], link: SliceLink) -> tuple[str, ...]:
     """``coreslice boot`` arguments with the link's ``--device``s and its parameters added to
-    ``--cmdline`` (merged with one the slice string gives)."""
+    ``--cmdline`` (merged with one the slice string gives).  Anything with ``devices`` and
+    ``cmdline`` will do (dmaprobe.DmaProbe too)."""
     out: list[str] = []
     skip = False
     for i, a in enumerate(args):

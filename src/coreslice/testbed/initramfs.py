@@ -63,7 +63,8 @@ say() { echo "@MARK@ $* uptime=$(up)"; }
 fail() { say "FAIL $*"; sleep 1; sync; poweroff -f; }
 say "init"
 for m in @MODULES@; do
-    insmod "/lib/modules/$m.ko" || fail "insmod $m"
+    p=""
+@PARAMS@    insmod "/lib/modules/$m.ko" $p || fail "insmod $m"
 done
 say "modules-loaded"
 mkdir -p /newroot /mnt/run
@@ -148,8 +149,7 @@ AFTER_TAG = "coreslice-after:"
 # the only NVMe namespace, read /hello.txt, write /result.txt, unmount) and
 # coreslice.net=ADDR/LEN,PEER (address the only NIC, ping PEER), and append the outcome to the
 # report: " storage_read=<text|-> storage_written=<0|1> ping_ok=<0|1> rtt_ms=<ms|->".
-SLICE_DATA = r"""extra=""
-log() { echo "<2>coreslice-data: $*" >/dev/kmsg; }
+SLICE_DATA = r"""log() { echo "<2>coreslice-data: $*" >/dev/kmsg; }
 for m in @DATA_MODULES@; do insmod "/lib/modules/$m.ko" || log "insmod $m failed"; done
 storage=$(sed -n 's/.*coreslice\.storage=\([^ ]*\).*/\1/p' /proc/cmdline)
 net=$(sed -n 's/.*coreslice\.net=\([^ ]*\).*/\1/p' /proc/cmdline)
@@ -191,9 +191,105 @@ fi
 """
 
 
+# Inserted into SLICE_INIT by slice_init_text(dma_probe=True) (coreslice testbed run --dma-probe,
+# see testbed/dmaprobe.py).  With coreslice.dmaprobe=1 it makes the slice's edu copy 64 bytes
+# of the slice's own RAM (its command line) and then of host physical @HOST_ADDR@ into the
+# device's buffer and back into a scratch area of the slice's RAM, and compares with what the
+# CPU reads there; appends " dma_own=<0|1|-> dma_host=<blocked|leaked|->" to the report.
+#
+# Where to DMA: /dev/mem (STRICT_DEVMEM, IO_STRICT_DEVMEM) refuses the slice's System RAM but
+# not its e820 "reserved" loader data (plan/boot.py: zero page at data_addr, command line at
+# +0x1000) nor memory outside its e820, like the host's.  The command line's address is in the
+# kernel's copy of boot_params (cmd_line_ptr at 0x228, ext_cmd_line_ptr at 0x0c8,
+# arch/x86/include/uapi/asm/bootparam.h); the loader's zero page just below it is dead once
+# Linux has copied it, so zero_page+0xf00 (64 bytes) is the scratch destination.
+# edu (hw/misc/edu.c): BAR0 registers 0x80 source, 0x88 destination, 0x90 count, 0x98 command
+# (bit0 start/busy, bit1 1 = buffer -> RAM, bit2 irq), 4- or 8-byte accesses only; the buffer
+# is at device address 0x40000; a transfer runs 100 ms (virtual clock) after the command.
+# Every arithmetic operand read from outside is checked first: an ash syntax error would end
+# PID 1.
+SLICE_DMA = r"""if grep -q 'coreslice\.dmaprobe=1' /proc/cmdline; then
+    dlog() { echo "<2>coreslice-dma: $*" >/dev/kmsg; }
+    hex() { printf 0x%x "$1"; }
+    rd() { devmem "$1" 64 2>/dev/null; }
+    rd64() { s=""; i=0; while [ $i -lt 64 ]; do s="$s $(rd $(($1 + i)))"; i=$((i + 8)); done; echo $s; }
+    words8() { set -- $1; [ $# = 8 ]; }
+    zero() { i=0; while [ $i -lt 64 ]; do devmem $(($1 + i)) 64 0 || return 1; i=$((i + 8)); done; }
+    edu_dma() {
+        devmem $((bar + 0x80)) 64 $1 && devmem $((bar + 0x88)) 64 $2 &&
+            devmem $((bar + 0x90)) 64 64 && devmem $((bar + 0x98)) 64 $3 ||
+            { dlog "dma $(hex $1) -> $(hex $2): register write failed"; return 1; }
+        n=0
+        while :; do
+            c=$(rd $((bar + 0x98))); [ -n "$c" ] || c=1
+            [ $((c & 1)) = 0 ] && { dlog "dma $(hex $1) -> $(hex $2) cmd $3 done"; return 0; }
+            [ $n -ge 50 ] && { dlog "dma $(hex $1) -> $(hex $2) cmd $3 still busy after 5 s"; return 1; }
+            sleep 0.1; n=$((n + 1))
+        done
+    }
+    dma_own=-; dma_host=-; edu=""
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(cat "$d/vendor" 2>/dev/null)" = @EDU_VENDOR@ ] &&
+            [ "$(cat "$d/device" 2>/dev/null)" = @EDU_DEVICE@ ] && edu=$d
+    done
+    bar=; lo=; hi=
+    [ -z "$edu" ] || read -r bar _ <"$edu/resource"
+    lo=$(od -An -tu4 -j $((0x228)) -N4 /sys/kernel/boot_params/data 2>/dev/null | tr -d ' ')
+    hi=$(od -An -tu4 -j $((0xc8)) -N4 /sys/kernel/boot_params/data 2>/dev/null | tr -d ' ')
+    case "$bar" in 0x[0-9a-f]*) ;; *) bar=0 ;; esac
+    case "$lo$hi" in ''|*[!0-9]*) lo=0; hi=0 ;; esac
+    bar=$((bar)); cmd=$(( (hi << 32) | lo ))
+    if [ -z "$edu" ]; then
+        dlog "no edu (vendor @EDU_VENDOR@ device @EDU_DEVICE@) in /sys/bus/pci/devices"
+    elif [ $bar = 0 ] || [ $cmd -lt $((0x100000)) ]; then
+        dlog "${edu##*/}: bar0 $(hex $bar), command line at $(hex $cmd): cannot probe"
+    else
+        # Memory Space + Bus Master (PCI command register, config offset 4).
+        printf '\006\000' | dd of="$edu/config" bs=1 seek=4 count=2 conv=notrunc 2>/dev/null ||
+            dlog "cannot write the command register of ${edu##*/}"
+        scratch=$((cmd - 0x1000 + 0xf00))
+        dlog "edu ${edu##*/} bar0 $(hex $bar) command line $(hex $cmd) scratch $(hex $scratch)"
+        want=$(rd64 $cmd)
+        if zero $scratch && edu_dma $cmd 0x40000 1 && edu_dma 0x40000 $scratch 3; then
+            got=$(rd64 $scratch)
+            dlog "own: command line $want"
+            dlog "own: scratch      $got"
+            if words8 "$want" && words8 "$got"; then
+                if [ "$got" = "$want" ]; then dma_own=1; else dma_own=0; fi
+            fi
+        fi
+        truth=$(rd64 @HOST_ADDR@)
+        if zero $scratch && edu_dma @HOST_ADDR@ 0x40000 1 && edu_dma 0x40000 $scratch 3; then
+            got=$(rd64 $scratch)
+            dlog "host: cpu read $truth"
+            dlog "host: scratch  $got"
+            if ! words8 "$truth" || ! words8 "$got"; then
+                dlog "host: a read failed"
+            elif [ -z "$(echo $truth | tr -d ' 0x')" ]; then
+                dlog "host: $(hex @HOST_ADDR@) reads all zero: cannot tell"
+            elif [ "$got" = "$truth" ]; then
+                dma_host=leaked
+            else
+                dma_host=blocked
+            fi
+        fi
+    fi
+    dlog "dma_own=$dma_own dma_host=$dma_host"
+    extra="$extra dma_own=$dma_own dma_host=$dma_host"
+fi
+"""
+
+# Module parameters the host init passes at insmod: no interrupt remapping under --iommu
+# (topology.IOMMU_DEVICE), so VFIO type1 would refuse every group without this.
+HOST_MODULE_PARAMS = {"vfio_iommu_type1": "allow_unsafe_interrupts=1"}
+
+
 def host_init_text(modules: tuple[str, ...] = HOST_MODULES) -> str:
+    params = "".join(f'    [ "$m" = {m} ] && p="{v}"\n' for m, v in HOST_MODULE_PARAMS.items()
+                     if m in modules)
     return (
         HOST_INIT.replace("@MARK@", HOST_MARK)
+        .replace("@PARAMS@", params)
         .replace("@MODULES@", " ".join(modules))
         .replace("@HOSTROOT_OPTS@", HOSTROOT_OPTS)
         .replace("@HOSTROOT_TAG@", HOSTROOT_TAG)
@@ -202,15 +298,28 @@ def host_init_text(modules: tuple[str, ...] = HOST_MODULES) -> str:
     )
 
 
-def slice_init_text(data_modules: tuple[str, ...] = ()) -> str:
+def slice_dma_text() -> str:
+    """SLICE_DMA with the edu's IDs and the host address filled in."""
+    from coreslice.testbed import dmaprobe
+
+    return (SLICE_DMA.replace("@EDU_VENDOR@", f"{dmaprobe.EDU_VENDOR:#06x}")
+            .replace("@EDU_DEVICE@", f"{dmaprobe.EDU_DEVICE:#06x}")
+            .replace("@HOST_ADDR@", f"{dmaprobe.HOST_ADDR:#x}"))
+
+
+def slice_init_text(data_modules: tuple[str, ...] = (), dma_probe: bool = False) -> str:
     """The slice's /init; with ``data_modules`` (the module file stems, in load order) it also
-    runs the data path (SLICE_DATA)."""
+    runs the data path (SLICE_DATA), with ``dma_probe`` the DMA probe (SLICE_DMA)."""
     data = ""
     if data_modules:
-        data = (SLICE_DATA.replace("@DATA_MODULES@", " ".join(data_modules))
-                .replace("@DATA_FILE@", DATA_FILE)
-                .replace("@RESULT_FILE@", RESULT_FILE)
-                .replace("@RESULT_PREFIX@", RESULT_PREFIX))
+        data += (SLICE_DATA.replace("@DATA_MODULES@", " ".join(data_modules))
+                 .replace("@DATA_FILE@", DATA_FILE)
+                 .replace("@RESULT_FILE@", RESULT_FILE)
+                 .replace("@RESULT_PREFIX@", RESULT_PREFIX))
+    if dma_probe:
+        data += slice_dma_text()
+    if data:
+        data = 'extra=""\n' + data
     return (SLICE_INIT.replace("@DATA@", data).replace("@EXTRA@", "$extra" if data else "")
             .replace("@TAG@", REPORT_TAG).replace("@AFTER_TAG@", AFTER_TAG))
 
@@ -315,15 +424,15 @@ def build_host_initramfs(kernel: Kernel, modules: tuple[str, ...] = HOST_MODULES
     return _cached_image("host", kernel, init_text + "\0" + ",".join(modules), build)
 
 
-def build_slice_initramfs(kernel: Kernel, modules: tuple[str, ...] = ()) -> Path:
+def build_slice_initramfs(kernel: Kernel, modules: tuple[str, ...] = (), dma_probe: bool = False) -> Path:
     """The slice initramfs (cached).  Without ``modules`` it holds none and ``kernel`` only keys
     the cache; with them (e.g. datapath.DATA_MODULES) it holds them and their dependencies
-    and its init runs the data path."""
+    and its init runs the data path; with ``dma_probe`` its init runs the DMA probe."""
     if not modules:
-        init_text = slice_init_text()
+        init_text = slice_init_text(dma_probe=dma_probe)
         return _cached_image("slice", kernel, init_text, lambda: _base_archive(init_text).finish())
     order = module_load_order((kernel.modules_dir / "modules.dep").read_text(), modules)
-    init_text = slice_init_text(tuple(_stem(rel) for rel in order))
+    init_text = slice_init_text(tuple(_stem(rel) for rel in order), dma_probe=dma_probe)
 
     def build() -> bytes:
         w = _base_archive(init_text)

@@ -39,7 +39,9 @@ host binds pcieport to each root port and serial to each UART.
 
 x2APIC mode adds ``-device intel-iommu,intremap=on,eim=on``: the host kernel enables x2APIC only
 with interrupt remapping, and its command line carries ``intel_iommu=off`` but not
-``intremap=off``.  The xAPIC machine has no IOMMU.
+``intremap=off``.  The xAPIC machine has no IOMMU, unless ``--iommu`` adds
+``-device intel-iommu,intremap=off`` (DMA remapping only; the host gets ``intel_iommu=on
+intremap=off``; see testbed/dmaprobe.py), which x2APIC mode cannot have.
 
 One emulated machine at a time: :meth:`QemuMachine.launch` takes an exclusive ``flock`` on
 ``$CORESLICE_CACHE/qemu.lock`` (:func:`machine_lock_path`) before it starts QEMU and holds it

@@ -21,6 +21,7 @@ _REPORT_RE = re.compile(
     + r"(?: kcode=(?P<kcode>[0-9a-f]+|-))?"
     + r"(?: storage_read=(?P<sread>\S*) storage_written=(?P<swritten>[01]))?"
     + r"(?: ping_ok=(?P<ping>[01]) rtt_ms=(?P<rtt>[0-9.]+|-))?"
+    + r"(?: dma_own=(?P<dmaown>[01-]) dma_host=(?P<dmahost>blocked|leaked|-))?"
     + r" cmdline=(?P<cmdline>.*)$"
 )
 
@@ -31,7 +32,9 @@ def parse_report(line: str) -> dict | None:
     Returns ``{"cpus": int, "mem_kib": int, "apic_ids": [int, ...], "pci": [str, ...], "cmdline": str}``
     (``pci``: the PCI functions in the slice's sysfs), plus, when the slice ran the data path,
     ``"storage": {"read": str | None, "written": bool}`` and
-    ``"network": {"ping_ok": bool, "rtt_ms": float | None}``.
+    ``"network": {"ping_ok": bool, "rtt_ms": float | None}``, and when it ran the DMA probe
+    (dmaprobe.py) ``"dma": {"own": bool | None, "host": "blocked" | "leaked" | None}``
+    (None: the probe could not tell).
     """
     m = _REPORT_RE.search(line.rstrip("\r\n").replace("\r", ""))
     if not m:
@@ -51,6 +54,9 @@ def parse_report(line: str) -> dict | None:
     if m["ping"] is not None:
         out["network"] = {"ping_ok": m["ping"] == "1",
                           "rtt_ms": None if m["rtt"] == "-" else float(m["rtt"])}
+    if m["dmaown"] is not None:
+        out["dma"] = {"own": None if m["dmaown"] == "-" else m["dmaown"] == "1",
+                      "host": None if m["dmahost"] == "-" else m["dmahost"]}
     return out
 
 

@@ -41,8 +41,9 @@ from coreslice.testbed.qemu import (
     check_size,
     host_append,
 )
+from coreslice.testbed.topology import check_iommu_apic
 from coreslice.testbed import sriov as sriovdevs
-from coreslice.testbed import datapath
+from coreslice.testbed import datapath, dmaprobe
 from coreslice.testbed.tools import ToolError, progress, read_or_none as _read
 
 
@@ -86,6 +87,11 @@ class RunOptions:
     # audit_steady seconds after the last report.
     audit: bool = False
     audit_steady: float = 10.0
+    # DMA remapping on the host (testbed/dmaprobe.py): intel-iommu without interrupt remapping,
+    # intel_iommu=on intremap=off, VFIO loaded.  Not with x2apic.
+    iommu: bool = False
+    # An edu DMA engine on each slice's root bus, and the slice's init probing where it can DMA.
+    dma_probe: bool = False
 
 
 def python_for_host() -> tuple[str, str]:
@@ -321,20 +327,28 @@ def _run(options: RunOptions, guests: list) -> dict:
         raise UsageError(f"--smp {options.smp}: the host keeps CPU 0, give at least 2 CPUs")
     check_size(options.memory, "--memory")
     check_size(options.host_mem, "--host-mem")
+    check_iommu_apic(options.x2apic, options.iommu)
+    if options.dma_probe and options.guest_os is not None:
+        raise UsageError("--dma-probe with --guest-os: the probe runs in the testbed's own slice init; drop one")
+    if options.dma_probe and not options.pci_consoles:
+        raise UsageError("--dma-probe: each slice needs a console on a pxb root bus of its own, where its edu "
+                         "device is placed; drop --isa-consoles")
     kernel = kernels.ensure_kernel(options.kernel_version)
     host_initrd = (initramfs.build_host_initramfs(kernel, initramfs.HOST_MODULES + sriovdevs.MODULES)
                    if options.sriov else initramfs.build_host_initramfs(kernel))
-    slice_initrd = initramfs.build_slice_initramfs(kernel)
+    slice_initrd = initramfs.build_slice_initramfs(kernel, dma_probe=options.dma_probe)
     if options.guest_os is not None:
         guestos.check_choice(options.guest_os, options.guest_ssh_key, len(options.slices))
         if not options.network:
             raise UsageError("--guest-os: the host reaches the slice's OS over SSH; add --network")
         options = dataclasses.replace(options, storage=True)
     data = options.storage or options.network
-    if data:
-        extra_mods = datapath.DATA_MODULES + (sriovdevs.MODULES if options.sriov else ())
+    if data or options.iommu:
+        extra_mods = ((datapath.DATA_MODULES if data else ()) + (sriovdevs.MODULES if options.sriov else ())
+                      + (dmaprobe.VFIO_MODULES if options.iommu else ()))
         host_initrd = initramfs.build_host_initramfs(kernel, initramfs.host_data_modules(kernel, extra_mods))
-        slice_initrd = initramfs.build_slice_initramfs(kernel, datapath.DATA_MODULES)
+    if data:
+        slice_initrd = initramfs.build_slice_initramfs(kernel, datapath.DATA_MODULES, dma_probe=options.dma_probe)
     run_dir = make_run_dir(options.workdir)
     hp = hostview.host_python()
     # The emulated host sees the tree read-only and cannot cache bytecode: compile it here (a
@@ -344,11 +358,12 @@ def _run(options: RunOptions, guests: list) -> dict:
     config = MachineConfig(
         kernel=kernel.vmlinuz,
         initrd=host_initrd,
-        append=host_append(options.host_mem, options.x2apic, options.host_append_extra),
+        append=host_append(options.host_mem, options.x2apic, options.host_append_extra, iommu=options.iommu),
         smp=options.smp,
         memory=options.memory,
         cpu_model=options.cpu_model,
         x2apic=options.x2apic,
+        iommu=options.iommu,
         numa=options.numa,
         extra_args=tuple(sriovdevs.device_args(ns_images=sriovdevs.namespace_images(run_dir)))
         if options.sriov else (),
@@ -379,6 +394,14 @@ def _run(options: RunOptions, guests: list) -> dict:
                 [(j.index, g, ln.slice_ip) for j, g, ln in zip(jobs, guests, links)], key, options.slice_timeout)
         datapath.build_images(links, run_dir)
         config.extra_args = tuple(config.extra_args) + tuple(datapath.machine_args(links, run_dir))
+    probes: list[dmaprobe.DmaProbe] = []
+    if options.dma_probe:
+        probes = [dmaprobe.probe_for_port(j.port, options.storage, options.network) for j in jobs]
+        names = [p.port.name for p in probes]
+        if len(set(names)) != len(names):
+            raise UsageError("--dma-probe: give each slice its own console (root bus)")
+        jobs = [dataclasses.replace(j, args=datapath.slice_args(j.args, p)) for j, p in zip(jobs, probes)]
+        config.extra_args = tuple(config.extra_args) + tuple(dmaprobe.machine_args(probes))
     # The source tree, venv and slice kernels/initrds each get a share of their own, mounted
     # at their own paths inside the host (hostview.py): a tree under /tmp works too.
     files = [p for j in jobs for p in _named_files(j.args)]
@@ -411,6 +434,7 @@ def _run(options: RunOptions, guests: list) -> dict:
         "console_log": str(machine.console_log),
         "qemu_command": machine.command_line(),
         "x2apic_requested": options.x2apic,
+        "iommu": options.iommu,
         "pci_consoles": options.pci_consoles,
         "serial_ports": [p.describe() for p in machine.serial_ports],
         "sriov": sriovdevs.describe() if options.sriov else None,
@@ -587,6 +611,8 @@ def _run(options: RunOptions, guests: list) -> dict:
     result = _collect(run_dir, machine, states, options, host)
     if data:
         _collect_data(run_dir, result, states, links)
+    if probes:
+        _collect_dma(run_dir, machine, result, states, probes, options.iommu)
     if guests:
         _collect_guests(run_dir, result, states, guests)
     return result
@@ -603,6 +629,20 @@ def _collect_guests(run_dir: Path, result: dict, states: list[_SliceState], gues
     # "booted" of a guest slice is its SSH login, known only now: the overall verdict again.
     booted = all(sl["booted"] for sl in result["slices"] if sl["exit_code"] == 0)
     result["ok"] = bool(result["host"]["job_finished"] and booted and result.get("data_ok", True) and ok)
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _collect_dma(run_dir: Path, machine: QemuMachine, result: dict, states: list[_SliceState],
+                 probes: list[dmaprobe.DmaProbe], iommu: bool) -> None:
+    """Add each slice's ``dma``: its probe's answer and the host's DMAR faults of its edu (the
+    host's log after the slices reported, and its console to the end)."""
+    host_log = (_read(run_dir / "dmesg-end.txt") or "") + "\n" + (_read(machine.console_log) or "")
+    ok = True
+    for s, probe, out in zip(states, probes, result["slices"]):
+        out["dma"] = dmaprobe.slice_result(probe, s.report, host_log)
+        ok = ok and dmaprobe.dma_ok(out["dma"], iommu)
+    result["dma_ok"] = bool(ok)
+    result["ok"] = bool(result["ok"] and ok)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
@@ -723,7 +763,8 @@ def format_summary(result: dict) -> str:
     h = result["host"]
     t = h.get("timings", {})
     out = [
-        f"host: kernel {h.get('kernel_release')}, {h.get('apic_mode')} mode, online CPUs "
+        f"host: kernel {h.get('kernel_release')}, {h.get('apic_mode')} mode"
+        f"{', IOMMU on (DMA remapping)' if h.get('iommu') else ''}, online CPUs "
         f"{h.get('online_cpus') or '?'}, MemTotal {h.get('mem_total_kib')} kB",
         f"      QEMU -> host init {t.get('qemu_to_host_init', '?')} s, -> job {t.get('qemu_to_job_start', '?')} s, "
         f"Python start {t.get('python_start', '?')} s, total {t.get('qemu_total', '?')} s",
@@ -754,6 +795,8 @@ def format_summary(result: dict) -> str:
             nt = s["network"]
             out.append(f"         network: ping {nt['peer']} from {nt['address']} "
                        f"{'ok, rtt ' + str(nt['rtt_ms']) + ' ms' if nt['ping_ok'] else 'FAILED'}")
+        if s.get("dma"):
+            out.append("         " + dmaprobe.describe(s["dma"]))
         if s.get("os"):
             o = s["os"]
             out.append(f"         os: ssh {o['user']}@ " + (

@@ -143,13 +143,30 @@ def _serial_devices(port: SerialPort, chardev: str) -> list[str]:
     ]
 
 
-def host_append(host_mem: str = "1G", x2apic: bool = False, extra: Sequence[str] = ()) -> str:
+# The IOMMU of --iommu: DMA remapping only.  intremap=off: with remapping on, Linux clears the
+# Compatibility Format Interrupt bit (VT-d spec 9.4, GSTS.CFIS), which blocks the
+# compatibility-format MSIs the slices' devices send.
+IOMMU_DEVICE = "intel-iommu,intremap=off"
+X2APIC_IOMMU_DEVICE = "intel-iommu,intremap=on,eim=on"
+
+
+def check_iommu_apic(x2apic: bool, iommu: bool) -> None:
+    """--iommu and --x2apic exclude each other (x2APIC needs interrupt remapping)."""
+    if x2apic and iommu:
+        raise UsageError("--iommu with --x2apic: x2APIC needs interrupt remapping, which blocks the "
+                         "slices' compatibility-format MSIs; drop one of them")
+
+
+def host_append(host_mem: str = "1G", x2apic: bool = False, extra: Sequence[str] = (),
+                iommu: bool = False) -> str:
     """The emulated host's kernel command line.
 
     ``maxcpus=1 mem=`` leave CPUs and RAM for slices; ``panic=-1`` + QEMU ``-no-reboot`` make a
     panic end the run; ``intel_iommu=off`` (never ``intremap=off``: x2APIC needs interrupt
-    remapping) keeps DMA untranslated in x2APIC mode.
+    remapping) keeps DMA untranslated in x2APIC mode; with ``iommu`` the host translates DMA
+    (``intel_iommu=on``) without interrupt remapping (``intremap=off``).
     """
+    check_iommu_apic(x2apic, iommu)
     parts = [
         "console=ttyS0,115200",
         "maxcpus=1",
@@ -160,6 +177,8 @@ def host_append(host_mem: str = "1G", x2apic: bool = False, extra: Sequence[str]
     ]
     if x2apic:
         parts.append("intel_iommu=off")
+    if iommu:
+        parts += ["intel_iommu=on", "intremap=off"]
     parts.extend(extra)
     return " ".join(parts)
 
@@ -173,6 +192,7 @@ class MachineConfig:
     memory: str = "6G"
     cpu_model: str = "max"
     x2apic: bool = False  # adds the interrupt-remapping IOMMU
+    iommu: bool = False  # adds a DMA-remapping IOMMU without interrupt remapping (not with x2apic)
     shares: tuple[Share, ...] = ()
     slice_consoles: bool = True
     pxb_numa_nodes: tuple[int, ...] = ()  # NUMA node of each pxb root bus (needs -numa args)
@@ -227,8 +247,12 @@ def build_command(config: MachineConfig, console_log: Path, serial_ports: Sequen
         "-chardev", f"file,id=con0,path={console_log}",
         "-serial", "chardev:con0",
     ]
+    # The IOMMU before any PCI device (QEMU wants it created first).
+    check_iommu_apic(config.x2apic, config.iommu)
     if config.x2apic:
-        cmd += ["-device", "intel-iommu,intremap=on,eim=on"]
+        cmd += ["-device", X2APIC_IOMMU_DEVICE]
+    elif config.iommu:
+        cmd += ["-device", IOMMU_DEVICE]
     cmd += ["-kernel", str(config.kernel)]
     if config.initrd is not None:
         cmd += ["-initrd", str(config.initrd)]
