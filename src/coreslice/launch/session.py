@@ -307,9 +307,8 @@ def reserve_and_act(spec: BootSpec, plan: Plan, image: BootImage, vfs: list[vfpl
     """Reserve in the ledger, then act.  A failure before the INIT undoes every change and
     releases the reservation (LaunchError says what was undone); a failure from the INIT on
     leaves the slice ``failed``, holding its resources."""
+    # A group shared with the host was refused by the plan (plan/pci.py); the domain is built below.
     confine = dma_functions(plan, machine)
-    if confine:  # refuse a group shared with the host now, before anything changes (VFs: after creation)
-        machine.dma.check([fn for fn in confine if (host.root / "sys/bus/pci/devices" / fn).exists()])  # type: ignore[union-attr]
     # Reserve first, in one transaction with the conflict check (ledger.py): of two launches
     # that want the same resources, the second is refused here, before touching anything.
     row = None
@@ -417,7 +416,11 @@ PAUSE_ENV, PAUSE_FILE_ENV = "CORESLICE_TEST_PAUSE_AT", "CORESLICE_TEST_PAUSE_FIL
 def pause_for_tests(phase: str) -> None:
     if os.environ.get(PAUSE_ENV) != phase:
         return
-    Path(os.environ[PAUSE_FILE_ENV]).write_text(f"{os.getpid()} {phase}\n")
+    # Written aside and renamed: a test that polls for the file must never read it half-written.
+    path = Path(os.environ[PAUSE_FILE_ENV])
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(f"{os.getpid()} {phase}\n")
+    os.replace(tmp, path)
     while True:
         time.sleep(3600)
 

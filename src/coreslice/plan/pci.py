@@ -158,29 +158,23 @@ def _ecam_for(root: RootComplex, buses: set[int], mcfg: Sequence[McfgAllocation]
 
 
 def _check_iommu_groups(given: Sequence[str], topo: PciTopology) -> None:
-    """Refuse functions whose host IOMMU translates DMA.
+    """Refuse a function whose IOMMU group it shares with one the host drives.
 
     An IOMMU domain covers a whole IOMMU group (the functions the IOMMU cannot tell apart, for
     lack of PCIe ACS between them): a group that mixes a slice's function with one the host
-    drives can be given to neither alone, so it is refused first, naming the host's members.
-    Then any group at all is refused: with translation on, a function unbound from its host
-    driver keeps a host DMA domain that maps none of the slice's RAM, so its DMA would fault.
-    Mapping the slice's RAM into a domain of its own (VFIO, IOVA = physical address) is not done
-    yet; until it is, the host runs intel_iommu=off (the slice-host profile)."""
-    grouped = [(a, f.iommu_group) for a in given if (f := topo.function(a)) and f.iommu_group is not None]
-    if not grouped:
-        return
+    drives can be given to neither alone, so it is refused before anything changes, naming the
+    host's members.  The slice's own domain, which maps exactly its RAM, is built at launch
+    (launch/dmahold.py)."""
     mine = set(given)
-    for addr, group in grouped:
-        names = topo.group_mates_in_use(group, mine)
+    for addr in given:
+        f = topo.function(addr)
+        if f is None or f.iommu_group is None:
+            continue
+        names = topo.group_mates_in_use(f.iommu_group, mine)
         if names:
-            raise UsageError(f"PCI function {addr} shares IOMMU group {group} with {names}, which the slice is not "
-                             "given: one IOMMU domain covers the whole group; give the slice every function of "
-                             "the group (--device), or choose a function in a group of its own")
-    addr, group = grouped[0]
-    raise UsageError(f"the host's IOMMU translates DMA (PCI function {addr} is in IOMMU group {group}), and coreslice "
-                     "does not map slice memory into an IOMMU domain yet, so the slice's devices could not reach "
-                     "its RAM; boot the host with intel_iommu=off (coreslice host configure --profile slice-host)")
+            raise UsageError(f"PCI function {addr} shares IOMMU group {f.iommu_group} with {names}, which the slice "
+                             "is not given: one IOMMU domain covers the whole group; give the slice every function "
+                             "of the group (--device), or choose a function in a group of its own")
 
 
 def plan_pci(devices: Sequence[str], console_address: str | None, host,
