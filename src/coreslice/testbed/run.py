@@ -635,8 +635,10 @@ def _collect_guests(run_dir: Path, result: dict, states: list[_SliceState], gues
 def _collect_dma(run_dir: Path, machine: QemuMachine, result: dict, states: list[_SliceState],
                  probes: list[dmaprobe.DmaProbe], iommu: bool) -> None:
     """Add each slice's ``dma``: its probe's answer and the host's DMAR faults of its edu (the
-    host's log after the slices reported, and its console to the end)."""
-    host_log = (_read(run_dir / "dmesg-end.txt") or "") + "\n" + (_read(machine.console_log) or "")
+    host's log after the slices reported; if it has none, its console to the end)."""
+    host_log = _read(run_dir / "dmesg-end.txt") or ""
+    if not dmaprobe.dmar_faults(host_log):  # one source only: both would list each fault twice
+        host_log = _read(machine.console_log) or ""
     ok = True
     for s, probe, out in zip(states, probes, result["slices"]):
         out["dma"] = dmaprobe.slice_result(probe, s.report, host_log)
