@@ -370,3 +370,26 @@ def test_summary_shows_the_iommu_and_each_dma_answer():
     text = format_summary(result)
     assert "xapic mode, IOMMU on (DMA remapping)" in text
     assert "dma (0000:24:00.0): own RAM ok; host 0x0 LEAKED; DMAR fault not logged" in text
+
+
+def test_collect_dma_reads_the_faults_from_one_host_log(tmp_path):
+    """dmesg-end.txt when it has faults (each fault once), else the console log."""
+    from types import SimpleNamespace
+
+    from coreslice.testbed import run
+
+    probe = dmaprobe.probe_for_port(PXB["pxb1"], True, True)
+    state = SimpleNamespace(report={"dma": {"own": True, "host": "blocked"}})
+    console = tmp_path / "console-host.log"
+    console.write_text(DMESG)
+    machine = SimpleNamespace(console_log=console)
+    (tmp_path / "dmesg-end.txt").write_text(DMESG)
+    result = {"ok": True, "slices": [{}]}
+    run._collect_dma(tmp_path, machine, result, [state], [probe], iommu=True)
+    assert result["slices"][0]["dma"]["faults"] == ["DMA Read 0x17fff0000 reason 06",
+                                                    "DMA Write 0x17fff0000 reason 05", "DMA Read 0x0 reason 06"]
+    assert result["dma_ok"] and result["ok"]
+    (tmp_path / "dmesg-end.txt").write_text("[ 1.0] no faults yet\n")
+    result = {"ok": True, "slices": [{}]}
+    run._collect_dma(tmp_path, machine, result, [state], [probe], iommu=True)
+    assert result["slices"][0]["dma"]["fault_logged"] and len(result["slices"][0]["dma"]["faults"]) == 3
