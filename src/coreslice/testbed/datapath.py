@@ -78,7 +78,9 @@ class SliceLink:
 
     @property
     def nic_address(self) -> str:
-        return f"0000:{self.bus + 3:02x}:00.0"
+        # The firmware numbers the buses below the pxb in root-port order: the NIC's root port
+        # (slot 2) gets N+3 after the NVMe's (slot 1), N+2 when there is no NVMe.
+        return f"0000:{self.bus + (3 if self.storage else 2):02x}:00.0"
 
     @property
     def slice_mac(self) -> str:

@@ -1,6 +1,7 @@
 """The slices' data path (testbed/datapath.py): devices on each slice's root bus, QEMU and
 `coreslice boot` arguments, job-script lines, report parsing, images."""
 
+import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -21,6 +22,7 @@ def test_link_addresses_follow_the_root_bus():
     assert ln.k == 2 and ln.port.root_bus == "0000:40"
     assert ln.nvme_address == "0000:42:00.0" and ln.nic_address == "0000:43:00.0"
     assert ln.host_nic_address == "0000:00:1a.0"
+    assert dataclasses.replace(ln, storage=False).nic_address == "0000:42:00.0"  # buses numbered in order
     assert (ln.slice_ip, ln.host_ip) == ("10.99.2.2", "10.99.2.1")
     assert ln.devices == ["0000:42:00.0", "0000:43:00.0"]
     assert ln.cmdline == "coreslice.storage=1 coreslice.net=10.99.2.2/24,10.99.2.1"
@@ -31,7 +33,7 @@ def test_storage_or_network_alone():
     s = datapath.link_for_port(PXB["pxb1"], True, False, RUN)
     assert s.devices == ["0000:22:00.0"] and s.cmdline == "coreslice.storage=1"
     n = datapath.link_for_port(PXB["pxb1"], False, True, RUN)
-    assert n.devices == ["0000:23:00.0"] and n.image is None
+    assert n.devices == ["0000:22:00.0"] and n.image is None  # buses numbered in root-port order
     assert n.cmdline == "coreslice.net=10.99.1.2/24,10.99.1.1"
 
 
