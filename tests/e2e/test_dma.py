@@ -9,10 +9,16 @@ Without an IOMMU both copies succeed: the host's bytes leak, which is what the I
 With --iommu (intel-iommu, the host on intel_iommu=on intremap=off, `coreslice boot` holding the
 slice's RAM mapped at IOVA = physical address for its functions through VFIO) the own copy and
 the slice's NVMe and NIC still work, the host read is blocked and the host kernel logs a DMAR
-fault for the slice's edu at address 0.
+fault for the slice's edu at address 0.  A host command then restarts the slice (its holder
+released after the functions went quiet, a new one built before the INIT), waits for the new
+kernel's report to show the same outcome, and stops it: no holder left, every function unbound
+with driver_override ``coreslice``.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 
@@ -23,11 +29,26 @@ pytestmark = pytest.mark.e2e
 
 SLICE = "--cpus 1-2 --memory 512M"
 EDU = "0000:24:00.0"  # pxb1: root bus 0x20, root port 20:03.0 after the NVMe's and NIC's
+FUNCTIONS = ("0000:21:00.0", "0000:22:00.0", "0000:23:00.0", EDU)  # UART, NVMe, NIC, edu
+STEP_S = 300
+# The restarted slice's report: its disk read and written, its ping answered, DMA as before.
+AGAIN = ("storage_read=coreslice-disk-pxb1-ok storage_written=1 ping_ok=1 rtt_ms=[0-9.]+ "
+         "dma_own=1 dma_host=blocked")
+RESTART = "\n".join([
+    "coreslice status dma --json > status.json 2>&1",
+    f"bounded restart {STEP_S} coreslice restart dma --json > restart.json 2> restart.err; echo $? > restart.rc",
+    f"bounded console {STEP_S} coreslice console dma --wait '{AGAIN}' --timeout 240 > console-again.txt 2>&1;"
+    " echo $? > console-again.rc",
+    f"bounded stop {STEP_S} coreslice stop dma --json > stop.json 2> stop.err; echo $? > stop.rc",
+    "ls /run/coreslice/dma > dma-left.txt 2>&1",
+    f"for f in {' '.join(FUNCTIONS)}; do d=/sys/bus/pci/devices/$f;"
+    ' echo "$f $(cat $d/driver_override) $(basename "$(readlink $d/driver)")"; done > after-stop.txt',
+])
 
 
-def _run(run_dir, iommu: bool) -> tuple[dict, dict]:
-    result = run(RunOptions(slices=[SLICE], storage=True, network=True, dma_probe=True, iommu=iommu,
-                            timeout=600.0, workdir=run_dir))
+def _run(run_dir, iommu: bool, **kw) -> tuple[dict, dict]:
+    result = run(RunOptions(slices=[SLICE + (" --name dma" if iommu else "")], storage=True, network=True,
+                            dma_probe=True, iommu=iommu, timeout=1500.0 if iommu else 600.0, workdir=run_dir, **kw))
     host = result["host"]
     assert host.get("error") is None, host
     assert host["iommu"] is iommu
@@ -59,7 +80,7 @@ def test_without_iommu_the_slice_device_reads_host_memory(testbed_ready, run_dir
 
 
 def test_with_iommu_the_slice_device_reaches_only_its_own_ram(testbed_ready, run_dir):
-    result, s = _run(run_dir, iommu=True)
+    result, s = _run(run_dir, iommu=True, host_cmds=[RESTART])
     assert {"intel_iommu=on", "intremap=off"} <= set(result["host"]["cmdline"].split())
     dma = s["dma"]
     assert dma["host_blocked"] is True, s["console_log"]
@@ -67,3 +88,21 @@ def test_with_iommu_the_slice_device_reaches_only_its_own_ram(testbed_ready, run
     assert dma["own_ok"] is True, (dma["faults"], s["console_log"])
     _data_ok(result, s)
     assert result["dma_ok"] and result["ok"]
+    # Restart and stop of a slice holding functions, with its DMA domain.
+    d = Path(result["host"]["run_dir"])
+    out = result["host_cmds"][0]
+    assert out["exit_code"] == 0, out["output"]
+    status = json.loads((d / "status.json").read_text())["slices"][0]
+    assert status["dma"]["confined"] is True and sorted(status["dma"]["functions"]) == sorted(FUNCTIONS), status
+
+    def rc(name: str) -> int:
+        return int((d / name).read_text().strip())
+    assert rc("restart.rc") == 0, (d / "restart.err").read_text()
+    again = json.loads((d / "restart.json").read_text())
+    assert again["dma"]["confined"] and again["dma"]["iova"]["size"] == 512 << 20, again["dma"]
+    assert rc("console-again.rc") == 0, (d / "console-again.txt").read_text()[-3000:]
+    assert rc("stop.rc") == 0, (d / "stop.err").read_text()
+    assert json.loads((d / "stop.json").read_text())["dma"].startswith("DMA domain released")
+    assert (d / "dma-left.txt").read_text().split() == []
+    rows = [line.split() for line in (d / "after-stop.txt").read_text().splitlines()]
+    assert rows == [[fn, "coreslice"] for fn in FUNCTIONS], rows  # unbound, no host driver may bind

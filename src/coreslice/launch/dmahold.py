@@ -335,6 +335,7 @@ def release(name: str, timeout: float = STOP_TIMEOUT) -> str | None:
         state_path(name).unlink(missing_ok=True)
         return f"DMA holder (pid {pid}) killed after {timeout:g} s; functions may stay bound to vfio-pci"
     state_path(name).unlink(missing_ok=True)
+    state_path(name).with_suffix(".log").unlink(missing_ok=True)  # its output, kept for a failed start only
     return f"DMA domain released (holder pid {pid})"
 
 

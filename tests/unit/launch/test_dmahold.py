@@ -211,3 +211,16 @@ def test_status_says_when_a_slices_dma_holder_is_gone(tmp_path, monkeypatch):
     assert "DMA holder is gone" in dma_status("web")["problem"]
     assert dmahold.release("web") == "DMA holder already gone (its domain with it)"
     assert not dmahold.state_path("web").exists()
+
+
+def test_release_ends_the_holder_and_leaves_no_state_or_log(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv(dmahold.RUN_DIR_ENV, str(tmp_path))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dmahold._write_state(dmahold.state_path("web"), {"ready": True, "pid": holder.pid, "functions": [FN]})
+    dmahold.state_path("web").with_suffix(".log").write_text("holder output\n")
+    assert dmahold.release("web") == f"DMA domain released (holder pid {holder.pid})"
+    holder.wait(timeout=5)  # (release reaped it already: its own child here)
+    assert list((tmp_path / "dma").iterdir()) == []
