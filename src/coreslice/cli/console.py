@@ -215,13 +215,12 @@ def status_of(row: SliceRecord, boot_id: str, read, ledger=None) -> dict:
 
 def dma_status(name: str) -> dict | None:
     """The slice's IOMMU domain (launch/dmahold.py); None when it has none (no IOMMU, no functions)."""
-    from coreslice.launch.dmahold import read_state
-    from coreslice.ledger import pid_alive
+    from coreslice.launch.dmahold import holder_alive, read_state
 
     st = read_state(name)
     if st is None:
         return None
-    alive = bool(st.get("ready")) and pid_alive(st.get("pid"))
+    alive = bool(st.get("ready")) and holder_alive(st)
     return {"confined": alive, "holder_pid": st.get("pid"), "functions": st.get("functions", []),
             "problem": None if alive else "its DMA holder is gone: its functions' DMA now faults (safe, but its "
                                           f"devices stop working); coreslice restart {name}"}

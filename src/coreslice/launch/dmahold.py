@@ -102,6 +102,13 @@ def _is_bridge(root: Path, address: str) -> bool:
         return False
 
 
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
 def groups_for(functions: Sequence[str], root: Path = Path("/")) -> dict[str, int]:
     """Each function's IOMMU group, read from sysfs; UsageError for a function in no group (the
     IOMMU does not cover it: its DMA could not be confined) and for a group shared with an
@@ -113,6 +120,12 @@ def groups_for(functions: Sequence[str], root: Path = Path("/")) -> dict[str, in
             raise UsageError(f"{fn} is in no IOMMU group although the host's IOMMU translates: its DMA cannot be "
                              "confined to the slice; give the slice functions the IOMMU covers")
         group = int(link.resolve().name)
+        gtype = _read(root / "sys/kernel/iommu_groups" / str(group) / "type")  # Linux >= 5.11
+        if gtype is not None and gtype not in ("DMA", "DMA-FQ"):
+            raise UsageError(f"{fn}: IOMMU group {group} has a default domain of type {gtype} (iommu=pt or "
+                             "iommu.passthrough=1?): while no domain of the slice's holds it, the function would "
+                             "reach all memory; boot the host without passthrough (coreslice host configure "
+                             "--profile slice-host --iommu on)")
         mates = sorted(p.name for p in (root / "sys/kernel/iommu_groups" / str(group) / "devices").iterdir())
         busy = [f"{m} ({d})" for m in mates if m not in mine and not _is_bridge(root, m)
                 and (d := _driver(root, m)) is not None and d not in NEUTRAL]
@@ -218,36 +231,39 @@ def _write_state(path: Path, state: dict) -> None:
 def hold_main(name: str, functions: Sequence[str], ranges: Sequence[Range], root: Path = Path("/")) -> int:
     """``coreslice dma-hold``: build the domain, say so in the state file, hold it until SIGTERM."""
     path = state_path(name)
-    stop = {"now": False}
-
-    def on_signal(_sig, _frame):
-        stop["now"] = True
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    # Blocked from the start and taken with sigwait: a SIGTERM during the build waits for it, and
+    # none can slip between a check and a pause.
+    stops = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     notes: list[str] = []
     base = {"name": name, "pid": os.getpid(), "functions": list(functions),
             "ranges": [{"base": r.base, "size": r.size} for r in ranges]}
     try:
         c = build_domain(functions, ranges, root, notes=notes)
-    except (LaunchError, UsageError, OSError) as e:
-        _write_state(path, {**base, "ready": False, "error": str(e)})
+    except Exception as e:  # noqa: BLE001 - whatever it is, the launcher must hear of it at once
+        _write_state(path, {**base, "ready": False, "error": str(e) or type(e).__name__})
         print(f"coreslice dma-hold: {e}", file=sys.stderr)
         return 1
     _write_state(path, {**base, "ready": True, "groups": sorted(c.groups), "notes": notes})
-    while not stop["now"]:
-        signal.pause()
+    signal.sigwait(stops)
     c.close()
+    failed = unbind_all(functions, root)
+    path.unlink(missing_ok=True)
+    if failed:
+        print(f"coreslice dma-hold: {'; '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def unbind_all(functions: Sequence[str], root: Path = Path("/")) -> list[str]:
+    """Every function off vfio-pci (safe only once no holder has its device fd open)."""
     failed = []
     for fn in functions:
         try:
             unbind_vfio(fn, root)
         except LaunchError as e:
             failed.append(str(e))
-    path.unlink(missing_ok=True)
-    if failed:
-        print(f"coreslice dma-hold: {'; '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return failed
 
 
 # -- the launcher's side ----------------------------------------------------------------------------
@@ -259,6 +275,18 @@ def read_state(name: str) -> dict | None:
         return None
 
 
+def holder_alive(state: dict | None) -> bool:
+    """The state's pid is alive and is the dma-hold of that slice (not a reused pid)."""
+    if not state or not pid_alive(state.get("pid")):
+        return False
+    try:
+        argv = Path(f"/proc/{state['pid']}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    name = str(state.get("name", "")).encode()
+    return b"dma-hold" in argv and any(a == b"--name" and b == name for a, b in zip(argv, argv[1:]))
+
+
 def _command(name: str, functions: Sequence[str], ranges: Sequence[Range]) -> list[str]:
     cmd = [sys.executable, "-m", "coreslice", "dma-hold", "--name", name]
     for fn in functions:
@@ -268,14 +296,22 @@ def _command(name: str, functions: Sequence[str], ranges: Sequence[Range]) -> li
     return cmd
 
 
+def ready_timeout(ranges: Sequence[Range]) -> float:
+    """type1 walks a PFNMAP range a page per call before Linux 6.15: allow for large slices."""
+    return READY_TIMEOUT + 60.0 * sum(r.size for r in ranges) / (1 << 30)
+
+
 def start(name: str, functions: Sequence[str], ranges: Sequence[Range], progress: Progress = lambda _m: None,
-          timeout: float = READY_TIMEOUT) -> dict:
+          timeout: float | None = None) -> dict:
     """Start the holder and wait until its domain is in place; LaunchError (with the holder's
-    reason) when it fails or does not get there within ``timeout`` seconds."""
+    reason) when it fails or does not get there in time, after ending it and unbinding the
+    functions again, so that the launch's undo finds them as it left them."""
+    timeout = ready_timeout(ranges) if timeout is None else timeout
     path = state_path(name)
     old = read_state(name)
-    if old is not None and pid_alive(old.get("pid")):
-        raise LaunchError(f"a DMA holder for '{name}' (pid {old['pid']}) still runs; coreslice stop {name} first")
+    if holder_alive(old):
+        raise LaunchError(f"a DMA holder for '{name}' (pid {old['pid']}) still runs; coreslice stop {name} first, "  # type: ignore[index]
+                          f"or end it (kill {old['pid']})")  # type: ignore[index]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     cmd = _command(name, functions, ranges)
@@ -283,60 +319,88 @@ def start(name: str, functions: Sequence[str], ranges: Sequence[Range], progress
     log = path.with_suffix(".log")
     progress(f"confining the DMA of {', '.join(functions)} to the slice's RAM "
              f"({', '.join(r.arg() for r in ranges)}) in an IOMMU domain")
+    unit = child = None
     if Path("/run/systemd/system").is_dir():
-        unit = f"coreslice-dma-{name}"
-        subprocess.run(["systemctl", "reset-failed", f"{unit}.service"], capture_output=True)
+        unit = f"coreslice-dma-{name}.service"
+        subprocess.run(["systemctl", "reset-failed", unit], capture_output=True)
         proc = subprocess.run(["systemd-run", "--quiet", f"--unit={unit}", "--collect",
                                f"--setenv=PYTHONPATH={env['PYTHONPATH']}",
                                f"--setenv={RUN_DIR_ENV}={run_dir().parent}", "--", *cmd],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise LaunchError(f"systemd-run {unit}: {proc.stderr.strip() or 'failed'}")
-        child = None
     else:
         with open(log, "w") as out:
             child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
                                      start_new_session=True, close_fds=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    deadline, next_unit_check = time.monotonic() + timeout, 0.0
+    why = None
+    while why is None:
         state = read_state(name)
         if state is not None:
             if state.get("ready"):
                 return state
-            path.unlink(missing_ok=True)
-            raise LaunchError(f"DMA domain for '{name}': {state.get('error', 'failed')}")
-        if child is not None and child.poll() is not None:
+            why = state.get("error", "failed")
+        elif child is not None and child.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
-            raise LaunchError(f"DMA holder for '{name}' exited ({child.returncode}) before its domain was in place"
-                              + (f": {tail[0]}" if tail else ""))
-        time.sleep(0.05)
-    if child is not None:
+            why = f"the holder exited ({child.returncode}) before its domain was in place" + (f": {tail[0]}" if tail else "")
+        elif unit is not None and time.monotonic() >= next_unit_check:
+            next_unit_check = time.monotonic() + 1.0
+            active = subprocess.run(["systemctl", "is-active", unit], capture_output=True, text=True).stdout.strip()
+            if active in ("failed", "inactive"):
+                why = f"unit {unit} is {active} before its domain was in place (journalctl -u {unit})"
+        elif time.monotonic() > deadline:
+            why = f"the holder did not build its domain within {timeout:g} s"
+        if why is None:
+            time.sleep(0.05)
+    _end_failed_start(unit, child)
+    unbind_all(functions)
+    path.unlink(missing_ok=True)
+    raise LaunchError(f"DMA domain for '{name}': {why}")
+
+
+def _end_failed_start(unit: str | None, child: subprocess.Popen | None) -> None:
+    if unit is not None:
+        subprocess.run(["systemctl", "stop", unit], capture_output=True, timeout=STOP_TIMEOUT)
+    if child is not None and child.poll() is None:
         child.kill()
-    raise LaunchError(f"DMA holder for '{name}' did not build its domain within {timeout:g} s (see {log})")
+        child.wait(timeout=STOP_TIMEOUT)
 
 
 def release(name: str, timeout: float = STOP_TIMEOUT) -> str | None:
     """End the holder of ``name`` (its domain goes, its functions are reset and unbound); what
-    was done in words, None when there was none."""
+    was done in words, None when there was none.  LaunchError when the holder outlives even a
+    SIGKILL: unbinding its functions then would block in the kernel."""
     state = read_state(name)
     if state is None:
         return None
-    pid = state.get("pid")
-    if not pid_alive(pid):
+    fns = state.get("functions", [])
+    if not holder_alive(state):
         state_path(name).unlink(missing_ok=True)
+        unbind_all(fns)  # no fd open: off vfio-pci, as a clean exit leaves them
         return "DMA holder already gone (its domain with it)"
+    pid = state["pid"]
     os.kill(pid, signal.SIGTERM)
+    if not _gone(pid, timeout):
+        os.kill(pid, signal.SIGKILL)  # its fds close with it: the domain goes all the same
+        if not _gone(pid, timeout):
+            raise LaunchError(f"the DMA holder of '{name}' (pid {pid}) survives SIGKILL; its functions stay on "
+                              f"vfio-pci: see its kernel stack (/proc/{pid}/stack)")
+        state_path(name).unlink(missing_ok=True)
+        unbind_all(fns)
+        return f"DMA holder (pid {pid}) killed after {timeout:g} s; its domain is gone"
+    state_path(name).unlink(missing_ok=True)
+    state_path(name).with_suffix(".log").unlink(missing_ok=True)  # its output, kept for a failed start only
+    return f"DMA domain released (holder pid {pid})"
+
+
+def _gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while pid_alive(pid) and time.monotonic() < deadline:
         _reap(pid)
         time.sleep(0.05)
-    if pid_alive(pid):
-        os.kill(pid, signal.SIGKILL)  # its fds close with it: the domain goes all the same
-        state_path(name).unlink(missing_ok=True)
-        return f"DMA holder (pid {pid}) killed after {timeout:g} s; functions may stay bound to vfio-pci"
-    state_path(name).unlink(missing_ok=True)
-    state_path(name).with_suffix(".log").unlink(missing_ok=True)  # its output, kept for a failed start only
-    return f"DMA domain released (holder pid {pid})"
+    _reap(pid)
+    return not pid_alive(pid)
 
 
 def _reap(pid: int) -> None:

@@ -347,6 +347,9 @@ def reserve_and_act(spec: BootSpec, plan: Plan, image: BootImage, vfs: list[vfpl
         if row is not None:
             ledger.release(row.id)  # type: ignore[union-attr,arg-type]
             result.slice = None
+        if result.dma_released:  # not undoable: the replaced slice's devices now fault on every DMA
+            what += (f"; the DMA domain of the slice this launch replaces had been ended ({'; '.join(result.dma_released)}): "
+                     "its devices' DMA faults until it is restarted")
         if isinstance(e, (UsageError, LaunchError)) and what != "nothing had been changed":
             raise LaunchError(f"{e}; {what}") from e
         raise

@@ -200,27 +200,74 @@ def test_a_relaunch_lets_the_old_domain_go_before_detaching_and_builds_a_new_one
     assert result.dma_released == ["web: DMA domain released"] and len(fakes.pci.detached) == detached_before + 1
 
 
+def _fake_holder(name: str):
+    """A process whose command line is a dma-hold's (what holder_alive checks, against pid reuse)."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "dma-hold", "--name", name])
+
+
 def test_status_says_when_a_slices_dma_holder_is_gone(tmp_path, monkeypatch):
     from coreslice.cli.console import dma_status
 
     monkeypatch.setenv(dmahold.RUN_DIR_ENV, str(tmp_path))
     assert dma_status("web") is None
-    dmahold._write_state(dmahold.state_path("web"), {"ready": True, "pid": os.getpid(), "functions": [FN]})
-    assert dma_status("web") == {"confined": True, "holder_pid": os.getpid(), "functions": [FN], "problem": None}
-    dmahold._write_state(dmahold.state_path("web"), {"ready": True, "pid": 2 ** 22 + 1, "functions": [FN]})
+    holder = _fake_holder("web")
+    try:
+        time_left = 50
+        while time_left and b"dma-hold" not in Path(f"/proc/{holder.pid}/cmdline").read_bytes():
+            import time
+            time.sleep(0.1)
+            time_left -= 1
+        dmahold._write_state(dmahold.state_path("web"), {"name": "web", "ready": True, "pid": holder.pid, "functions": [FN]})
+        assert dma_status("web") == {"confined": True, "holder_pid": holder.pid, "functions": [FN], "problem": None}
+        # a live pid that is not that slice's holder (a reused pid) counts as gone
+        dmahold._write_state(dmahold.state_path("web"), {"name": "web", "ready": True, "pid": os.getpid(), "functions": [FN]})
+        assert "DMA holder is gone" in dma_status("web")["problem"]
+    finally:
+        holder.kill()
+        holder.wait()
+    dmahold._write_state(dmahold.state_path("web"), {"name": "web", "ready": True, "pid": 2 ** 22 + 1, "functions": []})
     assert "DMA holder is gone" in dma_status("web")["problem"]
     assert dmahold.release("web") == "DMA holder already gone (its domain with it)"
     assert not dmahold.state_path("web").exists()
 
 
 def test_release_ends_the_holder_and_leaves_no_state_or_log(tmp_path, monkeypatch):
-    import subprocess
-    import sys
+    import time
 
     monkeypatch.setenv(dmahold.RUN_DIR_ENV, str(tmp_path))
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    dmahold._write_state(dmahold.state_path("web"), {"ready": True, "pid": holder.pid, "functions": [FN]})
+    holder = _fake_holder("web")
+    while b"dma-hold" not in Path(f"/proc/{holder.pid}/cmdline").read_bytes():
+        time.sleep(0.05)
+    dmahold._write_state(dmahold.state_path("web"), {"name": "web", "ready": True, "pid": holder.pid, "functions": []})
     dmahold.state_path("web").with_suffix(".log").write_text("holder output\n")
     assert dmahold.release("web") == f"DMA domain released (holder pid {holder.pid})"
     holder.wait(timeout=5)  # (release reaped it already: its own child here)
     assert list((tmp_path / "dma").iterdir()) == []
+
+
+def test_a_passthrough_default_domain_is_refused(tmp_path):
+    root = sysfs(tmp_path, {FN: (7, None, "0x010802")})
+    (root / "sys/kernel/iommu_groups/7/type").write_text("DMA-FQ\n")
+    assert dmahold.groups_for([FN], root) == {FN: 7}
+    (root / "sys/kernel/iommu_groups/7/type").write_text("identity\n")
+    with pytest.raises(UsageError, match="default domain of type identity"):
+        dmahold.groups_for([FN], root)
+
+
+def test_a_holder_that_fails_to_start_is_ended_and_its_functions_unbound(tmp_path, monkeypatch):
+    """The launcher's side with a real child process: it writes an error state and exits; the
+    launcher raises with its reason and leaves no state behind."""
+    monkeypatch.setenv(dmahold.RUN_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(dmahold, "_command", lambda name, f, r: [
+        __import__("sys").executable, "-c",
+        "import json,os,sys; p=sys.argv[1]; open(p,'w').write(json.dumps({'ready': False, 'error': 'no vfio here'}))",
+        str(dmahold.state_path(name))])
+    unbound = []
+    monkeypatch.setattr(dmahold, "unbind_all", lambda fns, root=Path("/"): unbound.extend(fns) or [])
+    monkeypatch.setattr(dmahold.Path, "is_dir", lambda self: False if str(self) == "/run/systemd/system" else os.path.isdir(self))
+    with pytest.raises(LaunchError, match="DMA domain for 'web': no vfio here"):
+        dmahold.start("web", [FN], [Range(0x40000000, 0x1000)], timeout=30)
+    assert unbound == [FN] and not dmahold.state_path("web").exists()
