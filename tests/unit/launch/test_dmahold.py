@@ -271,3 +271,30 @@ def test_a_holder_that_fails_to_start_is_ended_and_its_functions_unbound(tmp_pat
     with pytest.raises(LaunchError, match="DMA domain for 'web': no vfio here"):
         dmahold.start("web", [FN], [Range(0x40000000, 0x1000)], timeout=30)
     assert unbound == [FN] and not dmahold.state_path("web").exists()
+
+
+def test_under_systemd_the_holder_runs_as_a_transient_unit(tmp_path, monkeypatch):
+    """systemd-run gets the unit name, --collect, the environment the holder needs and the
+    dma-hold command line; a fake systemd-run runs it (it writes a ready state) and records."""
+    monkeypatch.setenv(dmahold.RUN_DIR_ENV, str(tmp_path / "run"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    (bin_dir / "systemctl").write_text(f'#!/bin/sh\necho "systemctl $*" >> {calls}\necho active\n')
+    # The fake unit: record the arguments, then write what a holder that built its domain writes.
+    (bin_dir / "systemd-run").write_text(
+        f'#!/bin/sh\necho "systemd-run $*" >> {calls}\n'
+        f'mkdir -p {tmp_path}/run/dma && echo \'{{"ready": true, "pid": 1, "name": "web"}}\' > {tmp_path}/run/dma/web.json\n')
+    for f in ("systemctl", "systemd-run"):
+        (bin_dir / f).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(dmahold.Path, "is_dir", lambda self: True if str(self) == "/run/systemd/system" else os.path.isdir(self))
+    state = dmahold.start("web", [FN], [Range(0x40000000, 0x20000000)], timeout=30)
+    assert state["ready"]
+    lines = calls.read_text().splitlines()
+    assert lines[0] == "systemctl reset-failed coreslice-dma-web.service"
+    run = lines[1].split()
+    assert run[:4] == ["systemd-run", "--quiet", "--unit=coreslice-dma-web.service", "--collect"]
+    assert f"--setenv={dmahold.RUN_DIR_ENV}={tmp_path / 'run'}" in run and any(a.startswith("--setenv=PYTHONPATH=") for a in run)
+    cmd = run[run.index("--") + 1:]
+    assert cmd[1:] == ["-m", "coreslice", "dma-hold", "--name", "web", "--function", FN, "--range", "0x40000000:0x20000000"]
