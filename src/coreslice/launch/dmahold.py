@@ -176,16 +176,21 @@ def _modprobe(module: str, root: Path) -> None:
                           "modules (vfio-pci is in linux-image-*)")
 
 
-def ensure_vfio(root: Path, notes: list[str]) -> None:
+def ensure_vfio(root: Path, notes: list[str]) -> str | None:
+    """vfio-pci and type1 loaded, type1 accepting a platform without interrupt remapping; the
+    parameter's old value when it was changed (for a failed build to put back), else None."""
     if not (root / "sys/bus/pci/drivers" / VFIO_PCI).is_dir():
         _modprobe(VFIO_PCI, root)
     if not (root / UNSAFE_INTERRUPTS).exists():
         _modprobe("vfio_iommu_type1", root)
     p = root / UNSAFE_INTERRUPTS
     if p.exists() and p.read_text().strip() not in ("Y", "1"):
+        old = p.read_text().strip()
         _sysfs_write(p, "1")
         notes.append("set vfio_iommu_type1 allow_unsafe_interrupts=1: interrupt remapping is off (the slices' "
                      "MSIs need it off), so the IOMMU confines DMA but not interrupts")
+        return old
+    return None
 
 
 def build_domain(functions: Sequence[str], ranges: Sequence[Range], root: Path = Path("/"),
@@ -195,7 +200,7 @@ def build_domain(functions: Sequence[str], ranges: Sequence[Range], root: Path =
 
     notes = notes if notes is not None else []
     groups = groups_for(functions, root)
-    ensure_vfio(root, notes)
+    unsafe_was = ensure_vfio(root, notes)
     bound: list[str] = []
     c = container or Container(dev=str(root / "dev"))
     try:
@@ -215,6 +220,11 @@ def build_domain(functions: Sequence[str], ranges: Sequence[Range], root: Path =
         for fn in reversed(bound):
             try:
                 unbind_vfio(fn, root)
+            except LaunchError:
+                pass
+        if unsafe_was is not None:  # a host-wide setting: as it was, since no domain needs it now
+            try:
+                _sysfs_write(root / UNSAFE_INTERRUPTS, "0" if unsafe_was in ("N", "0") else unsafe_was)
             except LaunchError:
                 pass
         raise

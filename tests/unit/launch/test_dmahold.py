@@ -133,6 +133,8 @@ def test_groups_are_refused_when_shared_with_a_function_the_host_drives(tmp_path
 
 def test_a_domain_that_cannot_be_built_leaves_the_functions_unbound_with_the_coreslice_override(tmp_path, dev):
     root = sysfs(tmp_path, {FN: (7, None, "0x010802")})
+    (root / dmahold.UNSAFE_INTERRUPTS).parent.mkdir(parents=True)
+    (root / dmahold.UNSAFE_INTERRUPTS).write_text("N\n")
 
     class Failing(vfio.Container):
         def set_iommu(self):
@@ -142,6 +144,7 @@ def test_a_domain_that_cannot_be_built_leaves_the_functions_unbound_with_the_cor
         dmahold.build_domain([FN], [Range(0x100000, 0x100000)], root, container=c)
     d = root / "sys/bus/pci/devices" / FN
     assert (d / "driver_override").read_text() == "coreslice"
+    assert (root / dmahold.UNSAFE_INTERRUPTS).read_text() == "0"  # set for the build, put back after it failed
     assert (root / "sys/bus/pci/drivers/vfio-pci/bind").read_text() == FN  # it had been bound
     assert c.fd is None and not c.groups
 
